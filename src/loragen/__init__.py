@@ -1,0 +1,3 @@
+"""loragen: LoRA adapters generated from natural-language task descriptions."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Apply many LoRAs to one shared model at once, a different one per batch row.
+
+Forward hooks add `scaling · (x Aᵀ) Bᵀ` to each target module's output, with each row's own A and
+B gathered from stacked tensors (Punica's `y += x @ A_i @ B_i`). The shared weights are never
+modified, so concurrent callers with different LoRAs cannot interfere, and gradients flow into B
+when B requires them (this is how experts are trained, many tasks in one pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+from torch import nn
+
+from .lora import Lora, resolve_modules
+from .spec import LoraSpec, SpecError
+
+
+@dataclass
+class LoraStack:
+    """N LoRAs of one spec: A[m] is (N, L, r, in) or shared (L, r, in); B[m] is (N, L, out, r)."""
+
+    spec: LoraSpec
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_loras(cls, loras: Sequence[Lora]) -> LoraStack:
+        if not loras:
+            raise SpecError("no LoRAs to stack")
+        spec = loras[0].spec
+        for lora in loras[1:]:
+            spec.check_compatible(lora.spec)
+            if (lora.spec.rank, lora.spec.scaling) != (spec.rank, spec.scaling):
+                raise SpecError("LoRAs applied together need the same rank and scaling")
+        A = {m: torch.stack([lo.A[m] for lo in loras]) for m in spec.module_names}
+        B = {m: torch.stack([lo.B[m] for lo in loras]) for m in spec.module_names}
+        return cls(spec, A, B)
+
+    def __len__(self) -> int:
+        return next(iter(self.B.values())).shape[0]
+
+
+class Rows:
+    """Which LoRA each batch row uses; -1 means none. Set it before each forward pass."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+
+    def set(self, index: torch.Tensor | Sequence[int]) -> None:
+        self.index = torch.as_tensor(index, dtype=torch.long)
+
+
+@contextmanager
+def applied(model: nn.Module, stack: LoraStack, rows: Rows | None = None) -> Iterator[Rows]:
+    """Within the block, row i of every batch uses LoRA `rows.index[i]` of `stack`."""
+    rows = rows or Rows()
+    modules = resolve_modules(model, stack.spec)
+    handles = []
+    for m in stack.spec.modules:
+        for layer in range(stack.spec.num_layers):
+            module = modules[stack.spec.module_path(layer, m.name)]
+            handles.append(module.register_forward_hook(_hook(stack, m.name, layer, rows)))
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[no-untyped-def]
+    scaling = stack.spec.scaling
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        if rows.index is None:
+            raise RuntimeError("set the LoRA of each row (rows.set([...])) before the forward pass")
+        x = inputs[0]
+        idx = rows.index.to(x.device)
+        if idx.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{idx.shape[0]} row indices for a batch of {x.shape[0]}")
+        active = (idx >= 0).to(x.dtype)
+        safe = idx.clamp(min=0)
+        a = stack.A[name]
+        b = stack.B[name][safe, layer].to(x.dtype)  # (batch, out, r)
+        if a.ndim == 3:  # shared basis: one A for every LoRA
+            xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
+        else:
+            xa = einsum(x, a[safe, layer].to(x.dtype), "b ... i, b r i -> b ... r")
+        delta = einsum(xa, b, "b ... r, b o r -> b ... o")
+        gate = active.view(-1, *([1] * (delta.ndim - 1)))
+        return output + scaling * gate * delta
+
+    return hook

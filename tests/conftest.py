@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+TINY_CONFIGS = {
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64},
+    "mistral": {"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 64, "n_positions": 64},
+    "bert": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 64},
+}
+
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from loragen.adapters import load_config
+
+    torch.manual_seed(seed)
+    config = load_config(TINY_CONFIGS[arch])
+    auto = AutoModel if arch == "bert" else AutoModelForCausalLM
+    return auto.from_config(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def _loragen_home(tmp_path_factory, monkeypatch):
+    if "LORAGEN_HOME" not in os.environ:
+        monkeypatch.setenv("LORAGEN_HOME", str(tmp_path_factory.getbasetemp() / "home"))
