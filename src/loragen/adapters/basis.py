@@ -70,12 +70,16 @@ class Basis:
             coords = einsum(a, a0, "l r i, l q i -> l r q")  # A A₀ᵀ
             proj = lora.spec.scaling * einsum(b, coords, "l o r, l r q -> l o q")  # ΔW A₀ᵀ
             B[m.name] = (proj / self.spec.scaling).float()
-            # ‖ΔW‖² = s² tr(BᵀB AAᵀ); with orthonormal A₀ the kept energy is ‖ΔW A₀ᵀ‖².
+            # ‖ΔW − PA₀‖² = ‖ΔW‖² − 2‖P‖² + ‖PA₀‖² with P = ΔW A₀ᵀ; exact even though A₀ is
+            # only orthonormal to float32 precision. Nothing of size (out, in) is formed.
             gram_b = einsum(b, b, "l o r, l o q -> l r q")
             gram_a = einsum(a, a, "l r i, l q i -> l r q")
             energy = lora.spec.scaling**2 * float(einsum(gram_b, gram_a, "l r q, l r q ->"))
             kept = float(proj.pow(2).sum())
-            lost_m = max(energy - kept, 0.0)
+            gram_p = einsum(proj, proj, "l o r, l o q -> l r q")
+            gram_a0 = einsum(a0, a0, "l r i, l q i -> l r q")
+            rebuilt = float(einsum(gram_p, gram_a0, "l r q, l r q ->"))
+            lost_m = max(energy - 2 * kept + rebuilt, 0.0)
             errors[m.name] = math.sqrt(lost_m / energy) if energy > 0 else 0.0
             lost, total = lost + lost_m, total + energy
         rel = math.sqrt(lost / total) if total > 0 else 0.0
