@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import LoragenError
 from . import atomic
 from .spec import LoraSpec, SpecError, spec_from_state_dict
 
@@ -27,7 +28,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(LoragenError, ValueError):
     """A file is not a PEFT LoRA adapter loragen can read."""
 
 

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LoragenError
+
 ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra"}
 _LAYERED = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<rel>.+)$")
 
 
-class SpecError(ValueError):
+class SpecError(LoragenError, ValueError):
     """A config, adapter or tensor does not fit a LoRA spec."""
 
 

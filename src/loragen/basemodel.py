@@ -1,0 +1,112 @@
+"""The base LLM: loading with the real `from_pretrained`, prompt formatting, greedy completion.
+
+A prompt is the tokenizer's chat template applied to the input when the tokenizer has one (the
+demo model's template is `{input}=`), else the raw input. Training, evaluation and serving all
+format prompts here, so an expert sees at generation time exactly what it saw in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Lora, LoraStack, applied
+from .errors import LoragenError
+
+
+class BaseModelError(LoragenError, ValueError):
+    """The base model cannot be loaded or used as asked."""
+
+
+@dataclass
+class BaseModel:
+    model: nn.Module
+    tokenizer: Any
+    path: str
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> BaseModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not Path(path).exists():
+            raise BaseModelError(f"no base model at {path} (a local directory in Hugging Face format)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        except (OSError, ValueError) as exc:
+            raise BaseModelError(f"cannot load the base model at {path}: {exc}") from exc
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(model.to(device).eval(), tokenizer, str(path))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt(self, text: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return str(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            ))
+        return text
+
+    def encode_pairs(self, inputs: list[str], outputs: list[str]) -> dict[str, torch.Tensor]:
+        """Right-padded prompt+output+eos ids, with labels = -100 outside the output tokens."""
+        tok = self.tokenizer
+        rows, labels = [], []
+        for x, y in zip(inputs, outputs):
+            p = tok(self.prompt(x), add_special_tokens=False)["input_ids"]
+            o = tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            rows.append(p + o)
+            labels.append([-100] * len(p) + o)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, l) in enumerate(zip(rows, labels)):
+            ids[i, : len(r)] = torch.tensor(r)
+            lab[i, : len(l)] = torch.tensor(l)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    @torch.no_grad()
+    def complete(
+        self,
+        inputs: list[str],
+        *,
+        loras: list[Lora | None] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Complete each input, row i with `loras[i]` applied per row (shared weights untouched)."""
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        enc = tok([self.prompt(x) for x in inputs], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
+                                  "eos_token_id": tok.eos_token_id}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+            if seed is not None:
+                torch.manual_seed(seed)
+        else:
+            kwargs.update(do_sample=False)
+        present = [lo for lo in (loras or []) if lo is not None]
+        if not present:
+            out = self.model.generate(**enc, **kwargs)
+        else:
+            stack = LoraStack.from_loras([lo.to(device=self.device) for lo in present])
+            index, n = [], 0
+            for lo in loras or []:
+                index.append(-1 if lo is None else n)
+                n += lo is not None
+            with applied(self.model, stack) as rows:
+                rows.set(index)
+                out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [tok.decode(row, skip_special_tokens=True) for row in new]

@@ -1,0 +1,44 @@
+"""The `loragen` command. Each group lives in its own module; errors become one line + exit 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from ..errors import LoragenError  # noqa: E402
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _register() -> None:
+    from . import registry_cmds
+
+    app.add_typer(registry_cmds.app, name="registry", help="Manage the expert registry.")
+
+
+def main() -> None:
+    _register()
+    try:
+        # Without standalone mode, click returns typer.Exit's code instead of exiting with it.
+        code = app(standalone_mode=False)
+    except LoragenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

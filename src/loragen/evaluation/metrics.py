@@ -1,0 +1,75 @@
+"""Evaluators: greedy exact match and output NLL for causal LMs, accuracy for label scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import Lora, LoraStack, applied
+from ..basemodel import BaseModel
+from ..training.tasks import Instance
+
+
+def _flatten(loras: Sequence[Lora | None], instances: Sequence[Sequence[Instance]]):  # type: ignore[no-untyped-def]
+    return [(i, inst) for i, group in enumerate(instances) for inst in group]
+
+
+def exact_match(
+    base: BaseModel,
+    loras: Sequence[Lora | None],
+    instances: Sequence[Sequence[Instance]],
+    *,
+    batch_size: int = 256,
+    max_new_tokens: int | None = None,
+) -> list[float]:
+    """Per group i: the fraction of `instances[i]` whose greedy output under `loras[i]` is exact."""
+    pairs = _flatten(loras, instances)
+    if max_new_tokens is None:
+        longest = max((len(base.tokenizer(p.output, add_special_tokens=False)["input_ids"]) for _, p in pairs), default=1)
+        max_new_tokens = longest + 2
+    hits = [0] * len(loras)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="exact match", unit="batch", leave=False):
+        chunk = pairs[start : start + batch_size]
+        outs = base.complete([p.input for _, p in chunk], loras=[loras[g] for g, _ in chunk],
+                             max_new_tokens=max_new_tokens)
+        for (g, p), out in zip(chunk, outs):
+            hits[g] += out.strip() == p.output.strip()
+    return [h / max(1, len(group)) for h, group in zip(hits, instances)]
+
+
+@torch.no_grad()
+def output_nll(
+    base: BaseModel,
+    loras: Sequence[Lora | None],
+    instances: Sequence[Sequence[Instance]],
+    *,
+    batch_size: int = 256,
+) -> list[float]:
+    """Per group: mean negative log-likelihood per output token (eos included)."""
+    pairs = _flatten(loras, instances)
+    total = [0.0] * len(loras)
+    count = [0] * len(loras)
+    present = [lo for lo in loras if lo is not None]
+    index_of = {id(lo): n for n, lo in enumerate(present)}
+    stack = LoraStack.from_loras(present) if present else None
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        enc = base.encode_pairs([p.input for _, p in chunk], [p.output for _, p in chunk])
+        enc = {k: v.to(base.device) for k, v in enc.items()}
+        rows = [-1 if loras[g] is None else index_of[id(loras[g])] for g, _ in chunk]
+        if stack is not None:
+            with applied(base.model, stack) as r:
+                r.set(rows)
+                logits = base.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        else:
+            logits = base.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        labels = enc["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        mask = labels != -100
+        tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        for (g, _), nll, n in zip(chunk, tok_nll.sum(1).tolist(), mask.sum(1).tolist()):
+            total[g] += nll
+            count[g] += n
+    return [t / max(1, c) for t, c in zip(total, count)]

@@ -1,0 +1,101 @@
+"""Non-generative methods: nearest expert, top-K softmax-weighted mean, uniform mean of all.
+
+All three are one weighted sum over the registry's expert Bs: a (requests × experts) weight matrix
+times the stacked Bs, for every layer and module in one einsum per module type. Because every
+expert shares the basis A, a weighted mean of Bs is the weighted mean of the ΔWs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import torch
+from einops import einsum
+
+from ..adapters import Lora
+from ..errors import LoragenError
+from ..registry import Hit, Registry
+
+METHODS = ("nearest", "weighted", "uniform")
+
+
+class GenerationError(LoragenError, ValueError):
+    """A generation request cannot be served."""
+
+
+@dataclass
+class Neighbour:
+    expert: str
+    expert_id: int
+    similarity: float
+    weight: float
+
+
+def check_descriptions(descriptions: list[str], max_chars: int = 4000) -> list[str]:
+    cleaned = []
+    for i, d in enumerate(descriptions):
+        if not isinstance(d, str) or not d.strip():
+            raise GenerationError(f"description {i} is empty")
+        if len(d) > max_chars:
+            raise GenerationError(f"description {i} has {len(d)} characters; the limit is {max_chars}")
+        cleaned.append(d.strip())
+    return cleaned
+
+
+class RetrievalGenerator:
+    def __init__(self, registry: Registry, method: str = "weighted", *, k: int = 4, temperature: float = 0.05) -> None:
+        if method not in METHODS:
+            raise GenerationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if not registry.experts():
+            raise GenerationError(f"the registry at {registry.path} has no experts")
+        self.registry = registry
+        self.method = method
+        self.k = 1 if method == "nearest" else k
+        self.temperature = temperature
+
+    @cached_property
+    def _experts(self) -> tuple[list[int], list[str], dict[str, torch.Tensor]]:
+        experts = self.registry.experts()
+        finals = [self.registry.final_b(e) for e in experts]
+        stacked = {m: torch.stack([f[m] for f in finals]) for m in self.registry.spec.module_names}
+        return [e.id for e in experts], [e.name for e in experts], stacked
+
+    def weights(self, hits: list[list[Hit]]) -> tuple[torch.Tensor, list[list[Neighbour]]]:
+        ids, names, _ = self._experts
+        column = {eid: i for i, eid in enumerate(ids)}
+        w = torch.zeros(len(hits), len(ids), dtype=torch.float64)
+        neighbours: list[list[Neighbour]] = []
+        for row, row_hits in enumerate(hits):
+            if self.method == "uniform":
+                w[row] = 1.0 / len(ids)
+            else:
+                sims = torch.tensor([h.similarity for h in row_hits], dtype=torch.float64)
+                alpha = torch.softmax(sims / self.temperature, dim=0)
+                for h, a in zip(row_hits, alpha.tolist()):
+                    w[row, column[h.expert_id]] = a
+            neighbours.append([
+                Neighbour(h.name, h.expert_id, h.similarity, float(w[row, column[h.expert_id]])) for h in row_hits
+            ])
+        return w, neighbours
+
+    def generate(
+        self,
+        descriptions: list[str],
+        *,
+        examples: list[list[dict[str, str]]] | None = None,
+        seed: int | None = None,
+        num_samples: int = 1,
+    ) -> list[Lora]:
+        """One LoRA per description (deterministic: `seed` and `num_samples` change nothing)."""
+        descriptions = check_descriptions(descriptions)
+        hits = self.registry.search(descriptions, k=self.k)
+        w, neighbours = self.weights(hits)
+        _, _, stacked = self._experts
+        mixed = {m: einsum(w.to(b.dtype), b, "n e, e l o r -> n l o r") for m, b in stacked.items()}
+        loras = []
+        for i, desc in enumerate(descriptions):
+            meta = {"method": self.method, "description": desc,
+                    "neighbours": [asdict(n) for n in neighbours[i]]}
+            loras.append(self.registry.basis.lora({m: b[i] for m, b in mixed.items()}, meta))
+        return loras

@@ -1,0 +1,169 @@
+"""The demo world (DESIGN §6), built offline by loragen itself and cached under `$LORAGEN_HOME/demo`.
+
+1. A character tokenizer and a small Llama made from a transformers config, pre-trained on copying.
+2. The string-transformation tasks of `demo_tasks`, written as a task file.
+3. A registry over the base model, one expert per task trained in its shared basis, registered with
+   every description but the unseen paraphrase.
+The world is built in a temp directory and renamed into place, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import string
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import atomic, spec_from_config
+from ..basemodel import BaseModel
+from ..embeddings import TextEncoder
+from ..registry import Registry
+from .causal import train_causal_experts
+from .demo_tasks import demo_tasks, random_word
+from .experts import ExpertConfig
+from .tasks import write_tasks
+
+DEMO_VERSION = 1
+SEPARATOR = "="
+VOCAB_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " =*"
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 8
+
+
+@dataclass
+class DemoConfig:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
+    pretrain_steps: int = 600
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    experts: ExpertConfig = None  # type: ignore[assignment]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.experts is None:
+            self.experts = ExpertConfig(steps=300, lr=1e-2, rows_per_task=8, checkpoints=5, checkpoint_every=10)
+
+
+@dataclass
+class DemoWorld:
+    root: Path
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "tasks.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "BUILD.json"
+
+    def is_built(self) -> bool:
+        if not self.manifest.is_file():
+            return False
+        return json.loads(self.manifest.read_text()).get("version") == DEMO_VERSION
+
+
+def build_tokenizer(directory: Path):  # type: ignore[no-untyped-def]
+    """A character-level fast tokenizer that `AutoTokenizer` loads, with the demo chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + list(VOCAB_CHARS))}
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", clean_up_tokenization_spaces=False,
+    )
+    # The prompt of an input is the input followed by the separator.
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}" + SEPARATOR + "{% endif %}"
+    )
+    tok.save_pretrained(directory)
+    return tok
+
+
+def build_base_model(directory: Path, config: DemoConfig) -> BaseModel:
+    """Create the Llama from a config, pre-train it on copying, save it in HF format."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(directory)
+    torch.manual_seed(config.seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=config.hidden, intermediate_size=config.intermediate,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        num_key_value_heads=config.heads, max_position_embeddings=64, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    base = BaseModel(LlamaForCausalLM(cfg), tok, str(directory))
+    model = base.model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup, steps = 50, config.pretrain_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    rng = random.Random(config.seed)
+    for _ in tqdm(range(steps), desc="pre-train base (copy)", unit="step"):
+        words = [random_word(rng) for _ in range(config.pretrain_batch)]
+        enc = base.encode_pairs(words, words)
+        loss = model(**enc).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+    model.eval()
+    model.save_pretrained(directory)
+    return base
+
+
+def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = False,
+               encoder: TextEncoder | None = None) -> DemoWorld:
+    """Build the demo world under `home/demo` unless it is already built (idempotent)."""
+    config = config or DemoConfig()
+    world = DemoWorld(Path(home) / "demo")
+    if world.is_built() and not force:
+        return world
+    started = time.perf_counter()
+    with atomic.directory(world.root) as tmp:
+        staged = DemoWorld(tmp)
+        # Paths inside the world are written as their final location, not the temp one.
+        base = build_base_model(staged.base_model, config)
+        tasks = demo_tasks(seed=config.seed)
+        write_tasks(staged.tasks, tasks)
+        spec = spec_from_config(staged.base_model, targets=TARGETS, rank=RANK,
+                                base_model=str(world.base_model))
+        registry = Registry.create(staged.registry, spec, encoder=encoder or TextEncoder(), seed=config.seed)
+        runs = train_causal_experts(base, registry.basis, tasks, config.experts)
+        for run in runs:
+            registry.add_expert(
+                run.task.name, run.checkpoints, run.task.descriptions[:-1],
+                metrics=run.metrics, tags=["demo"],
+            )
+        summary = {
+            "version": DEMO_VERSION,
+            "seconds": round(time.perf_counter() - started, 1),
+            "experts": {r.task.name: r.metrics for r in runs},
+        }
+        staged.manifest.write_text(json.dumps(summary, indent=2))
+    return world

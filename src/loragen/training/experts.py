@@ -1,0 +1,83 @@
+"""Expert training in the shared basis: only B is trained, every task in the same forward pass.
+
+Because every expert shares the frozen A of the basis, one batch can hold rows of all tasks, each
+row adding its own task's B (see `adapters.apply`). Each step samples the same number of rows per
+task, so each expert gets the gradient it would get alone; Adam keeps them independent.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import Basis, Lora, LoraStack, applied
+from .tasks import Instance, Task
+
+
+@dataclass
+class ExpertConfig:
+    steps: int = 300
+    lr: float = 1e-2
+    rows_per_task: int = 8
+    checkpoints: int = 5  # keep the last M checkpoints (the generators train on them)
+    checkpoint_every: int = 10
+    seed: int = 0
+    train_fraction: float = 0.7
+
+
+@dataclass
+class ExpertRun:
+    task: Task
+    checkpoints: list[dict[str, torch.Tensor]]  # oldest first; the last is the final expert
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def lora(self, basis: Basis) -> Lora:
+        return basis.lora(self.checkpoints[-1], {"expert": self.task.name})
+
+
+LossFn = Callable[[list[int], list[Instance]], torch.Tensor]
+
+
+def train_in_basis(
+    basis: Basis,
+    model: nn.Module,
+    tasks: list[Task],
+    loss_fn: LossFn,
+    config: ExpertConfig,
+    *,
+    desc: str = "experts",
+) -> list[list[dict[str, torch.Tensor]]]:
+    """Train one B per task; `loss_fn(task_rows, instances)` runs the model under the hooks."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    spec = basis.spec
+    params = {
+        m.name: nn.Parameter(torch.zeros(len(tasks), spec.num_layers, m.out_features, spec.rank))
+        for m in spec.modules
+    }
+    stack = LoraStack(spec, dict(basis.A), params)
+    optim = torch.optim.Adam(params.values(), lr=config.lr)
+    pools = [t.split_instances(config.train_fraction, config.seed)[0] for t in tasks]
+    keep_from = config.steps - (config.checkpoints - 1) * config.checkpoint_every
+    saved: list[dict[str, torch.Tensor]] = []  # each: module -> (E, L, out, r)
+    model.requires_grad_(False)
+    with applied(model, stack) as rows:
+        for step in tqdm(range(1, config.steps + 1), desc=desc, unit="step", leave=False):
+            task_rows, batch = [], []
+            for t, pool in enumerate(pools):
+                for inst in rng.choices(pool, k=config.rows_per_task):
+                    task_rows.append(t)
+                    batch.append(inst)
+            rows.set(task_rows)
+            loss = loss_fn(task_rows, batch)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            if step >= keep_from and (step - keep_from) % config.checkpoint_every == 0:
+                saved.append({k: v.detach().clone() for k, v in params.items()})
+    return [[{k: v[t] for k, v in ckpt.items()} for ckpt in saved] for t in range(len(tasks))]
