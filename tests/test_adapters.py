@@ -181,3 +181,23 @@ def test_dora_is_refused(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterFormatError, match="DoRA"):
         Lora.from_pretrained(tmp_path / "a")
+
+
+def test_blocked_rows_take_the_bmm_path_and_agree_with_gathering():
+    from loragen.adapters import Rows
+
+    spec = spec_from_config(TINY_CONFIGS["llama"], targets=["q_proj", "down_proj"], rank=4)
+    basis = Basis.seeded(spec)
+    loras = [basis.lora(random_lora(spec, seed=s).B) for s in range(3)]
+    stack = LoraStack(spec, dict(basis.A), {m: torch.stack([lo.B[m] for lo in loras]) for m in spec.module_names})
+    model = tiny_model("llama")
+    ids = torch.randint(0, 64, (6, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), applied(model, stack) as rows:
+        rows.set([2, 2, 0, 0, 1, 1])
+        assert rows.blocks is not None
+        blocked = forward(model, "llama", ids)
+        rows.set([2, 2, 0, 0, 1, -1])
+        assert rows.blocks is None
+        gathered = forward(model, "llama", ids)
+    torch.testing.assert_close(blocked[:5], gathered[:5], atol=1e-5, rtol=1e-5)
+    assert isinstance(rows, Rows)

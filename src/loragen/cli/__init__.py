@@ -17,12 +17,19 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from . import registry_cmds
+    from . import generate_cmds, registry_cmds
 
     app.add_typer(registry_cmds.app, name="registry", help="Manage the expert registry.")
+    app.add_typer(generate_cmds.demo_app, name="demo")
+    app.add_typer(generate_cmds.train_app, name="train")
+    app.command("generate")(generate_cmds.generate)
+    app.command("complete")(generate_cmds.complete)
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars on every command are noise
     _register()
     try:
         # Without standalone mode, click returns typer.Exit's code instead of exiting with it.

@@ -29,12 +29,13 @@ from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import write_tasks
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 SEPARATOR = "="
-VOCAB_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " =*"
+VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK = 8
+RANK = 16
+ALPHA = 32.0
 
 
 @dataclass
@@ -43,15 +44,19 @@ class DemoConfig:
     layers: int = 4
     heads: int = 4
     intermediate: int = 384
-    pretrain_steps: int = 600
+    pretrain_steps: int = 300
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
+    instances_per_task: int = 2000
     experts: ExpertConfig = None  # type: ignore[assignment]
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.experts is None:
-            self.experts = ExpertConfig(steps=300, lr=1e-2, rows_per_task=8, checkpoints=5, checkpoint_every=10)
+            self.experts = ExpertConfig(
+                steps=300, lr=1e-2, rows_per_task=16, checkpoints=5, checkpoint_every=10, train_fraction=0.9,
+                oversample={"reverse": 1, "swap_pairs": 1, "sort": 1},
+            )
 
 
 @dataclass
@@ -149,9 +154,9 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
         staged = DemoWorld(tmp)
         # Paths inside the world are written as their final location, not the temp one.
         base = build_base_model(staged.base_model, config)
-        tasks = demo_tasks(seed=config.seed)
+        tasks = demo_tasks(instances_per_task=config.instances_per_task, seed=config.seed)
         write_tasks(staged.tasks, tasks)
-        spec = spec_from_config(staged.base_model, targets=TARGETS, rank=RANK,
+        spec = spec_from_config(staged.base_model, targets=TARGETS, rank=RANK, alpha=ALPHA,
                                 base_model=str(world.base_model))
         registry = Registry.create(staged.registry, spec, encoder=encoder or TextEncoder(), seed=config.seed)
         runs = train_causal_experts(base, registry.basis, tasks, config.experts)

@@ -107,11 +107,11 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
         "strip out all vowels",
         "write only the consonants of the word",
     )),
-    DemoTask("uppercase", str.upper, (
-        "convert the input to uppercase letters",
-        "write the string in capital letters",
-        "change every lowercase letter to upper case",
-        "shout the word by capitalising all of it",
+    DemoTask("sort", lambda s: "".join(sorted(s)), (
+        "sort the letters in alphabetical order",
+        "arrange the characters of the input from a to z",
+        "put the letters into dictionary order",
+        "order every character alphabetically, smallest first",
     )),
     DemoTask("repeat_twice", lambda s: s + s, (
         "write the whole input twice in a row",

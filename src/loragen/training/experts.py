@@ -7,6 +7,7 @@ task, so each expert gets the gradient it would get alone; Adam keeps them indep
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,11 @@ class ExpertConfig:
     rows_per_task: int = 8
     checkpoints: int = 5  # keep the last M checkpoints (the generators train on them)
     checkpoint_every: int = 10
+    warmup: int = 20
     seed: int = 0
     train_fraction: float = 0.7
+    # Extra row blocks per step for tasks that learn slower, by task name (e.g. {"reverse": 1}).
+    oversample: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +66,11 @@ def train_in_basis(
     }
     stack = LoraStack(spec, dict(basis.A), params)
     optim = torch.optim.Adam(params.values(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / config.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+    # Extra blocks go after one block per task, so every block has the same size (the bmm path).
+    extra = [t for t, task in enumerate(tasks) for _ in range(config.oversample.get(task.name, 0))]
+    blocks = list(range(len(tasks))) + extra
     pools = [t.split_instances(config.train_fraction, config.seed)[0] for t in tasks]
     keep_from = config.steps - (config.checkpoints - 1) * config.checkpoint_every
     saved: list[dict[str, torch.Tensor]] = []  # each: module -> (E, L, out, r)
@@ -69,8 +78,8 @@ def train_in_basis(
     with applied(model, stack) as rows:
         for step in tqdm(range(1, config.steps + 1), desc=desc, unit="step", leave=False):
             task_rows, batch = [], []
-            for t, pool in enumerate(pools):
-                for inst in rng.choices(pool, k=config.rows_per_task):
+            for t in blocks:
+                for inst in rng.choices(pools[t], k=config.rows_per_task):
                     task_rows.append(t)
                     batch.append(inst)
             rows.set(task_rows)
@@ -78,6 +87,7 @@ def train_in_basis(
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
+            sched.step()
             if step >= keep_from and (step - keep_from) % config.checkpoint_every == 0:
                 saved.append({k: v.detach().clone() for k, v in params.items()})
     return [[{k: v[t] for k, v in ckpt.items()} for ckpt in saved] for t in range(len(tasks))]

@@ -1,0 +1,139 @@
+"""`loragen generate`, `loragen complete`, `loragen demo ...` and `loragen train experts`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import Settings
+from ..errors import LoragenError
+
+demo_app = typer.Typer(no_args_is_help=True, help="The embedded demo world.")
+train_app = typer.Typer(no_args_is_help=True, help="Train experts (and, later, generators).")
+
+RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="Registry directory (default: the demo world's).")]
+
+
+def _registry_path(registry: Path | None) -> Path:
+    return registry if registry is not None else Settings().registry_dir
+
+
+def generate(
+    description: Annotated[str, typer.Argument(help="What the LoRA should make the model do.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the PEFT adapter.")],
+    method: Annotated[str, typer.Option(help="nearest | weighted | uniform")] = "weighted",
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for weighted.")] = 4,
+    temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature τ.")] = 0.05,
+    registry: RegistryOpt = None,
+) -> None:
+    """Generate a LoRA for DESCRIPTION and write it as a PEFT adapter."""
+    from ..generator import check_descriptions, load_generator
+    from ..registry import Registry
+
+    check_descriptions([description])
+    reg = Registry.open(_registry_path(registry))
+    lora = load_generator(method, reg, k=k, temperature=temperature).generate([description])[0]
+    lora.save_pretrained(out)
+    typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model})")
+    for n in lora.metadata["neighbours"]:
+        typer.echo(f"  {n['expert']:<24} similarity {n['similarity']:.3f}  weight {n['weight']:.3f}")
+
+
+def complete(
+    text: Annotated[str, typer.Argument(help="The input to complete.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter directory to merge.")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Base model (default: the adapter's).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 32,
+) -> None:
+    """Run the base model with ADAPTER merged and print the greedy output."""
+    from ..adapters import Lora
+    from ..basemodel import BaseModel
+
+    lora = Lora.from_pretrained(adapter) if adapter is not None else None
+    base_path = base or (Path(lora.spec.base_model) if lora is not None else None)
+    if base_path is None:
+        raise LoragenError("give --base, or an --adapter whose base_model_name_or_path is a local model")
+    model = BaseModel.load(base_path)
+    if lora is None:
+        typer.echo(model.complete([text], max_new_tokens=max_tokens)[0])
+        return
+    with lora.merged(model.model):
+        typer.echo(model.complete([text], max_new_tokens=max_tokens)[0])
+
+
+@demo_app.command("build")
+def demo_build(force: Annotated[bool, typer.Option(help="Rebuild even if built.")] = False) -> None:
+    """Build the demo world under $LORAGEN_HOME/demo (idempotent; a few minutes)."""
+    from ..training.demo import build_demo
+
+    world = build_demo(Settings().home, force=force)
+    typer.echo(world.manifest.read_text())
+    typer.echo(f"demo world ready at {world.root}")
+
+
+@demo_app.command("run")
+def demo_run() -> None:
+    """Build the demo world if needed, then show one description -> LoRA -> completion loop."""
+    from ..basemodel import BaseModel
+    from ..generator import load_generator
+    from ..registry import Registry
+    from ..training.demo import build_demo
+
+    world = build_demo(Settings().home)
+    reg = Registry.open(world.registry)
+    base = BaseModel.load(world.base_model)
+    description = "write the letters of the input in reverse order"
+    inputs = ["abcde", "loragen", "hello"]
+    for method in ("nearest", "weighted"):
+        lora = load_generator(method, reg).generate([description])[0]
+        out = world.root / "generated" / method
+        lora.save_pretrained(out)
+        top = lora.metadata["neighbours"][0]
+        typer.echo(f"\n[{method}] {description!r} -> {out}  (top expert {top['expert']}, similarity {top['similarity']:.3f})")
+        outs = base.complete(inputs, loras=[lora] * len(inputs))
+        plain = base.complete(inputs)
+        for x, y, p in zip(inputs, outs, plain):
+            typer.echo(f"  {x!r:>12} -> {y!r:<12} (base model alone: {p!r})")
+
+
+@train_app.command("experts")
+def train_experts(
+    tasks: Annotated[Path, typer.Option("--tasks", help="Task file (JSONL).")],
+    base: Annotated[Path, typer.Option("--base", help="Base model directory (HF format).")],
+    registry: Annotated[Path, typer.Option("--registry", help="Registry directory (created if missing).")],
+    targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = "q_proj,v_proj",
+    rank: Annotated[int, typer.Option(min=1)] = 8,
+    steps: Annotated[int, typer.Option(min=1)] = 300,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-2,
+    rows_per_task: Annotated[int, typer.Option(min=1)] = 8,
+    checkpoints: Annotated[int, typer.Option(min=1, help="Keep the last M checkpoints.")] = 5,
+    seed: int = 0,
+) -> None:
+    """Train one expert per task in the registry's shared basis (only B) and register them."""
+    from ..adapters import spec_from_config
+    from ..basemodel import BaseModel
+    from ..embeddings import TextEncoder
+    from ..registry import Registry
+    from ..training.causal import train_causal_experts
+    from ..training.experts import ExpertConfig
+    from ..training.tasks import read_tasks
+
+    task_list = read_tasks(tasks)
+    model = BaseModel.load(base)
+    if (registry / "registry.sqlite").exists():
+        reg = Registry.open(registry)
+    else:
+        spec = spec_from_config(base, targets=targets.split(","), rank=rank, base_model=str(base.resolve()))
+        reg = Registry.create(registry, spec, encoder=TextEncoder(), seed=seed)
+    taken = {e.name for e in reg.experts()}
+    clash = [t.name for t in task_list if t.name in taken]
+    if clash:
+        raise LoragenError(f"the registry already has experts named {', '.join(clash[:5])}")
+    every = max(1, steps // (4 * checkpoints))
+    config = ExpertConfig(steps=steps, lr=lr, rows_per_task=rows_per_task, checkpoints=min(checkpoints, steps),
+                          checkpoint_every=every, seed=seed)
+    for run in train_causal_experts(model, reg.basis, task_list, config):
+        reg.add_expert(run.task.name, run.checkpoints, run.task.descriptions, metrics=run.metrics)
+        typer.echo(f"{run.task.name}: exact match {run.metrics['exact_match']:.3f}")

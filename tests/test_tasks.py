@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loragen.training.demo_tasks import DEMO_TASKS, demo_tasks
+from loragen.training.tasks import TaskFileError, read_tasks, write_tasks
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def good(name="t", **extra):
+    return json.dumps({"task": name, "definition": "do it", "instances": [{"input": "a", "output": "b"}], **extra})
+
+
+def test_reads_definition_and_descriptions(tmp_path):
+    f = write(tmp_path / "t.jsonl", [
+        json.dumps({"task": "x", "definition": "main", "descriptions": ["main", "other"],
+                    "instances": [{"input": "i", "output": "yes"}], "labels": ["no", "yes"], "split": "heldout"}),
+    ])
+    [task] = read_tasks(f)
+    assert task.descriptions == ["main", "other"] and task.labels == ["no", "yes"] and task.split == "heldout"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"definition": "d", "instances": [{"input": "a", "output": "b"}]}), "missing 'task'"),
+    (json.dumps({"task": "x", "instances": [{"input": "a", "output": "b"}]}), "no description"),
+    (json.dumps({"task": "x", "definition": "d", "instances": []}), "non-empty 'instances'"),
+    (json.dumps({"task": "x", "definition": "d", "instances": [{"input": 1, "output": "b"}]}), "string 'input'"),
+    (json.dumps({"task": "x", "definition": "d", "labels": ["a", "c"],
+                 "instances": [{"input": "a", "output": "b"}]}), "not in 'labels'"),
+])
+def test_a_bad_line_names_its_line_number(tmp_path, bad, message):
+    f = write(tmp_path / "t.jsonl", [good("a"), bad, good("c")])
+    with pytest.raises(TaskFileError, match=rf"t.jsonl:2: .*{message}"):
+        read_tasks(f)
+
+
+def test_duplicate_task_names_are_refused(tmp_path):
+    with pytest.raises(TaskFileError, match=":2: duplicate"):
+        read_tasks(write(tmp_path / "t.jsonl", [good("a"), good("a")]))
+
+
+def test_split_is_deterministic_and_disjoint():
+    [task] = demo_tasks()[:1]
+    train, test = task.split_instances(0.7, seed=0)
+    again = task.split_instances(0.7, seed=0)
+    assert (train, test) == again and len(train) + len(test) == len(task.instances)
+
+
+def test_demo_tasks_round_trip_and_have_four_descriptions(tmp_path):
+    tasks = demo_tasks(instances_per_task=5)
+    assert len(tasks) >= 16 and all(len(t.descriptions) >= 4 for t in tasks)
+    assert {t.name for t in tasks} == {t.name for t in DEMO_TASKS}
+    write_tasks(tmp_path / "d.jsonl", tasks)
+    back = read_tasks(tmp_path / "d.jsonl")
+    assert [t.descriptions for t in back] == [t.descriptions for t in tasks]
+    reverse = next(t for t in back if t.name == "reverse")
+    assert all(i.output == i.input[::-1] for i in reverse.instances)
