@@ -7,6 +7,7 @@ expert shares the basis A, a weighted mean of Bs is the weighted mean of the ΔW
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
@@ -44,19 +45,33 @@ def check_descriptions(descriptions: list[str], max_chars: int = 4000) -> list[s
 
 
 class RetrievalGenerator:
-    def __init__(self, registry: Registry, method: str = "weighted", *, k: int = 4, temperature: float = 0.05) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        method: str = "weighted",
+        *,
+        k: int = 4,
+        temperature: float = 0.05,
+        exclude: Collection[str] = (),
+    ) -> None:
+        """`exclude` names experts to act as if absent (held-out tasks in evaluation)."""
         if method not in METHODS:
             raise GenerationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if not registry.experts():
+        self.exclude = set(exclude)
+        if not [e for e in registry.experts() if e.name not in self.exclude]:
             raise GenerationError(f"the registry at {registry.path} has no experts")
         self.registry = registry
         self.method = method
         self.k = 1 if method == "nearest" else k
         self.temperature = temperature
 
+    def _search(self, descriptions: list[str]) -> list[list[Hit]]:
+        hits = self.registry.search(descriptions, k=self.k + len(self.exclude))
+        return [[h for h in row if h.name not in self.exclude][: self.k] for row in hits]
+
     @cached_property
     def _experts(self) -> tuple[list[int], list[str], dict[str, torch.Tensor]]:
-        experts = self.registry.experts()
+        experts = [e for e in self.registry.experts() if e.name not in self.exclude]
         finals = [self.registry.final_b(e) for e in experts]
         stacked = {m: torch.stack([f[m] for f in finals]) for m in self.registry.spec.module_names}
         return [e.id for e in experts], [e.name for e in experts], stacked
@@ -89,7 +104,7 @@ class RetrievalGenerator:
     ) -> list[Lora]:
         """One LoRA per description (deterministic: `seed` and `num_samples` change nothing)."""
         descriptions = check_descriptions(descriptions)
-        hits = self.registry.search(descriptions, k=self.k)
+        hits = self._search(descriptions)
         w, neighbours = self.weights(hits)
         _, _, stacked = self._experts
         mixed = {m: einsum(w.to(b.dtype), b, "n e, e l o r -> n l o r") for m, b in stacked.items()}

@@ -29,12 +29,14 @@ from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import write_tasks
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
+# Tasks whose experts the held-out generators never see (evaluation's zero-shot question).
+HELD_OUT = ("caesar_2", "rotate_right", "drop_last")
 ALPHA = 32.0
 
 
@@ -72,6 +74,10 @@ class DemoWorld:
         return self.root / "registry"
 
     @property
+    def generators(self) -> Path:
+        return self.root / "generators"
+
+    @property
     def tasks(self) -> Path:
         return self.root / "tasks.jsonl"
 
@@ -99,9 +105,10 @@ def build_tokenizer(directory: Path):  # type: ignore[no-untyped-def]
         tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         unk_token="<unk>", clean_up_tokenization_spaces=False,
     )
-    # The prompt of an input is the input followed by the separator.
+    # The prompt of an input is <bos>, the input, then the separator. The <bos> gives attention a
+    # sink to rest on, which the experts' LoRAs need (without it several tasks learn far worse).
     tok.chat_template = (
-        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}" + SEPARATOR + "{% endif %}"
     )
     tok.save_pretrained(directory)

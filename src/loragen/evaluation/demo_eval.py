@@ -1,0 +1,110 @@
+"""`loragen eval demo`: exact match of every method on the demo world's tasks.
+
+Three description sets:
+- `registry`: each task's first description (one the registry holds);
+- `unseen`: each task's held-back paraphrase (never in the registry or generator training);
+- `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
+  (the generators evaluated there are the `*-holdout` ones built by the demo).
+The random-description control replaces the description by unrelated text: a generator that
+ignores its input (Text-to-LoRA's trap) scores as well with it as with the real description.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..adapters import Lora
+from ..basemodel import BaseModel
+from ..generator import RetrievalGenerator, load_generator
+from ..registry import Registry
+from ..training.demo import HELD_OUT, DemoWorld
+from ..training.tasks import Task, read_tasks
+from .metrics import exact_match
+
+UNRELATED = (
+    "summarise the quarterly earnings report for shareholders",
+    "what is the boiling point of water at high altitude",
+    "translate this recipe for lemon cake into french",
+    "classify the sentiment of a movie review",
+    "describe the migration patterns of arctic terns",
+    "write a polite email declining a meeting invitation",
+)
+METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "sg", "random(icm)", "random(sg)", "oracle")
+
+
+@dataclass
+class Cell:
+    method: str
+    split: str
+    task: str
+    description: str
+    lora: Lora | None
+
+
+def _generate(world: DemoWorld, registry: Registry, split: str, tasks: list[Task], descs: list[str],
+              seed: int) -> list[Cell]:
+    exclude = HELD_OUT if split == "heldout" else ()
+    suffix = "-holdout" if split == "heldout" else ""
+    experts = {e.name: e for e in registry.experts()}
+    cells = [Cell("base", split, t.name, d, None) for t, d in zip(tasks, descs)]
+    cells += [Cell("oracle", split, t.name, d, registry.lora(experts[t.name])) for t, d in zip(tasks, descs)]
+    for method in ("uniform", "nearest", "weighted"):
+        gen = RetrievalGenerator(registry, method, exclude=exclude)
+        cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, gen.generate(descs))]
+    rng = random.Random(seed)
+    unrelated = [rng.choice(UNRELATED) for _ in descs]
+    for method in ("icm", "sg"):
+        gen = load_generator(method, registry, generator_dir=world.generators / f"{method}{suffix}")
+        loras = gen.generate(descs, seed=seed)
+        cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
+        controls = gen.generate(unrelated, seed=seed)
+        cells += [Cell(f"random({method})", split, t.name, u, lo) for t, u, lo in zip(tasks, unrelated, controls)]
+    return cells
+
+
+def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) -> dict[str, Any]:
+    registry = Registry.open(world.registry)
+    base = BaseModel.load(world.base_model)
+    tasks = read_tasks(world.tasks)
+    seen = [t for t in tasks if t.name not in HELD_OUT]
+    held = [t for t in tasks if t.name in HELD_OUT]
+    cells = _generate(world, registry, "registry", seen, [t.descriptions[0] for t in seen], seed)
+    cells += _generate(world, registry, "unseen", seen, [t.descriptions[-1] for t in seen], seed)
+    cells += _generate(world, registry, "heldout", held, [t.descriptions[0] for t in held], seed)
+    by_name = {t.name: t for t in tasks}
+    tests = {t.name: t.split_instances(0.9, seed)[1][:test_per_task] for t in tasks}
+    scores = exact_match(base, [c.lora for c in cells], [tests[c.task] for c in cells])
+    rows = [{"method": c.method, "split": c.split, "task": c.task, "description": c.description,
+             "exact_match": s, "neighbours": (c.lora.metadata.get("neighbours") if c.lora else None)}
+            for c, s in zip(cells, scores)]
+    table: dict[str, dict[str, float]] = {}
+    for m in METHOD_ORDER:
+        for split in ("registry", "unseen", "heldout"):
+            vals = [r["exact_match"] for r in rows if r["method"] == m and r["split"] == split]
+            if vals:
+                table.setdefault(m, {})[split] = sum(vals) / len(vals)
+    return {"held_out_tasks": list(HELD_OUT), "test_per_task": test_per_task, "table": table,
+            "rows": rows, "tasks": sorted(by_name)}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    table = report["table"]
+    oracle = table.get("oracle", {})
+    lines = ["| method | registry descriptions | unseen paraphrases | held-out tasks |", "|---|---|---|---|"]
+    for m, cols in table.items():
+        cells = []
+        for split in ("registry", "unseen", "heldout"):
+            v = cols.get(split)
+            o = oracle.get(split)
+            cells.append("" if v is None else f"{v:.3f}" + (f" ({v / o:.0%} of oracle)" if o else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    import json
+
+    Path(path).write_text(json.dumps(report, indent=2))
