@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import torch
+
 from ..registry import Registry
+from .learned import LearnedGenerator, train_generator
 from .retrieval import METHODS as RETRIEVAL_METHODS
 from .retrieval import GenerationError, Neighbour, RetrievalGenerator, check_descriptions
 
-METHODS = RETRIEVAL_METHODS
+LEARNED_METHODS = ("icm", "sg")
+METHODS = RETRIEVAL_METHODS + LEARNED_METHODS
 
 
-def load_generator(method: str, registry: Registry, *, k: int = 4, temperature: float = 0.05) -> RetrievalGenerator:
-    """The generator for `method`, by name."""
+def load_generator(method: str, registry: Registry, *, k: int = 4, temperature: float = 0.05,
+                   generator_dir: str | Path | None = None, device: str = "cpu",
+                   dtype: torch.dtype | None = None) -> Any:
+    """The generator for `method`, by name; `icm` and `sg` load a trained checkpoint from `generator_dir`."""
     if method in RETRIEVAL_METHODS:
         return RetrievalGenerator(registry, method, k=k, temperature=temperature)
+    if method in LEARNED_METHODS:
+        if generator_dir is None:
+            raise GenerationError(f"method {method!r} needs a trained generator: pass its directory "
+                                  f"(train one with `loragen train generator --method {method}`)")
+        gen = LearnedGenerator.from_pretrained(generator_dir, registry, device=device, dtype=dtype)
+        if gen.method != method:
+            raise GenerationError(f"{generator_dir} holds a {gen.method!r} generator, not {method!r}")
+        return gen
     raise GenerationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["METHODS", "GenerationError", "Neighbour", "RetrievalGenerator", "check_descriptions", "load_generator"]
+__all__ = ["LEARNED_METHODS", "METHODS", "GenerationError", "LearnedGenerator", "Neighbour",
+           "RetrievalGenerator", "check_descriptions", "load_generator", "train_generator"]

@@ -1,0 +1,276 @@
+"""`LearnedGenerator`: ICM-LoRA or SG-LoRA trained on a registry, behind `generate(descriptions)`.
+
+One model per registry, trained on every checkpoint of every expert (minus `holdout`). Held-out
+experts are invisible to the generator at inference too (never a neighbour), so a held-out task is
+really unseen. A checkpoint directory holds `config.json` and `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import einsum, reduce, repeat
+from safetensors.torch import load_file, save_file
+
+from ..adapters import Lora, atomic
+from ..registry import Hit, Registry
+from ..registry.index import normalised
+from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, denormalise, fit, normalise
+from .decoder import TokenLayout
+from .retrieval import GenerationError, Neighbour, check_descriptions
+from .safety import Safety, calibrate_ood, norm_range
+
+log = logging.getLogger(__name__)
+FORMAT = "loragen-generator"
+STATE_NAME = "training_state.pt"
+SIGMA_FLOOR = 1e-4  # added to σ*² (normalised space) so log σ* and the residual scale stay finite
+KL_DEFAULTS = {"icm": 0.005, "sg": 1.0}
+Stats = tuple[list[torch.Tensor], list[torch.Tensor]]  # per group (T_g,) mean and std
+
+
+class RegistryTokens:
+    """The registry's experts (minus held-out ones) as normalised tokens, and their prototypes."""
+
+    def __init__(self, registry: Registry, layout: TokenLayout, holdout: set[str]) -> None:
+        self.experts = [e for e in registry.experts() if e.name not in holdout]
+        if not self.experts:
+            raise GenerationError("no experts left to train or condition on")
+        self.ids = [e.id for e in self.experts]
+        self.excluded = {e.id for e in registry.experts() if e.name in holdout}
+        self.raw = [registry.checkpoints(e) for e in self.experts]
+        self.layout = layout
+
+    def stats(self) -> Stats:
+        tokens = self.layout.to_groups({m: torch.stack([c[m] for cps in self.raw for c in cps])
+                                        for m in self.layout.spec.module_names})
+        mean = [reduce(t, "c t w -> t", "mean") for t in tokens]
+        std = [(reduce((t - m[:, None]) ** 2, "c t w -> t", "mean")).sqrt().clamp_min(1e-8) for t, m in zip(tokens, mean)]
+        return mean, std
+
+    def tokens(self, stats: Stats) -> tuple[list[torch.Tensor], torch.Tensor]:
+        flat = [c for cps in self.raw for c in cps]
+        groups = self.layout.to_groups({m: torch.stack([c[m] for c in flat]) for m in self.layout.spec.module_names})
+        owner = torch.tensor([i for i, cps in enumerate(self.raw) for _ in cps])
+        return normalise(groups, *stats), owner
+
+    def prototypes(self, stats: Stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per group (E, T_g, W_g): each expert's checkpoint mean and second moment (σ² + μ²)."""
+        tokens, owner = self.tokens(stats)
+        count = torch.bincount(owner).float()[:, None, None]
+        onehot = torch.nn.functional.one_hot(owner).float()
+        mean = [einsum(onehot, t, "c e, c t w -> e t w") / count for t in tokens]
+        second = [einsum(onehot, t * t, "c e, c t w -> e t w") / count for t in tokens]
+        return mean, second
+
+
+def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """μ* = Σ α μ_k, σ*² = Σ α σ_k² + Σ α (μ_k − μ*)² = Σ α (σ_k² + μ_k²) − μ*²; returns (μ*, σ*)."""
+    mu = [einsum(weights, m, "n e, e t w -> n t w") for m in mean]
+    var = [einsum(weights, s, "n e, e t w -> n t w") - u * u for s, u in zip(second, mu)]
+    return mu, [(v.clamp_min(0) + SIGMA_FLOOR).sqrt() for v in var]
+
+
+class LearnedGenerator:
+    def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: dict[str, Any], *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.registry, self.safety, self.config = registry, safety, config
+        self.method = model.config.method
+        self.holdout = set(config.get("holdout", []))
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        # Normalisation stays in float32 whatever the decoder's dtype.
+        self.stats = tuple([t.detach().to("cpu", torch.float32).clone() for t in ts] for ts in model.stats())
+        self.model = model.to(self.device, self.dtype).eval()
+
+    @cached_property
+    def _tokens(self) -> RegistryTokens:
+        return RegistryTokens(self.registry, self.model.layout, self.holdout)
+
+    @cached_property
+    def _prototypes(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        mean, second = self._tokens.prototypes(self.stats)  # type: ignore[arg-type]
+        return [m.to(self.device) for m in mean], [s.to(self.device) for s in second]
+
+    def search(self, vecs: np.ndarray, own: list[int | None] | None = None) -> list[list[Hit]]:
+        """Top-K experts per query, skipping held-out experts and (leave-one-out) `own[i]`."""
+        k = self.model.config.top_k
+        excluded = self._tokens.excluded
+        hits = self.registry.search_vectors(vecs, k=k + len(excluded) + 1)
+        own = own or [None] * len(hits)
+        return [[h for h in row if h.expert_id not in excluded and h.expert_id != o][:k] for row, o in zip(hits, own)]
+
+    def weights(self, hits: list[list[Hit]]) -> tuple[torch.Tensor, list[list[Neighbour]]]:
+        column = {eid: i for i, eid in enumerate(self._tokens.ids)}
+        w = torch.zeros(len(hits), len(column))
+        neighbours = []
+        for row, row_hits in enumerate(hits):
+            sims = torch.tensor([h.similarity for h in row_hits])
+            alpha = torch.softmax(sims / self.model.config.temperature, dim=0).tolist()
+            neighbours.append([Neighbour(h.name, h.expert_id, h.similarity, a) for h, a in zip(row_hits, alpha)])
+            for h, a in zip(row_hits, alpha):
+                w[row, column[h.expert_id]] = a
+        return w, neighbours
+
+    def conditions(self, vecs: np.ndarray, hits: list[list[Hit]]) -> tuple[Any, ...]:
+        w, neighbours = self.weights(hits)
+        text = torch.from_numpy(vecs).to(self.device)
+        if self.method != "sg":
+            return text, None, None, neighbours
+        mu, sigma = mix(w.to(self.device), *self._prototypes)
+        return text, mu, sigma, neighbours
+
+    @torch.no_grad()
+    def generate(self, descriptions: list[str], *, examples: list[list[dict[str, str]]] | None = None,
+                 seed: int | None = None, num_samples: int = 1) -> list[Lora]:
+        """`num_samples` LoRAs per description, in order. The noise depends only on `seed` and the
+        sample index, so a batch gives the same LoRAs as one call per description.
+
+        `examples` is accepted for interface compatibility; this version conditions on the
+        description only (no in-context task vector yet), and says so in `examples_used`."""
+        descriptions = check_descriptions(descriptions)
+        if num_samples < 1:
+            raise GenerationError("num_samples must be at least 1")
+        seed = secrets.randbits(31) if seed is None else int(seed)
+        vecs = normalised(self.registry.encoder.encode(descriptions))
+        hits = self.search(vecs)
+        text, mu, sigma, neighbours = self.conditions(vecs, hits)
+        noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
+        B = self.decode(text, mu, sigma, noise)
+        self.safety.check_finite(B, descriptions)
+        B, clipped = self.safety.clip(B)
+        loras = []
+        for i in range(len(descriptions) * num_samples):
+            d, s = divmod(i, num_samples)
+            nearest = neighbours[d][0].similarity if neighbours[d] else -1.0
+            meta = {"method": self.method, "description": descriptions[d], "seed": seed, "sample": s,
+                    "neighbours": [asdict(n) for n in neighbours[d]], "nearest_similarity": nearest,
+                    "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i]),
+                    "examples_used": False if examples else None}
+            loras.append(self.registry.basis.lora({m: b[i] for m, b in B.items()}, meta))
+        return loras
+
+    def decode(self, text: torch.Tensor, mu: list[torch.Tensor] | None, sigma: list[torch.Tensor] | None,
+               noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fused pass: (N requests × S samples) rows, every token through the same GEMMs."""
+        s, dt = noise.shape[0], self.dtype
+        rep = lambda x: repeat(x.to(self.device, dt), "n ... -> (n s) ...", s=s)  # noqa: E731
+        text = rep(text)
+        mu = [rep(m) for m in mu] if mu is not None else None
+        sigma = [rep(x) for x in sigma] if sigma is not None else None
+        cond, feats = self.model.encode_condition(text, mu, sigma)
+        mu_p, lv_p = self.model.prior(cond)
+        eps = repeat(noise.to(self.device, dt), "s d -> (n s) d", n=text.shape[0] // s)
+        z = mu_p + (0.5 * lv_p).exp() * eps
+        out = [g.float() for g in self.model.decode(z, cond, feats, mu, sigma)]
+        groups = denormalise(out, *self.stats)  # type: ignore[arg-type]
+        return {m: b.to(dt) for m, b in self.model.layout.to_modules(groups).items()}
+
+    # ------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
+        state.update({k: v.contiguous() for k, v in self.safety.state_dict().items()})
+        with atomic.directory(directory) as tmp:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            if (directory / STATE_NAME).is_file():  # keep the resumable training state
+                shutil.copy2(directory / STATE_NAME, tmp / STATE_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, registry: Registry, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> LearnedGenerator:
+        directory = Path(directory)
+        try:
+            config = json.loads((directory / "config.json").read_text())
+            tensors = load_file(str(directory / "model.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise GenerationError(f"{directory} is not a loragen generator checkpoint: {exc}") from exc
+        if config.get("format") != FORMAT:
+            raise GenerationError(f"{directory}/config.json is not a {FORMAT} config")
+        check_compatible(config, registry, str(directory))
+        layout = TokenLayout(registry.spec)
+        model = LoraCVAE(layout, CVAEConfig(**config["cvae"]), int(config["embedding_dim"]))
+        model_state = {k: v for k, v in tensors.items() if not k.startswith("safety.")}
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as exc:
+            raise GenerationError(f"{directory}: weights do not fit the registry's spec: {exc}") from exc
+        safety = Safety.from_state_dict(tensors, float(config["ood_threshold"]))
+        return cls(registry, model, safety, config, device=device, dtype=dtype)
+
+
+def check_compatible(config: dict[str, Any], registry: Registry, where: str) -> None:
+    from ..adapters import LoraSpec
+
+    spec = LoraSpec.from_dict(config["spec"])
+    mine = registry.spec
+    if spec.shape_key() != mine.shape_key() or spec.rank != mine.rank:
+        raise GenerationError(f"generator {where} was trained for another base model or rank "
+                              f"(spec {spec.fingerprint()} r={spec.rank}, registry {mine.fingerprint()} r={mine.rank})")
+    if config["basis_sha256"] != registry.basis.sha256():
+        raise GenerationError(f"generator {where} was trained on another basis; retrain it on this registry")
+    if config["embedding_model"] != registry.encoder.model_id:
+        raise GenerationError(f"generator {where} uses embeddings of {config['embedding_model']}, "
+                              f"the registry {registry.encoder.model_id}")
+    if config.get("registry_fingerprint") != registry.fingerprint():
+        log.warning("generator %s was trained on a different state of the registry", where)
+
+
+def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: float = 3e-3, batch: int = 8,
+                    latent: int = 256, kl_weight: float | None = None, seed: int = 0, val_fraction: float = 0.1,
+                    patience: int = 15, out_dir: str | Path | None = None, resume: bool = False,
+                    holdout: list[str] | tuple[str, ...] = (), hidden: int = 512, top_k: int = 4,
+                    temperature: float = 0.05) -> LearnedGenerator:
+    """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts."""
+    if method not in KL_DEFAULTS:
+        raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
+    cvae = CVAEConfig(method=method, latent=latent, hidden=hidden, top_k=top_k, temperature=temperature,
+                      kl_weight=KL_DEFAULTS[method] if kl_weight is None else kl_weight)
+    layout = TokenLayout(registry.spec)
+    tokens = RegistryTokens(registry, layout, set(holdout))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LoraCVAE(layout, cvae, registry.dim)
+    model.set_stats(*tokens.stats())
+    lo, hi = norm_range([c for cps in tokens.raw for c in cps])
+    safety = Safety(lo, hi, calibrate_ood(registry, tokens.excluded))
+    config = {"format": FORMAT, "version": 1, "method": method, "cvae": asdict(cvae), "spec": registry.spec.to_dict(),
+              "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
+              "embedding_dim": registry.dim, "registry_fingerprint": registry.fingerprint(),
+              "holdout": sorted(holdout), "ood_threshold": safety.ood_threshold}
+    gen = LearnedGenerator(registry, model, safety, config)
+    gen.__dict__["_tokens"] = tokens
+    data = training_set(gen, tokens)
+    state_path = Path(out_dir) / STATE_NAME if out_dir is not None else None
+    if state_path is not None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+    fit_config = FitConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, val_fraction=val_fraction, patience=patience)
+    gen.config["training"] = fit(model, data, fit_config, state_path=state_path, resume=resume)
+    if out_dir is not None:
+        gen.save_pretrained(out_dir)
+    return gen
+
+
+def training_set(gen: LearnedGenerator, tokens: RegistryTokens) -> TrainingSet:
+    """Normalised checkpoints, and every description of every expert as a condition; for SG the
+    condition is leave-one-out: built from the expert's top-K neighbours other than itself."""
+    _, owners, vecs = gen.registry.store.embeddings(gen.registry.dim)
+    index = {eid: i for i, eid in enumerate(tokens.ids)}
+    keep = [i for i, o in enumerate(owners.tolist()) if o in index]
+    vecs, owners = normalised(vecs[keep]), owners[keep]
+    x, owner = tokens.tokens(gen.stats)  # type: ignore[arg-type]
+    data = TrainingSet(x, owner, torch.from_numpy(vecs), torch.tensor([index[o] for o in owners.tolist()]))
+    if gen.method == "sg":
+        hits = gen.search(vecs, own=owners.tolist())
+        _, data.mu_star, data.sigma_star, _ = gen.conditions(vecs, hits)
+    return data

@@ -1,0 +1,99 @@
+"""Checks on generated LoRAs: finite values, ΔW norms inside the registry's range, OOD requests.
+
+- Non-finite B (NaN/Inf) fails the whole request with `GenerationError`.
+- Each (layer, module) B is rescaled into [min, max] of ‖B‖ over every training checkpoint of that
+  (layer, module). The basis A has orthonormal rows, so ‖ΔW‖ = scaling · ‖B‖ and clipping ‖B‖
+  clips ‖ΔW‖.
+- OOD threshold, calibrated leave-one-out: for every registry description, its best similarity to
+  a description of *another* expert; the threshold is the 5th percentile of those. A request whose
+  nearest expert is less similar than that is further from the registry than 95 % of the registry's
+  own tasks are from each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import reduce
+
+from ..registry import Registry
+from .retrieval import GenerationError
+
+OOD_PERCENTILE = 5.0
+
+
+@dataclass
+class Safety:
+    norm_min: dict[str, torch.Tensor]  # module -> (L,)
+    norm_max: dict[str, torch.Tensor]
+    ood_threshold: float
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"safety.min.{m}": v for m, v in self.norm_min.items()}
+        out.update({f"safety.max.{m}": v for m, v in self.norm_max.items()})
+        return out
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], ood_threshold: float) -> Safety:
+        lo = {k.removeprefix("safety.min."): v for k, v in tensors.items() if k.startswith("safety.min.")}
+        hi = {k.removeprefix("safety.max."): v for k, v in tensors.items() if k.startswith("safety.max.")}
+        return cls(lo, hi, ood_threshold)
+
+    def check_finite(self, B: dict[str, torch.Tensor], descriptions: list[str]) -> None:
+        for m, b in B.items():
+            bad = ~torch.isfinite(reduce(b.float(), "n l o r -> n", "sum"))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise GenerationError(
+                    f"the generator produced non-finite weights (NaN/Inf) in {m} for description "
+                    f"{descriptions[i % len(descriptions)]!r}; the generator checkpoint is likely corrupt"
+                )
+
+    def clip(self, B: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rescale each (request, layer, module) B into the registry's norm range.
+
+        Returns the clipped Bs (same dtype) and a (N,) bool tensor: whether request i was clipped."""
+        out, clipped = {}, None
+        for m, b in B.items():
+            lo = self.norm_min[m].to(b.device)
+            hi = self.norm_max[m].to(b.device)
+            norm = reduce(b.float() ** 2, "n l o r -> n l", "sum").sqrt()
+            target = torch.minimum(torch.maximum(norm, lo), hi)
+            # A relative tolerance, so that values at the edge of the range are not reported.
+            hit = (norm < lo * (1 - 1e-4)) | (norm > hi * (1 + 1e-4))
+            scale = torch.where(hit, target / norm.clamp_min(1e-12), torch.ones_like(norm))
+            out[m] = (b.float() * scale[..., None, None]).to(b.dtype) if bool(hit.any()) else b
+            row = hit.any(dim=1)
+            clipped = row if clipped is None else clipped | row
+        assert clipped is not None
+        return out, clipped
+
+    def is_ood(self, nearest_similarity: float) -> bool:
+        return nearest_similarity < self.ood_threshold
+
+
+def norm_range(checkpoints: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per module, (L,) min and max of ‖B‖ over the given checkpoints."""
+    lo, hi = {}, {}
+    for m in checkpoints[0]:
+        norms = torch.stack([reduce(c[m].float() ** 2, "l o r -> l", "sum").sqrt() for c in checkpoints])
+        lo[m], hi[m] = norms.min(dim=0).values, norms.max(dim=0).values
+    return lo, hi
+
+
+def calibrate_ood(registry: Registry, exclude: set[int]) -> float:
+    """The 5th percentile of each description's best similarity to another expert's description."""
+    _, experts, vecs = registry.store.embeddings(registry.dim)
+    keep = ~np.isin(experts, list(exclude))
+    experts, vecs = experts[keep], vecs[keep]
+    if len(set(experts.tolist())) < 2:
+        return -1.0  # nothing to compare with: never flag
+    hits = registry.search_vectors(vecs, k=2 + len(exclude))
+    best = []
+    for own, row in zip(experts.tolist(), hits):
+        others = [h.similarity for h in row if h.expert_id != own and h.expert_id not in exclude]
+        if others:
+            best.append(max(others))
+    return float(np.percentile(best, OOD_PERCENTILE)) if best else -1.0

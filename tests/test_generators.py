@@ -1,0 +1,185 @@
+"""ICM-LoRA / SG-LoRA generators on a tiny registry of synthetic experts (a few dozen steps each)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import TARGETS, TINY_CONFIGS
+
+from loragen.adapters import Basis, spec_from_config
+from loragen.embeddings import TextEncoder
+from loragen.generator import GenerationError, LearnedGenerator, load_generator, train_generator
+from loragen.generator.decoder import TokenDecoder, TokenLayout
+from loragen.registry import Registry
+
+TASKS = {
+    "reverse": ["reverse the string", "write the letters backwards"],
+    "upper": ["make every letter uppercase", "capitalise all characters"],
+    "sort": ["sort the letters alphabetically", "put the characters in order"],
+    "double": ["repeat every letter twice", "double each character"],
+    "vowels": ["remove the vowels", "delete a, e, i, o and u"],
+    "count": ["count the letters", "say how many characters there are"],
+}
+TRAIN = dict(epochs=4, batch=4, latent=16, hidden=64, lr=3e-3, val_fraction=0.2, patience=10)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    return TextEncoder()
+
+
+def _spec(rank: int = 4):
+    return spec_from_config(TINY_CONFIGS["llama"], targets=TARGETS["llama"], rank=rank, base_model="tiny-llama")
+
+
+def _registry(path, encoder, *, seed: int = 0, rank: int = 4) -> Registry:
+    spec = _spec(rank)
+    reg = Registry.create(path, spec, encoder=encoder, seed=seed)
+    gen = torch.Generator().manual_seed(1)
+    for name, descriptions in TASKS.items():
+        centre = {m.name: torch.randn(spec.num_layers, m.out_features, spec.rank, generator=gen) for m in spec.modules}
+        cps = [{m: c + 0.05 * torch.randn(c.shape, generator=gen) for m, c in centre.items()} for _ in range(3)]
+        reg.add_expert(name, cps, descriptions)
+    return reg
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, encoder) -> Registry:
+    return _registry(tmp_path_factory.mktemp("gen") / "registry", encoder)
+
+
+@pytest.fixture(scope="module", params=["icm", "sg"])
+def trained(request, registry, tmp_path_factory) -> tuple[LearnedGenerator, object]:
+    out = tmp_path_factory.mktemp(request.param) / "generator"
+    return train_generator(registry, request.param, seed=0, out_dir=out, **TRAIN), out
+
+
+def _same(a, b, atol: float = 0.0) -> bool:
+    return all(torch.allclose(a.B[m], b.B[m], atol=atol, rtol=0) for m in a.B)
+
+
+def test_shapes_dtype_and_metadata(trained, registry):
+    gen, _ = trained
+    lora = gen.generate(["reverse the letters of the input"], seed=0)[0]
+    spec = registry.spec
+    for m in spec.modules:
+        assert lora.B[m.name].shape == (spec.num_layers, m.out_features, spec.rank)
+        assert lora.B[m.name].dtype == torch.float32
+        assert torch.equal(lora.A[m.name], registry.basis.A[m.name])
+    meta = lora.metadata
+    assert meta["method"] == gen.method and meta["neighbours"][0]["expert"] == "reverse"
+    assert {"ood", "clipped", "nearest_similarity", "seed"} <= set(meta)
+    assert sum(n["weight"] for n in meta["neighbours"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_seed_determinism_and_samples(trained):
+    gen, _ = trained
+    a = gen.generate(["sort the letters"], seed=3)[0]
+    b = gen.generate(["sort the letters"], seed=3)[0]
+    c = gen.generate(["sort the letters"], seed=4)[0]
+    assert _same(a, b) and not _same(c, a)
+    samples = gen.generate(["sort the letters"], seed=3, num_samples=3)
+    assert len(samples) == 3 and _same(samples[0], a, atol=1e-6)
+    assert not _same(samples[0], samples[1]) and not _same(samples[1], samples[2])
+
+
+def test_batch_equals_single_calls(trained):
+    gen, _ = trained
+    descriptions = ["uppercase everything", "drop the vowels", "a task about cooking pasta"]
+    batch = gen.generate(descriptions, seed=11, num_samples=2)
+    for i, d in enumerate(descriptions):
+        single = gen.generate([d], seed=11, num_samples=2)
+        for s in range(2):
+            assert _same(batch[2 * i + s], single[s], atol=1e-5)
+            assert batch[2 * i + s].metadata["description"] == d
+
+
+def test_save_load_roundtrip_and_dtype(trained, registry):
+    gen, out = trained
+    loaded = load_generator(gen.method, registry, generator_dir=out)
+    a = gen.generate(["double each letter"], seed=5)[0]
+    b = loaded.generate(["double each letter"], seed=5)[0]
+    assert _same(a, b)
+    half = LearnedGenerator.from_pretrained(out, registry, dtype=torch.bfloat16)
+    c = half.generate(["double each letter"], seed=5)[0]
+    assert c.dtype == torch.bfloat16
+    rel = max(float((c.B[m].float() - a.B[m]).norm() / a.B[m].norm()) for m in a.B)
+    assert rel < 0.1
+
+
+def test_wrong_registry_is_rejected(trained, tmp_path, encoder):
+    _, out = trained
+    other_basis = _registry(tmp_path / "basis", encoder, seed=7)
+    with pytest.raises(GenerationError, match="basis"):
+        LearnedGenerator.from_pretrained(out, other_basis)
+    other_rank = _registry(tmp_path / "rank", encoder, rank=2)
+    with pytest.raises(GenerationError, match="rank"):
+        LearnedGenerator.from_pretrained(out, other_rank)
+    with pytest.raises(GenerationError, match="not a loragen generator"):
+        LearnedGenerator.from_pretrained(tmp_path, other_rank)
+
+
+def test_missing_generator_dir_is_a_clear_error(registry):
+    with pytest.raises(GenerationError, match="needs a trained generator"):
+        load_generator("sg", registry)
+
+
+def test_nan_in_decoder_raises(trained, registry):
+    _, out = trained
+    gen = LearnedGenerator.from_pretrained(out, registry)
+    with torch.no_grad():
+        gen.model.decoder.heads[0].weight[0, 0] = float("nan")
+    with pytest.raises(GenerationError, match="non-finite"):
+        gen.generate(["reverse the string"], seed=0)
+
+
+def test_clipping_keeps_norms_in_range(trained, registry):
+    _, out = trained
+    gen = LearnedGenerator.from_pretrained(out, registry)
+    gen.safety = dataclasses.replace(gen.safety, norm_max={m: v * 0.5 for m, v in gen.safety.norm_max.items()},
+                                     norm_min={m: v * 0.25 for m, v in gen.safety.norm_min.items()})
+    lora = gen.generate(["reverse the string"], seed=0)[0]
+    assert lora.metadata["clipped"]
+    for m, b in lora.B.items():
+        norms = b.flatten(1).norm(dim=1)
+        assert torch.all(norms <= gen.safety.norm_max[m] * (1 + 1e-4))
+        assert torch.all(norms >= gen.safety.norm_min[m] * (1 - 1e-4))
+
+
+def test_ood_flag(trained):
+    gen, _ = trained
+    near, far = gen.generate(["reverse the string", "quarterly tax filing for a bakery in Lyon"], seed=0)
+    assert not near.metadata["ood"]
+    assert far.metadata["nearest_similarity"] < near.metadata["nearest_similarity"]
+
+
+def test_holdout_experts_are_never_neighbours(registry):
+    gen = train_generator(registry, "sg", holdout=["reverse"], **{**TRAIN, "epochs": 1})
+    lora = gen.generate(["reverse the string"], seed=0)[0]
+    assert "reverse" not in {n["expert"] for n in lora.metadata["neighbours"]}
+    assert gen.config["holdout"] == ["reverse"]
+
+
+def test_training_is_deterministic_and_resumable(registry, tmp_path):
+    a = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2})
+    b = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g")
+    assert _same(a.generate(["sort"], seed=0)[0], b.generate(["sort"], seed=0)[0])
+    c = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g", resume=True)
+    assert c.config["training"]["epochs"] == 2
+
+
+def test_decoder_has_no_layer_loop():
+    """The same code decodes 2- and 4-layer specs; the output is laid out per module as (N, L, out, r)."""
+    for layers in (2, 4):
+        spec = spec_from_config({**TINY_CONFIGS["llama"], "num_hidden_layers": layers}, targets=TARGETS["llama"], rank=4)
+        layout = TokenLayout(spec)
+        decoder = TokenDecoder(layout, request_dim=8, hidden=16)
+        out = layout.to_modules(decoder(torch.randn(3, 8)))
+        for m in spec.modules:
+            assert out[m.name].shape == (3, layers, m.out_features, 4)
+        B = {m.name: torch.randn(3, layers, m.out_features, 4) for m in spec.modules}
+        back = layout.to_modules(layout.to_groups(B))
+        assert all(torch.equal(back[m], B[m]) for m in B)
+    assert Basis.seeded(spec).spec is spec
