@@ -22,7 +22,7 @@ TASKS = {
     "vowels": ["remove the vowels", "delete a, e, i, o and u"],
     "count": ["count the letters", "say how many characters there are"],
 }
-TRAIN = dict(epochs=4, batch=4, latent=16, hidden=64, lr=3e-3, val_fraction=0.2, patience=10)
+TRAIN = dict(epochs=3, batch=4, latent=16, hidden=64, lr=3e-3, val_fraction=0.2, patience=10)
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +163,11 @@ def test_holdout_experts_are_never_neighbours(registry):
 
 
 def test_training_is_deterministic_and_resumable(registry, tmp_path):
-    a = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2})
-    b = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g")
+    a = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 1})
+    b = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 1}, out_dir=tmp_path / "g")
     assert _same(a.generate(["sort"], seed=0)[0], b.generate(["sort"], seed=0)[0])
-    c = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g", resume=True)
-    assert c.config["training"]["epochs"] == 2
+    c = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 1}, out_dir=tmp_path / "g", resume=True)
+    assert c.config["training"]["epochs"] == 1
 
 
 def test_decoder_has_no_layer_loop():
