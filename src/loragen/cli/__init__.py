@@ -17,13 +17,14 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from . import generate_cmds, registry_cmds
+    from . import eval_cmds, generate_cmds, registry_cmds
 
     app.add_typer(registry_cmds.app, name="registry", help="Manage the expert registry.")
     app.add_typer(generate_cmds.demo_app, name="demo")
     app.add_typer(generate_cmds.train_app, name="train")
     app.command("generate")(generate_cmds.generate)
     app.command("complete")(generate_cmds.complete)
+    app.add_typer(eval_cmds.app, name="eval")
 
 
 def main() -> None:

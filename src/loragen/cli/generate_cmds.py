@@ -23,20 +23,26 @@ def _registry_path(registry: Path | None) -> Path:
 def generate(
     description: Annotated[str, typer.Argument(help="What the LoRA should make the model do.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the PEFT adapter.")],
-    method: Annotated[str, typer.Option(help="nearest | weighted | uniform")] = "weighted",
+    method: Annotated[str, typer.Option(help="nearest | weighted | uniform | icm | sg")] = "weighted",
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for weighted.")] = 4,
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature τ.")] = 0.05,
+    generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator (icm/sg).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for icm/sg sampling.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Generate a LoRA for DESCRIPTION and write it as a PEFT adapter."""
-    from ..generator import check_descriptions, load_generator
+    from ..generator import LEARNED_METHODS, check_descriptions, load_generator
     from ..registry import Registry
 
     check_descriptions([description])
     reg = Registry.open(_registry_path(registry))
-    lora = load_generator(method, reg, k=k, temperature=temperature).generate([description])[0]
+    if method in LEARNED_METHODS and generator is None and registry is None:
+        generator = Settings().demo_dir / "generators" / method  # the demo world's
+    gen = load_generator(method, reg, k=k, temperature=temperature, generator_dir=generator)
+    lora = gen.generate([description], seed=seed)[0]
     lora.save_pretrained(out)
-    typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model})")
+    flags = "".join(f", {f}" for f in ("ood", "clipped") if lora.metadata.get(f))
+    typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model}{flags})")
     for n in lora.metadata["neighbours"]:
         typer.echo(f"  {n['expert']:<24} similarity {n['similarity']:.3f}  weight {n['weight']:.3f}")
 
@@ -96,6 +102,35 @@ def demo_run() -> None:
         plain = base.complete(inputs)
         for x, y, p in zip(inputs, outs, plain):
             typer.echo(f"  {x!r:>12} -> {y!r:<12} (base model alone: {p!r})")
+
+
+@train_app.command("generator")
+def train_generator_cmd(
+    method: Annotated[str, typer.Option("--method", help="icm | sg")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the trained generator.")],
+    registry: RegistryOpt = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 60,
+    lr: Annotated[float, typer.Option(min=0)] = 3e-3,
+    latent: Annotated[int, typer.Option(min=1)] = 256,
+    kl_weight: Annotated[float | None, typer.Option(help="Default: icm 0.005, sg 1.0.")] = None,
+    patience: Annotated[int, typer.Option(min=1, help="Early stopping patience (epochs).")] = 15,
+    holdout: Annotated[str, typer.Option(help="Comma-separated experts to leave out.")] = "",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT's training state.")] = False,
+    seed: int = 0,
+) -> None:
+    """Train an ICM-LoRA or SG-LoRA generator on every checkpoint of the registry's experts."""
+    from ..generator import LEARNED_METHODS, GenerationError, train_generator
+    from ..registry import Registry
+
+    if method not in LEARNED_METHODS:
+        raise GenerationError(f"unknown generator method {method!r}; choose icm or sg")
+    reg = Registry.open(_registry_path(registry))
+    names = [h.strip() for h in holdout.split(",") if h.strip()]
+    for name in names:
+        reg.get(name)  # an unknown expert is an error, not a silent no-op
+    train_generator(reg, method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
+                    patience=patience, out_dir=out, resume=resume, holdout=names)
+    typer.echo(f"wrote {method} generator to {out}")
 
 
 @train_app.command("experts")

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 from ..adapters import atomic, spec_from_config
 from ..basemodel import BaseModel
 from ..embeddings import TextEncoder
+from ..generator import train_generator
 from ..registry import Registry
 from .causal import train_causal_experts
 from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import write_tasks
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -172,10 +173,25 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
                 run.task.name, run.checkpoints, run.task.descriptions[:-1],
                 metrics=run.metrics, tags=["demo"],
             )
+        experts_done = time.perf_counter()
+        for method in ("icm", "sg"):
+            train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed)
         summary = {
             "version": DEMO_VERSION,
             "seconds": round(time.perf_counter() - started, 1),
+            "generator_seconds": round(time.perf_counter() - experts_done, 1),
             "experts": {r.task.name: r.metrics for r in runs},
         }
         staged.manifest.write_text(json.dumps(summary, indent=2))
     return world
+
+
+def ensure_holdout_generators(world: DemoWorld, seed: int = 0) -> None:
+    """Train (once) the generators that never see the HELD_OUT tasks' experts."""
+    missing = [m for m in ("icm", "sg") if not (world.generators / f"{m}-holdout" / "config.json").is_file()]
+    if not missing:
+        return
+    registry = Registry.open(world.registry)
+    for method in missing:
+        train_generator(registry, method, out_dir=world.generators / f"{method}-holdout",
+                        holdout=HELD_OUT, seed=seed)
