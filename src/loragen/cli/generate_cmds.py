@@ -136,9 +136,10 @@ def train_generator_cmd(
 @train_app.command("experts")
 def train_experts(
     tasks: Annotated[Path, typer.Option("--tasks", help="Task file (JSONL).")],
-    base: Annotated[Path, typer.Option("--base", help="Base model directory (HF format).")],
     registry: Annotated[Path, typer.Option("--registry", help="Registry directory (created if missing).")],
-    targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = "q_proj,v_proj",
+    base: Annotated[Path | None, typer.Option("--base", help="Base model directory (HF format); "
+                    "default: the packaged all-MiniLM-L6-v2 encoder (label-scoring tasks).")] = None,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated target modules (default: PEFT's).")] = None,
     rank: Annotated[int, typer.Option(min=1)] = 8,
     steps: Annotated[int, typer.Option(min=1)] = 300,
     lr: Annotated[float, typer.Option(min=0)] = 1e-2,
@@ -146,29 +147,43 @@ def train_experts(
     checkpoints: Annotated[int, typer.Option(min=1, help="Keep the last M checkpoints.")] = 5,
     seed: int = 0,
 ) -> None:
-    """Train one expert per task in the registry's shared basis (only B) and register them."""
-    from ..adapters import spec_from_config
-    from ..basemodel import BaseModel
-    from ..embeddings import TextEncoder
+    """Train one expert per task in the registry's shared basis (only B) and register them.
+
+    A causal LM learns input -> output text; an encoder learns label scoring (the task's labels).
+    """
+    from ..adapters import Basis, spec_from_config
+    from ..embeddings import TextEncoder, default_model_path
     from ..registry import Registry
-    from ..training.causal import train_causal_experts
     from ..training.experts import ExpertConfig
     from ..training.tasks import read_tasks
 
     task_list = read_tasks(tasks)
-    model = BaseModel.load(base)
-    if (registry / "registry.sqlite").exists():
-        reg = Registry.open(registry)
-    else:
-        spec = spec_from_config(base, targets=targets.split(","), rank=rank, base_model=str(base.resolve()))
-        reg = Registry.create(registry, spec, encoder=TextEncoder(), seed=seed)
-    taken = {e.name for e in reg.experts()}
-    clash = [t.name for t in task_list if t.name in taken]
-    if clash:
-        raise LoragenError(f"the registry already has experts named {', '.join(clash[:5])}")
+    base = base or default_model_path()
+    reg = Registry.open(registry) if (registry / "registry.sqlite").exists() else None
+    if reg is not None:
+        spec, basis = reg.spec, reg.basis
+        clash = [t.name for t in task_list if t.name in {e.name for e in reg.experts()}]
+        if clash:
+            raise LoragenError(f"the registry already has experts named {', '.join(clash[:5])}")
+    else:  # the registry is created only once training succeeded
+        spec = spec_from_config(base, targets=targets.split(",") if targets else None, rank=rank,
+                                base_model=str(base.resolve()))
+        basis = Basis.seeded(spec, seed)
     every = max(1, steps // (4 * checkpoints))
     config = ExpertConfig(steps=steps, lr=lr, rows_per_task=rows_per_task, checkpoints=min(checkpoints, steps),
                           checkpoint_every=every, seed=seed)
-    for run in train_causal_experts(model, reg.basis, task_list, config):
+    if spec.task_type == "CAUSAL_LM":
+        from ..basemodel import BaseModel
+        from ..training.causal import train_causal_experts
+
+        runs = train_causal_experts(BaseModel.load(base), basis, task_list, config)
+    else:
+        from ..encoder import EncoderModel
+        from ..training.classify import train_classifier_experts
+
+        runs = train_classifier_experts(EncoderModel.load(base), basis, task_list, config)
+    if reg is None:
+        reg = Registry.create(registry, spec, encoder=TextEncoder(), basis=basis)
+    for run in runs:
         reg.add_expert(run.task.name, run.checkpoints, run.task.descriptions, metrics=run.metrics)
-        typer.echo(f"{run.task.name}: exact match {run.metrics['exact_match']:.3f}")
+        typer.echo(f"{run.task.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.metrics.items()))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import Basis
+from ..adapters import Basis, Rows
 from ..basemodel import BaseModel
 from .experts import ExpertConfig, ExpertRun, LossFn, train_in_basis
 from .tasks import Instance, Task
 
 
 def causal_loss(base: BaseModel) -> LossFn:
-    def loss(task_rows: list[int], batch: list[Instance]) -> torch.Tensor:
+    def loss(rows: Rows, task_rows: list[int], batch: list[Instance]) -> torch.Tensor:
+        rows.set(task_rows)
         enc = base.encode_pairs([i.input for i in batch], [i.output for i in batch])
         enc = {k: v.to(base.device) for k, v in enc.items()}
         return base.model(**enc).loss

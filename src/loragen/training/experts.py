@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import Basis, Lora, LoraStack, applied
+from ..adapters import Basis, Lora, LoraStack, Rows, applied
 from .tasks import Instance, Task
 
 
@@ -44,7 +44,8 @@ class ExpertRun:
         return basis.lora(self.checkpoints[-1], {"expert": self.task.name})
 
 
-LossFn = Callable[[list[int], list[Instance]], torch.Tensor]
+# loss(rows, task_rows, batch): sets `rows` for each forward pass it runs under the hooks.
+LossFn = Callable[[Rows, list[int], list[Instance]], torch.Tensor]
 
 
 def train_in_basis(
@@ -56,7 +57,7 @@ def train_in_basis(
     *,
     desc: str = "experts",
 ) -> list[list[dict[str, torch.Tensor]]]:
-    """Train one B per task; `loss_fn(task_rows, instances)` runs the model under the hooks."""
+    """Train one B per task; `loss_fn` runs the model under the hooks and returns the loss."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     spec = basis.spec
@@ -82,8 +83,7 @@ def train_in_basis(
                 for inst in rng.choices(pools[t], k=config.rows_per_task):
                     task_rows.append(t)
                     batch.append(inst)
-            rows.set(task_rows)
-            loss = loss_fn(task_rows, batch)
+            loss = loss_fn(rows, task_rows, batch)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
