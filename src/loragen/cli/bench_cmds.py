@@ -1,0 +1,86 @@
+"""`loragen bench decode`: fused vs naive decoding speed on the shapes of a real LLM (no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Speed benchmarks.")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    dev = report["device"]
+    lines = [f"{report['model_config']}: {report['spec']['tokens_per_lora']} tokens, "
+             f"{report['spec']['params_per_lora']:,} B params per LoRA (rank {report['spec']['rank']}); "
+             f"{dev['name']} ({dev['type']}, {report['dtype']}, {dev['torch_threads']} threads)"]
+    ceil = report["ceilings"]
+    if ceil:
+        lines.append(f"ceilings: matmul {_si(ceil['matmul_flop_per_s'])}FLOP/s, copy {_si(ceil['copy_bytes_per_s'])}B/s")
+    head = f"{'batch':>6} {'fused ms':>10} {'fused LoRA/s':>13} {'naive LoRA/s':>13} {'ratio':>7} {'FLOP/s':>9} {'B/s est':>9}"
+    has_e2e = any("end_to_end" in r for r in report["results"])
+    if has_e2e:
+        head += f" {'e2e ms':>9} {'e2e LoRA/s':>11}"
+    lines.append(head)
+    for r in report["results"]:
+        f, n = r["fused"], r["naive"]
+        line = (f"{r['batch']:>6} {f['ms_per_batch']:>10.2f} {f['loras_per_s']:>13.1f} {n['loras_per_s']:>13.2f}"
+                f" {r['speedup']:>6.1f}x {_si(f['flop_per_s']):>9} {_si(f['bytes_per_s_estimate']):>9}")
+        if "end_to_end" in r:
+            e = r["end_to_end"]
+            line += f" {e['ms_per_batch']:>9.2f} {e['loras_per_s']:>11.1f}"
+        lines.append(line)
+    if any(r["naive"]["extrapolated"] for r in report["results"]):
+        lines.append(f"naive timed on at most {report['naive_max_requests']} requests per batch, extrapolated per LoRA")
+    return "\n".join(lines)
+
+
+@app.command("decode")
+def decode(
+    model_config: Annotated[str, typer.Option("--model-config", help="llama-3-8b | qwen2.5-0.5b | mistral-7b, "
+                                              "or a config.json / model directory.")] = "llama-3-8b",
+    rank: Annotated[int, typer.Option(min=1)] = 8,
+    targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = "q_proj,v_proj",
+    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,8,64,256",
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 5,
+    hidden: Annotated[int, typer.Option(min=1, help="Decoder width.")] = 512,
+    latent: Annotated[int, typer.Option(min=1)] = 256,
+    naive_max: Annotated[int, typer.Option(min=1, help="Time the naive loop on at most this many requests.")] = 8,
+    registry_size: Annotated[int, typer.Option(min=1, help="Experts in the FAISS index (end to end).")] = 1000,
+    end_to_end: Annotated[bool, typer.Option(help="Also time encoding + retrieval + decode.")] = True,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's).")] = None,
+    seed: int = 0,
+) -> None:
+    """Time the fused decoder against a Text-to-LoRA-style loop, per batch size."""
+    import torch
+
+    from ..adapters import spec_from_config
+    from ..adapters.known_configs import resolve_model_config
+    from ..generator.bench import BenchConfig, check_config, parse_batches, run_benchmark
+
+    cfg = BenchConfig(batches=parse_batches(batch), device=device, dtype=dtype, repeats=repeats, hidden=hidden,
+                      latent=latent, naive_max=naive_max, registry_size=registry_size, end_to_end=end_to_end,
+                      seed=seed)
+    check_config(cfg)  # before the (slow) spec, so bad flags fail fast
+    if threads is not None:
+        torch.set_num_threads(threads)
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    spec = spec_from_config(resolve_model_config(model_config), targets=names, rank=rank, base_model=model_config)
+    report = run_benchmark(spec, cfg, model_config=model_config, log=lambda s: typer.echo(s, err=True))
+    typer.echo(table(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
