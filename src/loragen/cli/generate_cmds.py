@@ -92,8 +92,9 @@ def demo_run() -> None:
     base = BaseModel.load(world.base_model)
     description = "write the letters of the input in reverse order"
     inputs = ["abcde", "loragen", "hello"]
-    for method in ("nearest", "weighted"):
-        lora = load_generator(method, reg).generate([description])[0]
+    for method in ("nearest", "weighted", "sg"):
+        gen = load_generator(method, reg, generator_dir=world.generators / method)
+        lora = gen.generate([description], seed=0)[0]
         out = world.root / "generated" / method
         lora.save_pretrained(out)
         top = lora.metadata["neighbours"][0]
