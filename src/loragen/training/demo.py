@@ -30,12 +30,15 @@ from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import write_tasks
 
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
+# τ = 0.01 keeps SG's prior on the nearest expert when descriptions differ by one word (the
+# Caesar family); at 0.05 it mixed them (benchmarks/RESULTS.md, "levers").
+GENERATOR_OPTIONS: dict[str, dict[str, float]] = {"icm": {}, "sg": {"temperature": 0.01}}
 # Tasks whose experts the held-out generators never see (evaluation's zero-shot question).
 HELD_OUT = ("caesar_2", "rotate_right", "drop_last")
 ALPHA = 32.0
@@ -175,7 +178,8 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
             )
         experts_done = time.perf_counter()
         for method in ("icm", "sg"):
-            train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed)
+            train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed,
+                            **GENERATOR_OPTIONS[method])
         summary = {
             "version": DEMO_VERSION,
             "seconds": round(time.perf_counter() - started, 1),
@@ -194,4 +198,4 @@ def ensure_holdout_generators(world: DemoWorld, seed: int = 0) -> None:
     registry = Registry.open(world.registry)
     for method in missing:
         train_generator(registry, method, out_dir=world.generators / f"{method}-holdout",
-                        holdout=HELD_OUT, seed=seed)
+                        holdout=HELD_OUT, seed=seed, **GENERATOR_OPTIONS[method])
