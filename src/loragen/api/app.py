@@ -1,0 +1,174 @@
+"""`create_app(settings)`: the FastAPI application serving generation, search, experts, completions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import PlainTextResponse, Response
+
+from ..embeddings import TextEncoder
+from ..errors import LoragenError
+from ..generator import check_descriptions
+from . import errors, experts
+from .errors import ApiError
+from .middleware import BodyLimit, RequestMetrics, key_checker
+from .payloads import adapter_zip, weights_bytes
+from .schemas import (MAX_DESCRIPTION, BatchOut, BatchRequest, Choice, CompletionOut, CompletionRequest,
+                      ExpertList, ExpertOut, GenerateRequest, LoraOut, SearchOut, SearchRequest, valid_unicode)
+from .service import Service, Stored
+from .settings import ApiSettings
+
+BINARY = {200: {"content": {"application/zip": {}, "application/octet-stream": {}}}}
+Format = Literal["json", "zip", "safetensors"]
+
+
+def lora_out(stored: Stored, cached: bool, timings: dict[str, float]) -> LoraOut:
+    return LoraOut(**stored.info, cached=cached, timings={k: round(v, 3) for k, v in timings.items()})
+
+
+async def zip_response(stored: Stored) -> Response:
+    data = await asyncio.to_thread(adapter_zip, stored.lora)  # serialising a big LoRA would stall the loop
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{stored.info["id"]}.zip"'})
+
+
+async def safetensors_response(stored: Stored) -> Response:
+    return Response(await asyncio.to_thread(weights_bytes, stored.lora), media_type="application/octet-stream")
+
+
+def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | None = None) -> FastAPI:
+    """`encoder` lets a caller share an already loaded text encoder (tests, embedding servers)."""
+    settings = settings or ApiSettings()
+    service = Service(settings, encoder)
+    require_key = key_checker(settings.api_keys)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    everywhere = [Depends(require_key)] if settings.auth_all_routes else []
+    app = FastAPI(title="loragen", summary="Task description in, LoRA out.", lifespan=lifespan,
+                  dependencies=everywhere)
+    app.state.service = service
+    errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    writes = [Depends(require_key)]
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        if not service.ready:
+            raise ApiError(503, "not_ready", "the service is still starting")
+        return {"status": "ready", "registry": str(service.reg.path)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        c = service.cache
+        text = service.metrics.render(c.hits, c.misses, c.size, len(c))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/loras", response_model=LoraOut, responses=BINARY)
+    async def create_lora(body: GenerateRequest, request: Request, format: Format | None = None) -> Any:
+        started = time.perf_counter()
+        fmt = format or ("zip" if "application/zip" in request.headers.get("accept", "") else "json")
+        job = service.job(body.description, body.method, body.k, body.seed, body.num_samples, body.examples)
+        if fmt != "json" and job.num_samples > 1:
+            raise ApiError(400, "bad_request", "num_samples > 1 returns metadata only; download each of its "
+                           "sample_ids from /v1/loras/{id}/adapter")
+        stored, cached, seconds = await service.generate(job)
+        if fmt == "zip":
+            return await zip_response(stored[0])
+        if fmt == "safetensors":
+            return await safetensors_response(stored[0])
+        total = time.perf_counter() - started
+        return lora_out(stored[0], cached, {"generate_ms": seconds * 1e3, "total_ms": total * 1e3})
+
+    @app.post("/v1/loras/batch", response_model=BatchOut)
+    async def create_batch(body: BatchRequest) -> BatchOut:
+        jobs = []
+        for i, description in enumerate(body.descriptions):
+            try:
+                jobs.append(service.job(description, body.method, body.k, body.seed))
+            except LoragenError as exc:
+                raise ApiError(400, "bad_request", f"descriptions[{i}]: {exc}") from exc
+        results = await service.generate_many(jobs)
+        return BatchOut(data=[lora_out(stored[0], False, {"generate_ms": s * 1e3}) for stored, s in results])
+
+    @app.get("/v1/loras/{lora_id}", response_model=LoraOut)
+    async def get_lora(lora_id: str) -> LoraOut:
+        return lora_out(service.lookup(lora_id), True, {})
+
+    @app.get("/v1/loras/{lora_id}/adapter", responses=BINARY)
+    async def get_adapter(lora_id: str, format: Literal["zip", "safetensors"] = "zip") -> Response:
+        stored = service.lookup(lora_id)
+        if format == "safetensors":
+            return await safetensors_response(stored)
+        return await zip_response(stored)
+
+    @app.post("/v1/search", response_model=SearchOut)
+    async def search(body: SearchRequest) -> SearchOut:
+        description = check_descriptions([body.description])[0]
+        hits = (await service.in_engine(service.reg.search, [description], body.k))[0]
+        return SearchOut(neighbours=[{"expert": h.name, "expert_id": h.expert_id, "description": h.description,
+                                      "similarity": h.similarity} for h in hits])  # type: ignore[misc]
+
+    @app.get("/v1/experts", response_model=ExpertList)
+    async def list_experts(offset: Annotated[int, Query(ge=0)] = 0,
+                           limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Any:
+        return await service.in_engine(experts.page, service, offset, limit)
+
+    @app.get("/v1/experts/{key}", response_model=ExpertOut)
+    async def get_expert(key: str) -> Any:
+        return experts.expert_out(await service.in_engine(experts.find, service, key))
+
+    @app.delete("/v1/experts/{key}", dependencies=writes)
+    async def delete_expert(key: str) -> dict[str, Any]:
+        return await service.in_engine(experts.remove, service, key)
+
+    @app.post("/v1/experts", response_model=ExpertOut, status_code=201, dependencies=writes)
+    async def add_expert(
+        name: Annotated[str, Form(min_length=1, max_length=200)],
+        description: Annotated[list[str], Form(min_length=1, max_length=64)],
+        adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
+        adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
+        tags: Annotated[list[str], Form()] = [],  # noqa: B006 (FastAPI copies defaults)
+    ) -> Any:
+        for i, d in enumerate(description):
+            if not d.strip() or len(d) > MAX_DESCRIPTION:
+                raise ApiError(422, "invalid_request", f"description[{i}] must have 1 to {MAX_DESCRIPTION} characters")
+        try:
+            for text in (name, *description, *tags):
+                valid_unicode(text)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from exc
+        config, weights = await adapter_config.read(), await adapter_model.read()
+        return await service.in_engine(experts.add, service, name, description, tags, config, weights,
+                                       adapter_model.filename)
+
+    @app.post("/v1/completions", response_model=CompletionOut)
+    async def completions(body: CompletionRequest) -> CompletionOut:
+        lora, lora_id = None, body.lora_id
+        if body.lora_id is not None:
+            lora = service.lookup(body.lora_id).lora
+        elif body.description is not None:
+            stored, _, _ = await service.generate(service.job(body.description, body.method, None, body.seed))
+            lora, lora_id = stored[0].lora, stored[0].info["id"]
+        text = await service.complete(body.prompt, lora, body.max_tokens, body.temperature, body.seed)
+        return CompletionOut(id=service.new_completion_id(), created=int(time.time()),
+                             model=service.reg.spec.base_model, choices=[Choice(text=text, index=0)],
+                             lora_id=lora_id)
+
+    return app

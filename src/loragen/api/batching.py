@@ -1,0 +1,85 @@
+"""Micro-batching: concurrent generation requests are coalesced into one generator call.
+
+One collector task takes the first waiting request, then keeps taking more until `max_batch` or
+`max_wait` has passed, groups them by what one generator call can share (method, k, seed, samples)
+and runs each group through `run`. While a group runs, new requests queue up, so under load the
+next batch fills without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[J, R]):
+    def __init__(self, run: Callable[[list[J]], Awaitable[list[R]]], key: Callable[[J], Hashable], *,
+                 max_batch: int, max_wait_s: float) -> None:
+        self.run, self.key = run, key
+        self.max_batch, self.max_wait_s = max(1, max_batch), max(0.0, max_wait_s)
+        self._queue: asyncio.Queue[tuple[J, asyncio.Future[R]]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def submit(self, job: J) -> R:
+        if self._queue is None:
+            raise RuntimeError("the batcher is not started")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put((job, future))
+        return await future
+
+    async def _collect(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[Hashable, list[tuple[J, asyncio.Future[R]]]] = {}
+            for item in batch:
+                groups.setdefault(self.key(item[0]), []).append(item)
+            for items in groups.values():
+                await self._run(items)
+
+    async def _run(self, items: list[tuple[J, asyncio.Future[R]]]) -> None:
+        live = [(j, f) for j, f in items if not f.done()]  # a client that went away cancels its future
+        if not live:
+            return
+        try:
+            results = await self.run([j for j, _ in live])
+        except Exception as exc:  # every request of the failed call gets the error
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(exc)
+            return
+        for (_, f), r in zip(live, results):
+            if not f.done():
+                f.set_result(r)

@@ -1,0 +1,58 @@
+"""Adapters as bytes: the zipped PEFT directory served to clients, and uploads read back safely."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+from safetensors.torch import save
+
+from ..adapters import AdapterFormatError, Lora, peft_config
+from ..adapters.lora import CONFIG_NAME, WEIGHTS_NAME
+from ..errors import LoragenError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def weights_bytes(lora: Lora) -> bytes:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora.state_dict().items()}
+    return save(tensors, metadata={"format": "pt"})
+
+
+def adapter_zip(lora: Lora) -> bytes:
+    """The files `Lora.save_pretrained` writes, zipped (stored: float weights do not compress)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(CONFIG_NAME, json.dumps(peft_config(lora.spec), indent=2) + "\n")
+        zf.writestr(WEIGHTS_NAME, weights_bytes(lora))
+        if lora.metadata:
+            zf.writestr("loragen.json", json.dumps(lora.metadata, indent=2, default=str))
+    return buffer.getvalue()
+
+
+def looks_like_pickle(data: bytes, filename: str | None) -> bool:
+    # Pickles start with the PROTO opcode 0x80; torch.save writes a zip archive ("PK").
+    return (filename or "").lower().endswith(PICKLE_SUFFIXES) or data[:1] == b"\x80" or data[:2] == b"PK"
+
+
+def read_upload(config: bytes, weights: bytes, weights_name: str | None) -> Lora:
+    """A `Lora` from uploaded `adapter_config.json` and `adapter_model.safetensors` bytes."""
+    if looks_like_pickle(weights, weights_name):
+        raise AdapterFormatError("the uploaded weights are a pickle, which can run code when loaded; "
+                                 f"upload {WEIGHTS_NAME} (convert with safetensors)")
+    # A safetensors file starts with the u64 length of its JSON header.
+    if len(weights) < 10 or weights[8:9] != b"{":
+        raise AdapterFormatError(f"the uploaded weights are not a safetensors file; upload {WEIGHTS_NAME}")
+    with tempfile.TemporaryDirectory(prefix="loragen-upload-") as tmp:
+        directory = Path(tmp)
+        (directory / CONFIG_NAME).write_bytes(config)
+        (directory / WEIGHTS_NAME).write_bytes(weights)
+        try:
+            return Lora.from_pretrained(directory)
+        except LoragenError:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # e.g. "r": "eight"
+            raise AdapterFormatError(f"the uploaded adapter is malformed: {exc!r}") from exc

@@ -1,0 +1,146 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+MAX_DESCRIPTION = 4000
+MAX_BATCH = 256
+
+
+def valid_unicode(text: str) -> str:
+    # JSON can carry lone surrogates ("\ud800"), which no tokenizer accepts.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode ({exc.reason} at position {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+Description = Field(min_length=1, max_length=MAX_DESCRIPTION, description="What the LoRA should make the model do.")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateRequest(Strict):
+    description: Text = Description
+    method: str = "weighted"
+    k: int | None = Field(default=None, ge=1, le=64, description="Neighbours (retrieval methods).")
+    seed: int | None = Field(default=None, ge=0, lt=2**31)
+    num_samples: int = Field(default=1, ge=1, le=16)
+    examples: list[dict[str, Text]] | None = Field(default=None, max_length=64)
+
+
+class BatchRequest(Strict):
+    descriptions: list[Text] = Field(min_length=1, max_length=MAX_BATCH)
+    method: str = "weighted"
+    k: int | None = Field(default=None, ge=1, le=64)
+    seed: int | None = Field(default=None, ge=0, lt=2**31)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> BatchRequest:
+        for i, d in enumerate(self.descriptions):
+            if not 1 <= len(d) <= MAX_DESCRIPTION:
+                raise ValueError(f"descriptions[{i}] must have 1 to {MAX_DESCRIPTION} characters, not {len(d)}")
+        return self
+
+
+class SearchRequest(Strict):
+    description: Text = Description
+    k: int = Field(default=4, ge=1, le=100)
+
+
+class CompletionRequest(Strict):
+    prompt: Text = Field(min_length=1, max_length=MAX_DESCRIPTION)
+    description: Text | None = Field(default=None, min_length=1, max_length=MAX_DESCRIPTION)
+    lora_id: str | None = Field(default=None, min_length=1, max_length=128)
+    method: str = "weighted"
+    max_tokens: int = Field(default=32, ge=1, le=256)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**31)
+
+    @model_validator(mode="after")
+    def _one_lora(self) -> CompletionRequest:
+        if self.description is not None and self.lora_id is not None:
+            raise ValueError("give either description or lora_id, not both")
+        return self
+
+
+class NeighbourOut(BaseModel):
+    expert: str
+    expert_id: int
+    similarity: float
+    weight: float
+
+
+class LoraOut(BaseModel):
+    id: str
+    method: str
+    description: str
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str] | str
+    neighbours: list[NeighbourOut]
+    ood: bool | None = Field(description="Out of distribution; null when the method does not assess it.")
+    clipped: bool | None
+    seed: int | None
+    sample_ids: list[str] = Field(description="Every sample's id; more than one with num_samples > 1.")
+    cached: bool
+    timings: dict[str, float]
+
+
+class BatchOut(BaseModel):
+    data: list[LoraOut]
+
+
+class HitOut(BaseModel):
+    expert: str
+    expert_id: int
+    description: str
+    similarity: float
+
+
+class SearchOut(BaseModel):
+    neighbours: list[HitOut]
+
+
+class ExpertOut(BaseModel):
+    id: int
+    name: str
+    base_model: str
+    rank: int
+    alpha: float
+    targets: list[str] | str
+    created: str
+    descriptions: list[str]
+    tags: list[str]
+    metrics: dict[str, Any]
+    fidelity: float | None
+
+
+class ExpertList(BaseModel):
+    data: list[ExpertOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class Choice(BaseModel):
+    text: str
+    index: int
+    finish_reason: str | None = None
+
+
+class CompletionOut(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    lora_id: str | None

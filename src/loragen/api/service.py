@@ -1,0 +1,230 @@
+"""The service's state and work: registry, generators, base model, LoRA cache.
+
+SQLite connections belong to the thread that opened them, so the registry is opened, and every
+registry or generator call runs, on one `engine` thread. Completions run on their own `model`
+thread, one at a time; each applies its LoRA per request (shared weights are never modified).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..adapters import Lora
+from ..basemodel import BaseModel, BaseModelError
+from ..embeddings import TextEncoder
+from ..generator import LEARNED_METHODS, METHODS, check_descriptions, load_generator
+from ..registry import Registry
+from .batching import MicroBatcher
+from .cache import ByteLRU, tensor_bytes
+from .errors import ApiError
+from .metrics import Metrics
+from .settings import ApiSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Job:
+    description: str
+    method: str
+    k: int
+    seed: int | None
+    num_samples: int = 1
+    examples: tuple[tuple[tuple[str, str], ...], ...] | None = None
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        return (self.method, self.k, self.seed, self.num_samples, self.examples is not None)
+
+    @property
+    def cacheable(self) -> bool:  # a learned method without a seed samples afresh every time
+        return self.seed is not None or self.method not in LEARNED_METHODS
+
+    def ids(self, seed: int | None, samples: int) -> list[str]:
+        key = json.dumps([self.description, self.method, self.k, seed, self.num_samples, self.examples])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return [f"lora-{digest}-{i}" for i in range(samples)]
+
+
+@dataclass
+class Stored:
+    lora: Lora
+    info: dict[str, Any]  # the LoraOut fields that do not change between cache hits
+
+
+class Service:
+    def __init__(self, settings: ApiSettings, encoder: TextEncoder | None = None) -> None:
+        self.settings = settings
+        self._encoder = encoder
+        self.engine = ThreadPoolExecutor(1, thread_name_prefix="loragen-engine")
+        self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="loragen-model")
+        self.cache: ByteLRU[str, Stored] = ByteLRU(settings.cache_bytes)
+        self.metrics = Metrics()
+        self.batcher: MicroBatcher[Job, tuple[list[Stored], float]] = MicroBatcher(
+            self._run_group, lambda j: j.group, max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000)
+        self.registry: Registry | None = None
+        self.generator_root: Path | None = settings.generator
+        self._generators: dict[tuple[str, int], Any] = {}
+        self._base: BaseModel | None = None
+        self.ready = False
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.in_engine(self._open)
+        self.batcher.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+        if self.registry is not None:
+            await self.in_engine(self.registry.close)
+        self.engine.shutdown(wait=False)
+        self.model_pool.shutdown(wait=False)
+
+    def _open(self) -> None:
+        path = self.settings.registry
+        if path is None:
+            from ..training.demo import build_demo
+
+            world = build_demo(self.settings.home, encoder=self._encoder)
+            path, self.generator_root = world.registry, self.generator_root or world.generators
+        self.registry = Registry.open(path, encoder=self._encoder)
+        self.registry.encoder.encode(["warm up"])  # load the encoder now, not on the first request
+
+    async def in_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.engine, partial(fn, *args, **kwargs))
+
+    @property
+    def reg(self) -> Registry:
+        if self.registry is None:
+            raise ApiError(503, "not_ready", "the service is still starting")
+        return self.registry
+
+    def changed(self) -> None:
+        """After a registry write: generators hold stacked experts, cached LoRAs may be stale."""
+        self._generators.clear()
+        self.cache.clear()
+
+    # ------------------------------------------------------------ generation
+    def job(self, description: str, method: str, k: int | None, seed: int | None, num_samples: int = 1,
+            examples: list[dict[str, str]] | None = None) -> Job:
+        if method not in METHODS:
+            raise ApiError(400, "unknown_method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        desc = check_descriptions([description])[0]
+        ex = tuple(tuple(sorted(e.items())) for e in examples) if examples is not None else None
+        if method in LEARNED_METHODS:
+            return Job(desc, method, 0, seed, num_samples, ex)
+        # Retrieval is deterministic: seed and samples change nothing, so they must not split the cache.
+        return Job(desc, method, 1 if method == "nearest" else k or self.settings.top_k, None, 1, ex)
+
+    def cached(self, job: Job) -> list[Stored] | None:
+        if not job.cacheable:
+            return None
+        found = [self.cache.get(i) for i in job.ids(job.seed, job.num_samples)]
+        if any(f is None for f in found):
+            return None
+        return [f for f in found if f is not None]
+
+    async def generate(self, job: Job) -> tuple[list[Stored], bool, float]:
+        """The LoRAs of one request, whether they came from the cache, and the decode time (s)."""
+        hit = self.cached(job)
+        if hit is not None:
+            return hit, True, 0.0
+        stored, seconds = await self.batcher.submit(job)
+        return stored, False, seconds
+
+    async def generate_many(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
+        """One generator call for all of `jobs` (which share one group), bypassing the batcher."""
+        return await self._run_group(jobs)
+
+    async def _run_group(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
+        results = await self.in_engine(self._generate, jobs)
+        self.metrics.generation_batch(len(jobs))
+        return results
+
+    def _generator(self, method: str, k: int) -> Any:
+        key = (method, k if method not in LEARNED_METHODS else 0)
+        if key not in self._generators:
+            gen_dir = None
+            if method in LEARNED_METHODS and self.generator_root is not None:
+                root = self.generator_root
+                gen_dir = root if (root / "config.json").is_file() else root / method
+            self._generators[key] = load_generator(method, self.reg, k=k, temperature=self.settings.softmax_temperature,
+                                                   generator_dir=gen_dir, device=self.settings.device)
+        return self._generators[key]
+
+    def _generate(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
+        first = jobs[0]
+        gen = self._generator(first.method, first.k)
+        examples = None
+        if first.examples is not None:
+            examples = [[dict(e) for e in (j.examples or ())] for j in jobs]
+        started = time.perf_counter()
+        loras = gen.generate([j.description for j in jobs], examples=examples, seed=first.seed,
+                             num_samples=first.num_samples)
+        seconds = time.perf_counter() - started
+        per = len(loras) // len(jobs)  # retrieval methods give one LoRA whatever num_samples says
+        out = []
+        for i, job in enumerate(jobs):
+            samples = loras[i * per:(i + 1) * per]
+            seed = samples[0].metadata.get("seed", job.seed)
+            ids = job.ids(seed, len(samples))
+            stored = [Stored(lora, self._info(lora, lid, ids)) for lora, lid in zip(samples, ids)]
+            for s in stored:
+                # The basis A is shared by every LoRA of the registry, so only B counts.
+                self.cache.put(s.info["id"], s, tensor_bytes(s.lora.B) + 1024)
+            out.append((stored, seconds))
+        return out
+
+    @staticmethod
+    def _info(lora: Lora, lora_id: str, ids: list[str]) -> dict[str, Any]:
+        m, s = lora.metadata, lora.spec
+        return {"id": lora_id, "method": m.get("method"), "description": m.get("description", ""),
+                "base_model": s.base_model, "rank": s.rank, "alpha": s.alpha, "target_modules": s.target_modules,
+                "neighbours": m.get("neighbours", []), "ood": m.get("ood"), "clipped": m.get("clipped"),
+                "seed": m.get("seed"), "sample_ids": ids}
+
+    def lookup(self, lora_id: str) -> Stored:
+        stored = self.cache.get(lora_id)
+        if stored is None:
+            raise ApiError(404, "not_found", f"no LoRA {lora_id!r}: unknown, or evicted from the cache "
+                           "(generate it again; the same description, method, k and seed give the same id)")
+        return stored
+
+    # ------------------------------------------------------------ completions
+    async def complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
+                       seed: int | None) -> str:
+        fn = partial(self._complete, prompt, lora, max_tokens, temperature, seed)
+        return await asyncio.get_running_loop().run_in_executor(self.model_pool, fn)
+
+    def _complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
+                  seed: int | None) -> str:
+        base = self.base_model()
+        loras = [lora] if lora is not None else None
+        return base.complete([prompt], loras=loras, max_new_tokens=max_tokens, temperature=temperature,
+                             seed=seed)[0]
+
+    def base_model(self) -> BaseModel:
+        if self._base is None:
+            path = self.reg.spec.base_model
+            try:
+                self._base = BaseModel.load(path, device=self.settings.device)
+            except BaseModelError as exc:
+                raise ApiError(503, "base_model_unavailable", f"completions are unavailable: {exc}") from exc
+        return self._base
+
+    @staticmethod
+    def new_completion_id() -> str:
+        return f"cmpl-{secrets.token_hex(12)}"

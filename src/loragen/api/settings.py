@@ -1,0 +1,22 @@
+"""The service's settings: the shared `Settings` plus what only the HTTP server needs.
+
+Same sources as `Settings` (`LORAGEN_*` environment variables, then the TOML file); a list such as
+`LORAGEN_API_KEYS` is given as JSON, e.g. `'["key-1", "key-2"]'`.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..config import Settings
+
+
+class ApiSettings(Settings):
+    host: str = Field(default="127.0.0.1", description="Interface to bind.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    max_batch: int = Field(default=32, ge=1, description="Most generation requests decoded together.")
+    max_wait_ms: float = Field(default=2.0, ge=0, description="How long a request waits for others to batch with.")
+    cache_bytes: int = Field(default=256 * 2**20, ge=0, description="Bytes of generated LoRAs kept in memory.")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth.")
+    auth_all_routes: bool = Field(default=False, description="Require a key on every route, not only writes.")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1, description="Largest request body accepted.")

@@ -1,0 +1,36 @@
+"""`loragen serve`: the HTTP service (FastAPI on uvicorn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default 8000).")] = None,
+    registry: Annotated[Path | None, typer.Option("--registry", help="Registry directory (default: the demo world).")] = None,
+    generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator directory (icm/sg), "
+                                                   "or a directory holding one per method.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Micro-batch size (1: off).")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(min=0, help="Micro-batch wait.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve LoRA generation over HTTP; with no --registry, the demo world (built first if missing)."""
+    import uvicorn
+
+    from ..api import ApiSettings, create_app
+
+    overrides: dict[str, Any] = {"host": host, "port": port, "registry": registry, "generator": generator,
+                                 "device": device, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
+    settings = ApiSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if settings.registry is None:
+        from ..training.demo import build_demo
+
+        world = build_demo(settings.home)  # idempotent; prints progress while it builds
+        typer.echo(f"demo world at {world.root}")
+    typer.echo(f"serving on http://{settings.host}:{settings.port}  (docs at /docs)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)

@@ -1,0 +1,254 @@
+"""`Client` and `AsyncClient` over httpx, in the LoRAX client's shape.
+
+    client = Client("http://127.0.0.1:8000")
+    result = client.generate("reverse the input string")
+    result.save_pretrained("./adapter")
+    print(client.complete("abcde", lora_id=result.id).text)
+
+Connection failures (the request never reached the server) are retried with backoff; other errors
+raise typed `LoragenAPIError`s. Adapters are downloaded streamed to a temp file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..adapters import Lora
+from .types import (Completion, Expert, ExpertPage, GenerationResult, LoragenConnectionError, SearchHit,
+                    adapter_upload, load_zip, raise_for)
+
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+@dataclass
+class _Call:
+    method: str
+    path: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+class _Api:
+    """Request building, shared by both clients."""
+
+    def __init__(self, base_url: str, api_key: str | None, retries: int, backoff: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retries, self.backoff = retries, backoff
+
+    @staticmethod
+    def generate_call(description: str, method: str, k: int | None, seed: int | None, num_samples: int,
+                 examples: list[dict[str, str]] | None) -> _Call:
+        body = _drop_none({"description": description, "method": method, "k": k, "seed": seed,
+                           "num_samples": num_samples, "examples": examples})
+        return _Call("POST", "/v1/loras", {"json": body})
+
+    @staticmethod
+    def batch_call(descriptions: list[str], method: str, k: int | None, seed: int | None) -> _Call:
+        body = _drop_none({"descriptions": list(descriptions), "method": method, "k": k, "seed": seed})
+        return _Call("POST", "/v1/loras/batch", {"json": body})
+
+    @staticmethod
+    def complete_call(prompt: str, description: str | None, lora_id: str | None, method: str, max_tokens: int,
+                 temperature: float, seed: int | None) -> _Call:
+        body = _drop_none({"prompt": prompt, "description": description, "lora_id": lora_id, "method": method,
+                           "max_tokens": max_tokens, "temperature": temperature, "seed": seed})
+        return _Call("POST", "/v1/completions", {"json": body})
+
+
+class Client(_Api):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.2) -> None:
+        super().__init__(base_url, api_key, retries, backoff)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
+        self.experts = Experts(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, call: _Call, stream: bool = False) -> httpx.Response:
+        request = self._http.build_request(call.method, call.path, **call.kwargs)
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.send(request, stream=stream)
+                break
+            except RETRYABLE as exc:
+                if attempt == self.retries:
+                    raise LoragenConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+                time.sleep(self.backoff * 2**attempt)
+        if stream and not response.is_success:
+            response.read()
+        raise_for(response)
+        return response
+
+    def _json(self, call: _Call) -> Any:
+        return self._send(call).json()
+
+    def generate(self, description: str, *, method: str = "weighted", k: int | None = None, seed: int | None = None,
+                 num_samples: int = 1, examples: list[dict[str, str]] | None = None,
+                 download: bool = True) -> GenerationResult:
+        data = self._json(_Api.generate_call(description, method, k, seed, num_samples, examples))
+        return GenerationResult.from_json(data, self.download(data["id"]) if download else None)
+
+    def generate_batch(self, descriptions: list[str], *, method: str = "weighted", k: int | None = None,
+                       seed: int | None = None, download: bool = False) -> list[GenerationResult]:
+        data = self._json(_Api.batch_call(descriptions, method, k, seed))["data"]
+        return [GenerationResult.from_json(d, self.download(d["id"]) if download else None) for d in data]
+
+    def lora(self, lora_id: str) -> GenerationResult:
+        return GenerationResult.from_json(self._json(_Call("GET", f"/v1/loras/{lora_id}")))
+
+    def download(self, lora_id: str) -> Lora:
+        response = self._send(_Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
+        with tempfile.TemporaryDirectory(prefix="loragen-") as tmp:
+            path = Path(tmp) / "adapter.zip"
+            try:
+                with path.open("wb") as f:
+                    for chunk in response.iter_bytes():
+                        f.write(chunk)
+            finally:
+                response.close()
+            return load_zip(path)
+
+    def search(self, description: str, k: int = 4) -> list[SearchHit]:
+        data = self._json(_Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
+        return [SearchHit(**h) for h in data["neighbours"]]
+
+    def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
+                 method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
+                 seed: int | None = None) -> Completion:
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed)
+        return Completion.from_json(self._json(call))
+
+    def health(self) -> bool:
+        return self._http.get("/readyz").is_success
+
+
+class Experts:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
+        data = self._c._json(_Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
+        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
+
+    def get(self, key: int | str) -> Expert:
+        return Expert.from_json(self._c._json(_Call("GET", f"/v1/experts/{key}")))
+
+    def delete(self, key: int | str) -> dict[str, Any]:
+        return dict(self._c._json(_Call("DELETE", f"/v1/experts/{key}")))
+
+    def add(self, directory: str | Path, name: str, descriptions: list[str],
+            tags: tuple[str, ...] | list[str] = ()) -> Expert:
+        """Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+        data = {"name": name, "description": list(descriptions), "tags": list(tags)}
+        return Expert.from_json(self._c._json(_Call("POST", "/v1/experts",
+                                                    {"data": data, "files": adapter_upload(directory)})))
+
+
+class AsyncClient(_Api):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.2) -> None:
+        super().__init__(base_url, api_key, retries, backoff)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout)
+        self.experts = AsyncExperts(self)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _send(self, call: _Call, stream: bool = False) -> httpx.Response:
+        request = self._http.build_request(call.method, call.path, **call.kwargs)
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._http.send(request, stream=stream)
+                break
+            except RETRYABLE as exc:
+                if attempt == self.retries:
+                    raise LoragenConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+                await asyncio.sleep(self.backoff * 2**attempt)
+        if stream and not response.is_success:
+            await response.aread()
+        raise_for(response)
+        return response
+
+    async def _json(self, call: _Call) -> Any:
+        return (await self._send(call)).json()
+
+    async def generate(self, description: str, *, method: str = "weighted", k: int | None = None,
+                       seed: int | None = None, num_samples: int = 1, examples: list[dict[str, str]] | None = None,
+                       download: bool = True) -> GenerationResult:
+        data = await self._json(_Api.generate_call(description, method, k, seed, num_samples, examples))
+        return GenerationResult.from_json(data, await self.download(data["id"]) if download else None)
+
+    async def generate_batch(self, descriptions: list[str], *, method: str = "weighted", k: int | None = None,
+                             seed: int | None = None, download: bool = False) -> list[GenerationResult]:
+        data = (await self._json(_Api.batch_call(descriptions, method, k, seed)))["data"]
+        return [GenerationResult.from_json(d, await self.download(d["id"]) if download else None) for d in data]
+
+    async def lora(self, lora_id: str) -> GenerationResult:
+        return GenerationResult.from_json(await self._json(_Call("GET", f"/v1/loras/{lora_id}")))
+
+    async def download(self, lora_id: str) -> Lora:
+        response = await self._send(_Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
+        with tempfile.TemporaryDirectory(prefix="loragen-") as tmp:
+            path = Path(tmp) / "adapter.zip"
+            try:
+                with path.open("wb") as f:
+                    async for chunk in response.aiter_bytes():
+                        f.write(chunk)
+            finally:
+                await response.aclose()
+            return load_zip(path)
+
+    async def search(self, description: str, k: int = 4) -> list[SearchHit]:
+        data = await self._json(_Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
+        return [SearchHit(**h) for h in data["neighbours"]]
+
+    async def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
+                       method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
+                       seed: int | None = None) -> Completion:
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed)
+        return Completion.from_json(await self._json(call))
+
+
+class AsyncExperts:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
+        data = await self._c._json(_Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
+        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
+
+    async def get(self, key: int | str) -> Expert:
+        return Expert.from_json(await self._c._json(_Call("GET", f"/v1/experts/{key}")))
+
+    async def delete(self, key: int | str) -> dict[str, Any]:
+        return dict(await self._c._json(_Call("DELETE", f"/v1/experts/{key}")))
+
+    async def add(self, directory: str | Path, name: str, descriptions: list[str],
+                  tags: tuple[str, ...] | list[str] = ()) -> Expert:
+        data = {"name": name, "description": list(descriptions), "tags": list(tags)}
+        return Expert.from_json(await self._c._json(_Call("POST", "/v1/experts",
+                                                          {"data": data, "files": adapter_upload(directory)})))

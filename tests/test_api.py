@@ -1,0 +1,349 @@
+"""The HTTP service and the SDK against a real uvicorn server on an ephemeral loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from loragen.adapters import Lora, spec_from_config
+from loragen.api import ApiSettings, create_app
+from loragen.basemodel import BaseModel
+from loragen.client import (AsyncClient, AuthenticationError, BadRequestError, Client, ConflictError,
+                            NotFoundError)
+from loragen.embeddings import TextEncoder
+from loragen.generator import load_generator
+from loragen.registry import Registry
+
+KEY = "s3cret-key"
+EXPERTS = {
+    "sentiment": ["classify the sentiment of movie reviews as positive or negative",
+                  "decide whether a film review is favourable"],
+    "translate": ["translate english sentences into french", "convert english text to the french language"],
+    "math": ["solve grade school arithmetic word problems", "answer simple maths questions for children"],
+    "code": ["write python functions from a docstring", "generate python code implementing a function"],
+    "scratch": ["an expert that the auth test deletes"],
+}
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    enc = TextEncoder()
+    assert enc.dim == 384  # loads the model once for the whole module
+    return enc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Path:
+    """A tiny random Llama with the demo tokenizer, and a registry of random experts over it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loragen.training.demo import build_tokenizer
+
+    root = tmp_path_factory.mktemp("api-world")
+    tok = build_tokenizer(root / "base")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    spec = spec_from_config(root / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(root / "base"))
+    reg = Registry.create(root / "registry", spec, encoder=encoder)
+    for i, (name, descriptions) in enumerate(EXPERTS.items()):
+        g = torch.Generator().manual_seed(i)
+        reg.add_expert(name, [{m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()}],
+                       descriptions)
+    reg.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(world: Path, encoder: TextEncoder):
+    import uvicorn
+
+    settings = ApiSettings(registry=world / "registry", home=world / "home", api_keys=[KEY], max_wait_ms=5,
+                           max_body_bytes=2**20)
+    config = uvicorn.Config(create_app(settings, encoder=encoder), host="127.0.0.1", port=0,
+                            log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def client(server: str):
+    with Client(server, timeout=60) as c:
+        yield c
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """`status` 0 accepts any 4xx."""
+    if status:
+        assert response.status_code == status, response.text
+    assert 400 <= response.status_code < 500, response.text
+    err = response.json()["error"]
+    assert set(err) == {"code", "message"} and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def test_health_ready_metrics(server: str) -> None:
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
+    text = httpx.get(f"{server}/metrics").text
+    assert 'loragen_requests_total{method="GET",route="/healthz",status="200"}' in text
+    assert "loragen_cache_hits_total" in text and "loragen_generation_batch_size_bucket" in text
+
+
+def test_generate_matches_the_library_and_loads_in_peft(client: Client, world: Path, encoder: TextEncoder,
+                                                        tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    description = "tell whether a review of a movie is positive"
+    result = client.generate(description)
+    assert result.neighbours[0].expert == "sentiment" and not result.cached
+    assert abs(sum(n.weight for n in result.neighbours) - 1) < 1e-6
+    assert (result.method, result.rank, result.base_model) == ("weighted", 4, str(world / "base"))
+    reg = Registry.open(world / "registry", encoder=encoder)
+    expected = load_generator("weighted", reg).generate([description])[0]
+    reg.close()
+    assert result.lora is not None
+    for m in expected.spec.module_names:
+        assert torch.equal(result.lora.B[m], expected.B[m]) and torch.equal(result.lora.A[m], expected.A[m])
+
+    again = client.generate(description, download=False)
+    assert again.cached and again.id == result.id and again.lora is None
+    assert client.lora(result.id).neighbours == result.neighbours
+
+    result.save_pretrained(tmp_path / "sdk")
+    raw = httpx.post(f"{client.base_url}/v1/loras", json={"description": description},
+                     headers={"Accept": "application/zip"})
+    assert raw.headers["content-type"] == "application/zip"
+    zipfile.ZipFile(io.BytesIO(raw.content)).extractall(tmp_path / "zip")
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    base = BaseModel.load(world / "base")
+    with result.lora.merged(base.model), torch.no_grad():
+        want = base.model(ids).logits
+    for directory in (tmp_path / "sdk", tmp_path / "zip"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), directory).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-5)
+
+    weights = httpx.post(f"{client.base_url}/v1/loras?format=safetensors", json={"description": description})
+    assert set(load_safetensors(weights.content)) == set(result.lora.state_dict())
+    assert 'loragen_cache_hits_total 0' not in httpx.get(f"{client.base_url}/metrics").text
+
+
+def test_batch_equals_singles(client: Client) -> None:
+    descriptions = ["sum two numbers given in words", "render an english phrase in french",
+                    "implement a python function", "rate a film critique"]
+    for method in ("weighted", "nearest"):
+        singles = [client.generate(d, method=method) for d in descriptions]
+        batch = client.generate_batch(descriptions, method=method, download=True)
+        assert [b.id for b in batch] == [s.id for s in singles]
+        for s, b in zip(singles, batch):
+            # The text encoder pads a batch, which moves embeddings in the last float digits.
+            assert [n.expert for n in s.neighbours] == [n.expert for n in b.neighbours]
+            for ns, nb in zip(s.neighbours, b.neighbours):
+                assert ns.similarity == pytest.approx(nb.similarity, abs=1e-5)
+                assert ns.weight == pytest.approx(nb.weight, abs=1e-5)
+            assert s.lora is not None and b.lora is not None
+            for m in s.lora.spec.module_names:
+                torch.testing.assert_close(b.lora.B[m], s.lora.B[m], rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_generation_is_micro_batched(server: str, world: Path, encoder: TextEncoder) -> None:
+    descriptions = [f"task number {i}: reverse a list of {i} words" for i in range(16)]
+
+    async def run() -> list:
+        async with AsyncClient(server) as ac:
+            return await asyncio.gather(*(ac.generate(d, k=2) for d in descriptions))
+
+    together = asyncio.run(run())
+    reg = Registry.open(world / "registry", encoder=encoder)
+    gen = load_generator("weighted", reg, k=2)
+    for d, r in zip(descriptions, together):
+        expected = gen.generate([d])[0]
+        assert r.lora is not None and [n.expert for n in r.neighbours] == [n["expert"] for n in expected.metadata["neighbours"]]
+        for m in expected.spec.module_names:
+            torch.testing.assert_close(r.lora.B[m], expected.B[m], rtol=0, atol=1e-6)
+    reg.close()
+    text = httpx.get(f"{server}/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line[:1] != "#"}
+    # Some generator call decoded more than one request.
+    assert values['loragen_generation_batch_size_bucket{le="1.0"}'] < values["loragen_generation_batch_size_count"]
+
+
+def test_search_and_experts(client: Client) -> None:
+    hits = client.search("translate this into french", k=2)
+    assert [h.expert for h in hits][:1] == ["translate"] and len(hits) == 2
+    page = client.experts.list(offset=1, limit=2)
+    assert page.total == len(EXPERTS) and [e.name for e in page.data] == list(EXPERTS)[1:3]
+    math = client.experts.get("math")
+    assert client.experts.get(math.id) == math and math.descriptions == EXPERTS["math"]
+    with pytest.raises(NotFoundError):
+        client.experts.get("no-such-expert")
+
+
+def test_concurrent_completions_equal_sequential(server: str, client: Client, world: Path) -> None:
+    ids = [client.generate(d, download=False).id for d in
+           ["positive or negative review", "english to french", "arithmetic for kids", "python from docstring"]]
+    requests = [(f"abc{'xyz'[i % 3]}{i}", ids[i % 4]) for i in range(32)]
+    sequential = [client.complete(p, lora_id=lid, max_tokens=8).text for p, lid in requests]
+
+    async def run() -> list:
+        async with AsyncClient(server) as ac:
+            return await asyncio.gather(*(ac.complete(p, lora_id=lid, max_tokens=8) for p, lid in requests))
+
+    concurrent = [c.text for c in asyncio.run(run())]
+    assert concurrent == sequential
+    same_prompt = {client.complete("hello", lora_id=lid, max_tokens=8).text for lid in ids}
+    assert len(same_prompt) > 1  # the LoRAs really change the output
+    base = BaseModel.load(world / "base")
+    lora = client.download(ids[1])
+    assert base.complete([requests[1][0]], loras=[lora], max_new_tokens=8)[0] == sequential[1]
+    by_description = client.complete("hello", description="english to french", max_tokens=8)
+    assert by_description.lora_id == ids[1] and by_description.text in same_prompt
+
+
+def _peft_dir(world: Path, tmp_path: Path) -> Path:
+    spec = spec_from_config(world / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(world / "base"))
+    g = torch.Generator().manual_seed(7)
+    A = {m.name: torch.randn(spec.num_layers, 4, m.in_features, generator=g) for m in spec.modules}
+    B = {m.name: torch.randn(spec.num_layers, m.out_features, 4, generator=g) for m in spec.modules}
+    return Lora(spec, A, B).save_pretrained(tmp_path / "adapter")
+
+
+def _wrong_shapes(directory: Path) -> bytes:
+    """The same keys as a good adapter, but lora_A reads 16 features where the model has 32."""
+    tensors = load_safetensors((directory / "adapter_model.safetensors").read_bytes())
+    return save_safetensors({k: torch.randn(4, 16) if ".lora_A." in k else v for k, v in tensors.items()})
+
+
+def test_write_routes_need_a_key_and_uploads_are_checked(server: str, world: Path, tmp_path: Path) -> None:
+    with Client(server) as anonymous, Client(server, api_key="wrong") as wrong, Client(server, api_key=KEY) as ok:
+        for c, status in ((anonymous, 401), (wrong, 403)):
+            with pytest.raises(AuthenticationError) as info:
+                c.experts.delete("scratch")
+            assert info.value.status == status
+            with pytest.raises(AuthenticationError):
+                c.experts.add(_peft_dir(world, tmp_path), "uploaded", ["a new task"])
+        assert ok.experts.delete("scratch")["name"] == "scratch"
+        with pytest.raises(NotFoundError):
+            ok.experts.get("scratch")
+        with pytest.raises(NotFoundError):
+            ok.experts.delete("scratch")
+
+        added = ok.experts.add(_peft_dir(world, tmp_path), "uploaded", ["spell words backwards"], tags=["up"])
+        assert added.fidelity is not None and ok.experts.get("uploaded").tags == ["up"]
+        assert ok.search("spell words backwards", k=1)[0].expert == "uploaded"
+        with pytest.raises(ConflictError):
+            ok.experts.add(_peft_dir(world, tmp_path), "uploaded", ["again"])
+        before = ok.experts.list(limit=500).total
+        config = (_peft_dir(world, tmp_path) / "adapter_config.json").read_bytes()
+        bad_uploads = {
+            "pickle": (b"\x80\x04\x95" + b"\x00" * 64, "adapter_model.bin"),
+            "torch zip": (b"PK\x03\x04" + b"\x00" * 64, "adapter_model.safetensors"),
+            "garbage": (b"not a safetensors file at all", "adapter_model.safetensors"),
+            "wrong shapes": (_wrong_shapes(_peft_dir(world, tmp_path)), "adapter_model.safetensors"),
+        }
+        for what, (weights, filename) in bad_uploads.items():
+            r = httpx.post(f"{server}/v1/experts", headers={"Authorization": f"Bearer {KEY}"},
+                           data={"name": f"bad-{what}", "description": ["x"]},
+                           files={"adapter_config": ("adapter_config.json", config),
+                                  "adapter_model": (filename, weights)})
+            assert 400 <= r.status_code < 500, (what, r.text)
+            assert r.json()["error"]["message"]
+        assert ok.experts.list(limit=500).total == before  # nothing half-written
+        ok.experts.delete("uploaded")
+
+
+BAD_REQUESTS = [
+    ("POST", "/v1/loras", {"json": {}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": ""}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "   "}}, 400, "bad_request"),
+    ("POST", "/v1/loras", {"json": {"description": "x" * 4001}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": 12}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "magic"}}, 400, "unknown_method"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "sg"}}, 400, "bad_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "num_samples": 17}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "surprise": 1}}, 422, "invalid_request"),
+    ("POST", "/v1/loras?format=pdf", {"json": {"description": "ok"}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": ["description"]}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"content": b'{"description": "ok"', "headers": {"content-type": "application/json"}},
+     400, "invalid_json"),
+    ("POST", "/v1/loras", {"content": b"\xff\xfe\x00garbage", "headers": {"content-type": "application/json"}},
+     400, None),
+    ("POST", "/v1/loras", {"content": b"x" * (2**20 + 1)}, 413, "payload_too_large"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"] * 257}}, 422, "invalid_request"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", ""]}}, 422, "invalid_request"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", " "]}}, 400, "bad_request"),
+    ("GET", "/v1/loras/lora-unknown", {}, 404, "not_found"),
+    ("GET", "/v1/loras/lora-unknown/adapter", {}, 404, "not_found"),
+    ("GET", "/v1/experts/987654", {}, 404, "not_found"),
+    ("GET", "/v1/experts?limit=0", {}, 422, "invalid_request"),
+    ("POST", "/v1/search", {"json": {"description": "a", "k": 0}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "lora-unknown"}}, 404, "not_found"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "x", "description": "y"}}, 422, None),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 0}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 257}}, 422, "invalid_request"),
+    ("POST", "/v1/experts", {"content": b"--x\r\ntruncated", "headers": {"content-type": "multipart/form-data; boundary=x", "authorization": f"Bearer {KEY}"}}, 0, None),
+    ("GET", "/v1/nowhere", {}, 404, "not_found"),
+    ("PUT", "/v1/loras", {}, 405, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status", "code"), BAD_REQUESTS)
+def test_bad_requests_get_4xx_json_errors(server: str, method: str, path: str, kwargs: dict, status: int,
+                                          code: str | None) -> None:
+    assert_error(httpx.request(method, f"{server}{path}", timeout=30, **kwargs), status, code)
+
+
+def test_sdk_raises_typed_errors(client: Client) -> None:
+    with pytest.raises(BadRequestError) as info:
+        client.generate("ok", method="magic")
+    assert info.value.code == "unknown_method" and "weighted" in info.value.message
+    with pytest.raises(NotFoundError):
+        client.lora("lora-unknown")
+
+
+def test_random_garbage_never_gives_5xx(server: str) -> None:
+    rng = random.Random(0)
+    routes = ["/v1/loras", "/v1/loras/batch", "/v1/search", "/v1/completions", "/v1/experts"]
+    values = [None, 0, -1, 2**40, 1.5, "", "x" * 5000, "\ud800", [], {}, ["a"], True]
+    with httpx.Client(base_url=server, timeout=30) as http:
+        for i in range(200):
+            route = rng.choice(routes)
+            if i % 2:
+                body = json.dumps({rng.choice(["description", "descriptions", "prompt", "k", "method", "seed"]):
+                                   rng.choice(values) for _ in range(3)}).encode()
+            else:
+                body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+            r = http.post(route, content=body, headers={"content-type": rng.choice(
+                ["application/json", "text/plain", "multipart/form-data; boundary=zz"]),
+                "authorization": f"Bearer {KEY}"})
+            assert r.status_code < 500, (route, body[:80], r.status_code, r.text[:200])
+            if r.status_code >= 400:  # a few draws are valid requests, e.g. {"descriptions": ["a"]}
+                assert r.json()["error"]["code"]
