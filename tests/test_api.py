@@ -329,21 +329,82 @@ def test_sdk_raises_typed_errors(client: Client) -> None:
         client.lora("lora-unknown")
 
 
-def test_random_garbage_never_gives_5xx(server: str) -> None:
+def _garbage(rng: random.Random) -> tuple[bytes, str]:
+    """One malformed body: random bytes, wrong types, huge or broken strings, truncated JSON or multipart."""
+    values = [None, 0, -1, 2**70, 1.5, float("nan"), "", "x" * 50_000, "\ud800", "\x00", [], {}, ["a"], [""],
+              True, {"a": 1}, "weighted", "nearest", "zzz"]
+    keys = ["description", "descriptions", "prompt", "k", "method", "seed", "num_samples", "lora_id",
+            "max_tokens", "temperature", "examples", "name"]
+    kind = rng.randrange(6)
+    if kind == 0:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))), "application/json"
+    if kind == 1:
+        body = {rng.choice(keys): rng.choice(values) for _ in range(rng.randrange(1, 5))}
+        return json.dumps(body).encode(), "application/json"
+    if kind == 2:
+        text = json.dumps({"description": "reverse the string", "k": 2})
+        return text[: rng.randrange(1, len(text))].encode(), "application/json"
+    if kind == 3:  # invalid UTF-8 inside a JSON string
+        return b'{"description": "ab\xff\xfe\xc3(", "prompt": "\xed\xa0\x80"}', "application/json"
+    if kind == 4:
+        part = (b'--zz\r\nContent-Disposition: form-data; name="adapter_model"; filename="a.safetensors"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n" + bytes(rng.randrange(256) for _ in range(64)))
+        return part[: rng.randrange(10, len(part))], "multipart/form-data; boundary=zz"
+    return json.dumps(rng.choice(values)).encode(), rng.choice(["application/json", "text/plain", ""])
+
+
+def test_a_thousand_malformed_requests_never_give_5xx(server: str) -> None:
     rng = random.Random(0)
-    routes = ["/v1/loras", "/v1/loras/batch", "/v1/search", "/v1/completions", "/v1/experts"]
-    values = [None, 0, -1, 2**40, 1.5, "", "x" * 5000, "\ud800", [], {}, ["a"], True]
+    routes = ["/v1/loras", "/v1/loras/batch", "/v1/search", "/v1/completions", "/v1/experts",
+              "/v1/loras?format=zip", "/v1/loras?format=safetensors"]
     with httpx.Client(base_url=server, timeout=30) as http:
-        for i in range(200):
+        for _ in range(1000):
             route = rng.choice(routes)
-            if i % 2:
-                body = json.dumps({rng.choice(["description", "descriptions", "prompt", "k", "method", "seed"]):
-                                   rng.choice(values) for _ in range(3)}).encode()
-            else:
-                body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
-            r = http.post(route, content=body, headers={"content-type": rng.choice(
-                ["application/json", "text/plain", "multipart/form-data; boundary=zz"]),
-                "authorization": f"Bearer {KEY}"})
+            body, content_type = _garbage(rng)
+            headers = {"authorization": f"Bearer {KEY}"}
+            if content_type:
+                headers["content-type"] = content_type
+            r = http.post(route, content=body, headers=headers)
             assert r.status_code < 500, (route, body[:80], r.status_code, r.text[:200])
             if r.status_code >= 400:  # a few draws are valid requests, e.g. {"descriptions": ["a"]}
                 assert r.json()["error"]["code"]
+
+
+def test_openapi_and_auth_on_every_route(world: Path, encoder: TextEncoder) -> None:
+    from fastapi.testclient import TestClient
+
+    settings = ApiSettings(registry=world / "registry", api_keys=[KEY], auth_all_routes=True)
+    http = TestClient(create_app(settings, encoder=encoder))  # no lifespan: auth is checked first
+    assert_error(http.get("/healthz"), 401, "unauthorized")
+    assert_error(http.get("/v1/experts", headers={"Authorization": "Bearer nope"}), 403, "forbidden")
+    assert_error(http.get("/v1/experts", headers={"Authorization": "Basic abc"}), 401, "unauthorized")
+    assert http.get("/healthz", headers={"Authorization": f"Bearer {KEY}"}).json() == {"status": "ok"}
+    spec = http.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert {"/v1/loras", "/v1/loras/batch", "/v1/search", "/v1/experts", "/v1/completions"} <= set(spec["paths"])
+
+
+def test_byte_lru_evicts_least_recent() -> None:
+    from loragen.api.cache import ByteLRU
+
+    cache: ByteLRU[str, int] = ByteLRU(100)
+    cache.put("a", 1, 40)
+    cache.put("b", 2, 40)
+    assert cache.get("a") == 1  # "b" is now the least recent
+    cache.put("c", 3, 40)
+    assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3 and cache.size == 80
+    assert not cache.put("huge", 4, 101) and "huge" not in cache
+    assert (cache.hits, cache.misses) == (3, 0)
+
+
+def test_client_retries_then_raises_on_connection_errors() -> None:
+    import socket
+
+    from loragen.client import LoragenConnectionError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with Client(f"http://127.0.0.1:{port}", retries=2, backoff=0.05) as c, pytest.raises(LoragenConnectionError):
+        c.search("anything")
+    assert time.monotonic() - started >= 0.15  # two backoffs: 0.05 + 0.1

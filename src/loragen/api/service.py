@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError
 from ..embeddings import TextEncoder
+from ..errors import LoragenError
 from ..generator import LEARNED_METHODS, METHODS, check_descriptions, load_generator
 from ..registry import Registry
 from .batching import MicroBatcher
@@ -31,6 +33,7 @@ from .metrics import Metrics
 from .settings import ApiSettings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,12 @@ class Service:
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators
         self.registry = Registry.open(path, encoder=self._encoder)
-        self.registry.encoder.encode(["warm up"])  # load the encoder now, not on the first request
+        # Load the encoder and stack the experts now, not on the first request.
+        self.registry.encoder.encode(["warm up"])
+        try:
+            self._generator("weighted", self.settings.top_k).generate(["warm up"])
+        except LoragenError as exc:  # e.g. an empty registry: requests will say so
+            log.warning("no warm-up generation: %s", exc)
 
     async def in_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.engine, partial(fn, *args, **kwargs))
