@@ -23,7 +23,7 @@ from loragen.basemodel import BaseModel
 from loragen.client import (AsyncClient, AuthenticationError, BadRequestError, Client, ConflictError,
                             NotFoundError)
 from loragen.embeddings import TextEncoder
-from loragen.generator import load_generator
+from loragen.generator import load_generator, train_generator
 from loragen.registry import Registry
 
 KEY = "s3cret-key"
@@ -63,8 +63,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Pat
     reg = Registry.create(root / "registry", spec, encoder=encoder)
     for i, (name, descriptions) in enumerate(EXPERTS.items()):
         g = torch.Generator().manual_seed(i)
-        reg.add_expert(name, [{m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()}],
-                       descriptions)
+        final = {m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()}
+        checkpoints = [{m: b + 0.1 * torch.randn(b.shape, generator=g) for m, b in final.items()} for _ in range(2)]
+        reg.add_expert(name, [*checkpoints, final], descriptions)
+    train_generator(reg, "sg", out_dir=root / "generators" / "sg", epochs=1, batch=4, latent=16, hidden=64,
+                    val_fraction=0.2, seed=0)
     reg.close()
     return root
 
@@ -73,8 +76,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Pat
 def server(world: Path, encoder: TextEncoder):
     import uvicorn
 
-    settings = ApiSettings(registry=world / "registry", home=world / "home", api_keys=[KEY], max_wait_ms=5,
-                           max_body_bytes=2**20)
+    settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
+                           api_keys=[KEY], max_wait_ms=5, max_body_bytes=2**20)
     config = uvicorn.Config(create_app(settings, encoder=encoder), host="127.0.0.1", port=0,
                             log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
@@ -196,6 +199,31 @@ def test_concurrent_generation_is_micro_batched(server: str, world: Path, encode
     assert values['loragen_generation_batch_size_bucket{le="1.0"}'] < values["loragen_generation_batch_size_count"]
 
 
+def test_learned_method_samples_seeds_and_cache(client: Client) -> None:
+    description = "judge how positive a movie review is"
+    result = client.generate(description, method="sg", seed=3, num_samples=2, download=False)
+    assert (result.method, result.seed, len(result.sample_ids)) == ("sg", 3, 2)
+    assert isinstance(result.ood, bool) and isinstance(result.clipped, bool)
+    first, second = (client.download(i) for i in result.sample_ids)
+    assert not torch.equal(first.B["self_attn.q_proj"], second.B["self_attn.q_proj"])
+    again = client.generate(description, method="sg", seed=3, num_samples=2)
+    assert again.cached and again.id == result.id and again.lora is not None
+    assert torch.equal(again.lora.B["self_attn.q_proj"], first.B["self_attn.q_proj"])
+    several = httpx.post(f"{client.base_url}/v1/loras?format=zip",
+                         json={"description": description, "method": "sg", "num_samples": 2})
+    assert_error(several, 400, "bad_request")  # several samples are not one zip
+    unseeded = client.generate(description, method="sg", download=False)
+    assert unseeded.seed is not None and not unseeded.cached
+    replay = client.generate(description, method="sg", seed=unseeded.seed, download=False)
+    assert replay.cached and replay.id == unseeded.id
+    descriptions = ["translate to french please", "solve this sum", "write python code"]
+    singles = [client.generate(d, method="sg", seed=5) for d in descriptions]
+    batch = client.generate_batch(descriptions, method="sg", seed=5, download=True)
+    for s, b in zip(singles, batch):
+        assert s.id == b.id and s.lora is not None and b.lora is not None
+        torch.testing.assert_close(b.lora.B["self_attn.v_proj"], s.lora.B["self_attn.v_proj"], rtol=1e-5, atol=1e-5)
+
+
 def test_search_and_experts(client: Client) -> None:
     hits = client.search("translate this into french", k=2)
     assert [h.expert for h in hits][:1] == ["translate"] and len(hits) == 2
@@ -287,7 +315,7 @@ BAD_REQUESTS = [
     ("POST", "/v1/loras", {"json": {"description": "x" * 4001}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": 12}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "method": "magic"}}, 400, "unknown_method"),
-    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "sg"}}, 400, "bad_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "icm"}}, 400, "bad_request"),  # not trained
     ("POST", "/v1/loras", {"json": {"description": "ok", "num_samples": 17}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "surprise": 1}}, 422, "invalid_request"),
     ("POST", "/v1/loras?format=pdf", {"json": {"description": "ok"}}, 422, "invalid_request"),
