@@ -189,7 +189,8 @@ def test_concurrent_generation_is_micro_batched(server: str, world: Path, encode
     gen = load_generator("weighted", reg, k=2)
     for d, r in zip(descriptions, together):
         expected = gen.generate([d])[0]
-        assert r.lora is not None and [n.expert for n in r.neighbours] == [n["expert"] for n in expected.metadata["neighbours"]]
+        assert r.lora is not None
+        assert [n.expert for n in r.neighbours] == [n["expert"] for n in expected.metadata["neighbours"]]
         for m in expected.spec.module_names:
             torch.testing.assert_close(r.lora.B[m], expected.B[m], rtol=0, atol=1e-6)
     reg.close()
@@ -337,7 +338,8 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "x", "description": "y"}}, 422, None),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 0}}, 422, "invalid_request"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 257}}, 422, "invalid_request"),
-    ("POST", "/v1/experts", {"content": b"--x\r\ntruncated", "headers": {"content-type": "multipart/form-data; boundary=x", "authorization": f"Bearer {KEY}"}}, 0, None),
+    ("POST", "/v1/experts", {"content": b"--x\r\ntruncated", "headers": {
+        "content-type": "multipart/form-data; boundary=x", "authorization": f"Bearer {KEY}"}}, 0, None),
     ("GET", "/v1/nowhere", {}, 404, "not_found"),
     ("PUT", "/v1/loras", {}, 405, "method_not_allowed"),
 ]

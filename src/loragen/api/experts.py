@@ -47,7 +47,8 @@ def add(service: Service, name: str, descriptions: list[str], tags: list[str], c
     reg = service.reg
     name = name.strip()
     if any(e.name == name for e in reg.experts()):
-        raise ApiError(409, "conflict", f"an expert named {name!r} already exists; delete it first or pick another name")
+        raise ApiError(409, "conflict",
+                       f"an expert named {name!r} already exists; delete it first or pick another name")
     lora = read_upload(config, weights, weights_name)
     if not all(bool(torch.isfinite(t).all()) for t in [*lora.A.values(), *lora.B.values()]):
         raise AdapterFormatError("the uploaded adapter holds NaN or infinite values")

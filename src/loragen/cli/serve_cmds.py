@@ -11,7 +11,8 @@ import typer
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default 8000).")] = None,
-    registry: Annotated[Path | None, typer.Option("--registry", help="Registry directory (default: the demo world).")] = None,
+    registry: Annotated[Path | None, typer.Option("--registry",
+                                                  help="Registry directory (default: the demo world).")] = None,
     generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator directory (icm/sg), "
                                                    "or a directory holding one per method.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,

@@ -14,24 +14,16 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from ..adapters import Lora
-from .types import (Completion, Expert, ExpertPage, GenerationResult, LoragenConnectionError, SearchHit,
-                    adapter_upload, load_zip, raise_for)
+from .experts import AsyncExperts, Experts
+from .types import Call, Completion, GenerationResult, LoragenConnectionError, SearchHit, load_zip, raise_for
 
 RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
-
-
-@dataclass
-class _Call:
-    method: str
-    path: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -48,22 +40,22 @@ class _Api:
 
     @staticmethod
     def generate_call(description: str, method: str, k: int | None, seed: int | None, num_samples: int,
-                 examples: list[dict[str, str]] | None) -> _Call:
+                 examples: list[dict[str, str]] | None) -> Call:
         body = _drop_none({"description": description, "method": method, "k": k, "seed": seed,
                            "num_samples": num_samples, "examples": examples})
-        return _Call("POST", "/v1/loras", {"json": body})
+        return Call("POST", "/v1/loras", {"json": body})
 
     @staticmethod
-    def batch_call(descriptions: list[str], method: str, k: int | None, seed: int | None) -> _Call:
+    def batch_call(descriptions: list[str], method: str, k: int | None, seed: int | None) -> Call:
         body = _drop_none({"descriptions": list(descriptions), "method": method, "k": k, "seed": seed})
-        return _Call("POST", "/v1/loras/batch", {"json": body})
+        return Call("POST", "/v1/loras/batch", {"json": body})
 
     @staticmethod
     def complete_call(prompt: str, description: str | None, lora_id: str | None, method: str, max_tokens: int,
-                 temperature: float, seed: int | None) -> _Call:
+                 temperature: float, seed: int | None) -> Call:
         body = _drop_none({"prompt": prompt, "description": description, "lora_id": lora_id, "method": method,
                            "max_tokens": max_tokens, "temperature": temperature, "seed": seed})
-        return _Call("POST", "/v1/completions", {"json": body})
+        return Call("POST", "/v1/completions", {"json": body})
 
 
 class Client(_Api):
@@ -82,7 +74,7 @@ class Client(_Api):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, call: _Call, stream: bool = False) -> httpx.Response:
+    def _send(self, call: Call, stream: bool = False) -> httpx.Response:
         request = self._http.build_request(call.method, call.path, **call.kwargs)
         for attempt in range(self.retries + 1):
             try:
@@ -97,7 +89,7 @@ class Client(_Api):
         raise_for(response)
         return response
 
-    def _json(self, call: _Call) -> Any:
+    def _json(self, call: Call) -> Any:
         return self._send(call).json()
 
     def generate(self, description: str, *, method: str = "weighted", k: int | None = None, seed: int | None = None,
@@ -112,10 +104,10 @@ class Client(_Api):
         return [GenerationResult.from_json(d, self.download(d["id"]) if download else None) for d in data]
 
     def lora(self, lora_id: str) -> GenerationResult:
-        return GenerationResult.from_json(self._json(_Call("GET", f"/v1/loras/{lora_id}")))
+        return GenerationResult.from_json(self._json(Call("GET", f"/v1/loras/{lora_id}")))
 
     def download(self, lora_id: str) -> Lora:
-        response = self._send(_Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
+        response = self._send(Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
         with tempfile.TemporaryDirectory(prefix="loragen-") as tmp:
             path = Path(tmp) / "adapter.zip"
             try:
@@ -127,7 +119,7 @@ class Client(_Api):
             return load_zip(path)
 
     def search(self, description: str, k: int = 4) -> list[SearchHit]:
-        data = self._json(_Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
+        data = self._json(Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
         return [SearchHit(**h) for h in data["neighbours"]]
 
     def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
@@ -138,28 +130,6 @@ class Client(_Api):
 
     def health(self) -> bool:
         return self._http.get("/readyz").is_success
-
-
-class Experts:
-    def __init__(self, client: Client) -> None:
-        self._c = client
-
-    def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
-        data = self._c._json(_Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
-        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
-
-    def get(self, key: int | str) -> Expert:
-        return Expert.from_json(self._c._json(_Call("GET", f"/v1/experts/{key}")))
-
-    def delete(self, key: int | str) -> dict[str, Any]:
-        return dict(self._c._json(_Call("DELETE", f"/v1/experts/{key}")))
-
-    def add(self, directory: str | Path, name: str, descriptions: list[str],
-            tags: tuple[str, ...] | list[str] = ()) -> Expert:
-        """Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
-        data = {"name": name, "description": list(descriptions), "tags": list(tags)}
-        return Expert.from_json(self._c._json(_Call("POST", "/v1/experts",
-                                                    {"data": data, "files": adapter_upload(directory)})))
 
 
 class AsyncClient(_Api):
@@ -178,7 +148,7 @@ class AsyncClient(_Api):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _send(self, call: _Call, stream: bool = False) -> httpx.Response:
+    async def _send(self, call: Call, stream: bool = False) -> httpx.Response:
         request = self._http.build_request(call.method, call.path, **call.kwargs)
         for attempt in range(self.retries + 1):
             try:
@@ -193,7 +163,7 @@ class AsyncClient(_Api):
         raise_for(response)
         return response
 
-    async def _json(self, call: _Call) -> Any:
+    async def _json(self, call: Call) -> Any:
         return (await self._send(call)).json()
 
     async def generate(self, description: str, *, method: str = "weighted", k: int | None = None,
@@ -208,10 +178,10 @@ class AsyncClient(_Api):
         return [GenerationResult.from_json(d, await self.download(d["id"]) if download else None) for d in data]
 
     async def lora(self, lora_id: str) -> GenerationResult:
-        return GenerationResult.from_json(await self._json(_Call("GET", f"/v1/loras/{lora_id}")))
+        return GenerationResult.from_json(await self._json(Call("GET", f"/v1/loras/{lora_id}")))
 
     async def download(self, lora_id: str) -> Lora:
-        response = await self._send(_Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
+        response = await self._send(Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
         with tempfile.TemporaryDirectory(prefix="loragen-") as tmp:
             path = Path(tmp) / "adapter.zip"
             try:
@@ -223,7 +193,7 @@ class AsyncClient(_Api):
             return load_zip(path)
 
     async def search(self, description: str, k: int = 4) -> list[SearchHit]:
-        data = await self._json(_Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
+        data = await self._json(Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
         return [SearchHit(**h) for h in data["neighbours"]]
 
     async def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
@@ -231,24 +201,3 @@ class AsyncClient(_Api):
                        seed: int | None = None) -> Completion:
         call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed)
         return Completion.from_json(await self._json(call))
-
-
-class AsyncExperts:
-    def __init__(self, client: AsyncClient) -> None:
-        self._c = client
-
-    async def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
-        data = await self._c._json(_Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
-        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
-
-    async def get(self, key: int | str) -> Expert:
-        return Expert.from_json(await self._c._json(_Call("GET", f"/v1/experts/{key}")))
-
-    async def delete(self, key: int | str) -> dict[str, Any]:
-        return dict(await self._c._json(_Call("DELETE", f"/v1/experts/{key}")))
-
-    async def add(self, directory: str | Path, name: str, descriptions: list[str],
-                  tags: tuple[str, ...] | list[str] = ()) -> Expert:
-        data = {"name": name, "description": list(descriptions), "tags": list(tags)}
-        return Expert.from_json(await self._c._json(_Call("POST", "/v1/experts",
-                                                          {"data": data, "files": adapter_upload(directory)})))

@@ -50,6 +50,15 @@ class LoragenConnectionError(LoragenAPIError):
         super().__init__(0, "connection_error", message)
 
 
+@dataclass
+class Call:
+    """One HTTP request: method, path, and httpx keyword arguments (json, params, data, files)."""
+
+    method: str
+    path: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
 def raise_for(response: httpx.Response) -> None:
     if response.is_success:
         return

@@ -1,0 +1,54 @@
+"""`client.experts`: list, get, add (upload a PEFT adapter directory) and delete registry experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .types import Call, Expert, ExpertPage, adapter_upload
+
+if TYPE_CHECKING:
+    from .client import AsyncClient, Client
+
+
+class Experts:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
+        data = self._c._json(Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
+        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
+
+    def get(self, key: int | str) -> Expert:
+        return Expert.from_json(self._c._json(Call("GET", f"/v1/experts/{key}")))
+
+    def delete(self, key: int | str) -> dict[str, Any]:
+        return dict(self._c._json(Call("DELETE", f"/v1/experts/{key}")))
+
+    def add(self, directory: str | Path, name: str, descriptions: list[str],
+            tags: tuple[str, ...] | list[str] = ()) -> Expert:
+        """Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+        data = {"name": name, "description": list(descriptions), "tags": list(tags)}
+        return Expert.from_json(self._c._json(Call("POST", "/v1/experts",
+                                                    {"data": data, "files": adapter_upload(directory)})))
+
+
+class AsyncExperts:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
+        data = await self._c._json(Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
+        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
+
+    async def get(self, key: int | str) -> Expert:
+        return Expert.from_json(await self._c._json(Call("GET", f"/v1/experts/{key}")))
+
+    async def delete(self, key: int | str) -> dict[str, Any]:
+        return dict(await self._c._json(Call("DELETE", f"/v1/experts/{key}")))
+
+    async def add(self, directory: str | Path, name: str, descriptions: list[str],
+                  tags: tuple[str, ...] | list[str] = ()) -> Expert:
+        data = {"name": name, "description": list(descriptions), "tags": list(tags)}
+        return Expert.from_json(await self._c._json(Call("POST", "/v1/experts",
+                                                          {"data": data, "files": adapter_upload(directory)})))
