@@ -438,3 +438,21 @@ def test_client_retries_then_raises_on_connection_errors() -> None:
     with Client(f"http://127.0.0.1:{port}", retries=2, backoff=0.05) as c, pytest.raises(LoragenConnectionError):
         c.search("anything")
     assert time.monotonic() - started >= 0.15  # two backoffs: 0.05 + 0.1
+
+
+def test_settings_from_environment_and_serve_command(monkeypatch: pytest.MonkeyPatch, world: Path) -> None:
+    import uvicorn
+
+    from loragen.cli.serve_cmds import serve
+
+    monkeypatch.setenv("LORAGEN_API_KEYS", '["k1", "k2"]')
+    monkeypatch.setenv("LORAGEN_MAX_BATCH", "8")
+    settings = ApiSettings()
+    assert settings.api_keys == ["k1", "k2"] and settings.max_batch == 8 and not settings.auth_all_routes
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kw: seen.update(app=application, **kw))
+    serve(registry=world / "registry", port=0, max_batch=4)
+    assert seen["port"] == 0 and seen["host"] == "127.0.0.1"
+    service = seen["app"].state.service
+    assert service.settings.registry == world / "registry" and service.batcher.max_batch == 4
+    assert service.settings.api_keys == ["k1", "k2"]
