@@ -117,6 +117,7 @@ def test_health_ready_metrics(server: str) -> None:
     text = httpx.get(f"{server}/metrics").text
     assert 'loragen_requests_total{method="GET",route="/healthz",status="200"}' in text
     assert "loragen_cache_hits_total" in text and "loragen_generation_batch_size_bucket" in text
+    assert "/v1/completions" in httpx.get(f"{server}/openapi.json").json()["paths"]
 
 
 def test_generate_matches_the_library_and_loads_in_peft(client: Client, world: Path, encoder: TextEncoder,
@@ -409,6 +410,9 @@ def test_openapi_and_auth_on_every_route(world: Path, encoder: TextEncoder) -> N
     assert_error(http.get("/v1/experts", headers={"Authorization": "Bearer nope"}), 403, "forbidden")
     assert_error(http.get("/v1/experts", headers={"Authorization": "Basic abc"}), 401, "unauthorized")
     assert http.get("/healthz", headers={"Authorization": f"Bearer {KEY}"}).json() == {"status": "ok"}
+    assert_error(http.get("/openapi.json"), 401, "unauthorized")
+    assert_error(http.get("/docs"), 401, "unauthorized")
+    assert http.get("/docs", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     spec = http.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert {"/v1/loras", "/v1/loras/batch", "/v1/search", "/v1/experts", "/v1/completions"} <= set(spec["paths"])
 

@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
@@ -55,9 +56,19 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         finally:
             await service.stop()
 
-    everywhere = [Depends(require_key)] if settings.auth_all_routes else []
+    locked = settings.auth_all_routes and bool(settings.api_keys)
     app = FastAPI(title="loragen", summary="Task description in, LoRA out.", lifespan=lifespan,
-                  dependencies=everywhere)
+                  dependencies=[Depends(require_key)] if locked else [],
+                  openapi_url=None if locked else "/openapi.json", docs_url=None if locked else "/docs",
+                  redoc_url=None if locked else "/redoc")
+    if locked:  # FastAPI's own docs routes skip app dependencies; these do not
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi() -> dict[str, Any]:
+            return app.openapi()
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="loragen")
     app.state.service = service
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
