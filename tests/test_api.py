@@ -254,6 +254,8 @@ def test_concurrent_completions_equal_sequential(server: str, client: Client, wo
     base = BaseModel.load(world / "base")
     lora = client.download(ids[1])
     assert base.complete([requests[1][0]], loras=[lora], max_new_tokens=8)[0] == sequential[1]
+    tiny = client.complete(requests[1][0], lora_id=ids[1], max_tokens=8, temperature=1e-30)
+    assert tiny.text == sequential[1]  # a temperature too small to sample with decodes greedily
     by_description = client.complete("hello", description="english to french", max_tokens=8)
     assert by_description.lora_id == ids[1] and by_description.text in same_prompt
 
@@ -334,6 +336,9 @@ BAD_REQUESTS = [
     ("GET", "/v1/loras/lora-unknown/adapter", {}, 404, "not_found"),
     ("GET", "/v1/experts/987654", {}, 404, "not_found"),
     ("GET", "/v1/experts?limit=0", {}, 422, "invalid_request"),
+    ("GET", "/v1/experts/99999999999999999999999999", {}, 404, "not_found"),
+    ("POST", "/v1/completions", {"content": b'{"prompt": "a", "temperature": NaN}',
+                                 "headers": {"content-type": "application/json"}}, 422, "invalid_request"),
     ("POST", "/v1/search", {"json": {"description": "a", "k": 0}}, 422, "invalid_request"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "lora-unknown"}}, 404, "not_found"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "x", "description": "y"}}, 422, None),

@@ -19,8 +19,9 @@ from . import errors, experts
 from .errors import ApiError
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
-from .schemas import (MAX_DESCRIPTION, BatchOut, BatchRequest, Choice, CompletionOut, CompletionRequest,
-                      ExpertList, ExpertOut, GenerateRequest, LoraOut, SearchOut, SearchRequest, valid_unicode)
+from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
+                      CompletionRequest, ExpertList, ExpertOut, GenerateRequest, LoraOut, SearchOut, SearchRequest,
+                      valid_unicode)
 from .service import Service, Stored
 from .settings import ApiSettings
 
@@ -177,7 +178,8 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         elif body.description is not None:
             stored, _, _ = await service.generate(service.job(body.description, body.method, None, body.seed))
             lora, lora_id = stored[0].lora, stored[0].info["id"]
-        text = await service.complete(body.prompt, lora, body.max_tokens, body.temperature, body.seed)
+        temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+        text = await service.complete(body.prompt, lora, body.max_tokens, temperature, body.seed)
         return CompletionOut(id=service.new_completion_id(), created=int(time.time()),
                              model=service.reg.spec.base_model, choices=[Choice(text=text, index=0)],
                              lora_id=lora_id)

@@ -24,8 +24,8 @@ def expert_out(e: Expert) -> dict[str, Any]:
 def find(service: Service, key: str) -> Expert:
     try:
         return service.reg.get(key)
-    except RegistryError as exc:
-        raise ApiError(404, "not_found", str(exc)) from exc
+    except (RegistryError, OverflowError) as exc:  # OverflowError: an id past SQLite's 64-bit integers
+        raise ApiError(404, "not_found", f"no expert {key!r} in the registry") from exc
 
 
 def page(service: Service, offset: int, limit: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 MAX_DESCRIPTION = 4000
 MAX_BATCH = 256
+MIN_TEMPERATURE = 1e-2  # dividing logits by less overflows them to inf, and sampling fails
 
 
 def valid_unicode(text: str) -> str:
@@ -61,7 +62,8 @@ class CompletionRequest(Strict):
     lora_id: str | None = Field(default=None, min_length=1, max_length=128)
     method: str = "weighted"
     max_tokens: int = Field(default=32, ge=1, le=256)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0,
+                               description=f"0 (or below {MIN_TEMPERATURE}) decodes greedily.")
     seed: int | None = Field(default=None, ge=0, lt=2**31)
 
     @model_validator(mode="after")
