@@ -357,6 +357,15 @@ def test_bad_requests_get_4xx_json_errors(server: str, method: str, path: str, k
     assert_error(httpx.request(method, f"{server}{path}", timeout=30, **kwargs), status, code)
 
 
+def test_odd_ids_in_paths_are_404s(server: str) -> None:
+    odd = ["%00", "-1", "0", "%FF", "%F0%9F%98%80", "1.5", "%20", "a%2Fb", "x" * 3000, "9" * 40]
+    with httpx.Client(base_url=server, timeout=30, headers={"authorization": f"Bearer {KEY}"}) as http:
+        for key in odd:
+            for method, path in (("GET", f"/v1/experts/{key}"), ("DELETE", f"/v1/experts/{key}"),
+                                 ("GET", f"/v1/loras/{key}"), ("GET", f"/v1/loras/{key}/adapter")):
+                assert_error(http.request(method, path), 404)
+
+
 def test_sdk_raises_typed_errors(client: Client) -> None:
     with pytest.raises(BadRequestError) as info:
         client.generate("ok", method="magic")
