@@ -33,5 +33,9 @@ def serve(
 
         world = build_demo(settings.home)  # idempotent; prints progress while it builds
         typer.echo(f"demo world at {world.root}")
+    else:  # a bad path is one line here, not a traceback from the server's startup
+        from ..registry import Registry
+
+        Registry.open(settings.registry).close()
     typer.echo(f"serving on http://{settings.host}:{settings.port}  (docs at /docs)")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
