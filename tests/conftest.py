@@ -41,6 +41,16 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return auto.from_config(config).eval()
 
 
+@pytest.fixture(scope="session")
+def encoder():
+    """The real packaged all-MiniLM-L6-v2, loaded once for the whole test run."""
+    from loragen.embeddings import TextEncoder
+
+    enc = TextEncoder()
+    assert enc.dim == 384
+    return enc
+
+
 @pytest.fixture(autouse=True)
 def _loragen_home(tmp_path_factory, monkeypatch):
     if "LORAGEN_HOME" not in os.environ:

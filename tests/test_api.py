@@ -38,13 +38,6 @@ EXPERTS = {
 
 
 @pytest.fixture(scope="module")
-def encoder() -> TextEncoder:
-    enc = TextEncoder()
-    assert enc.dim == 384  # loads the model once for the whole module
-    return enc
-
-
-@pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Path:
     """A tiny random Llama with the demo tokenizer, and a registry of random experts over it."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -9,7 +9,6 @@ import torch
 from conftest import TARGETS, TINY_CONFIGS
 
 from loragen.adapters import Basis, spec_from_config
-from loragen.embeddings import TextEncoder
 from loragen.generator import GenerationError, LearnedGenerator, load_generator, train_generator
 from loragen.generator.decoder import TokenDecoder, TokenLayout
 from loragen.registry import Registry
@@ -23,11 +22,6 @@ TASKS = {
     "count": ["count the letters", "say how many characters there are"],
 }
 TRAIN = dict(epochs=3, batch=4, latent=16, hidden=64, lr=3e-3, val_fraction=0.2, patience=10)
-
-
-@pytest.fixture(scope="module")
-def encoder() -> TextEncoder:
-    return TextEncoder()
 
 
 def _spec(rank: int = 4):

@@ -37,13 +37,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
-def encoder() -> TextEncoder:
-    enc = TextEncoder()
-    assert enc.dim == 384  # loads the model once for the whole module
-    return enc
-
-
-@pytest.fixture(scope="module")
 def spec():
     return spec_from_config(TINY_CONFIGS["llama"], targets=["q_proj", "v_proj"], rank=4)
 

@@ -12,7 +12,7 @@ from ..basemodel import BaseModel
 from ..training.tasks import Instance
 
 
-def _flatten(loras: Sequence[Lora | None], instances: Sequence[Sequence[Instance]]):  # type: ignore[no-untyped-def]
+def _flatten(instances: Sequence[Sequence[Instance]]) -> list[tuple[int, Instance]]:
     return [(i, inst) for i, group in enumerate(instances) for inst in group]
 
 
@@ -25,7 +25,7 @@ def exact_match(
     max_new_tokens: int | None = None,
 ) -> list[float]:
     """Per group i: the fraction of `instances[i]` whose greedy output under `loras[i]` is exact."""
-    pairs = _flatten(loras, instances)
+    pairs = _flatten(instances)
     if max_new_tokens is None:
         longest = max((len(base.tokenizer(p.output, add_special_tokens=False)["input_ids"]) for _, p in pairs), default=1)
         max_new_tokens = longest + 2
@@ -48,7 +48,7 @@ def output_nll(
     batch_size: int = 256,
 ) -> list[float]:
     """Per group: mean negative log-likelihood per output token (eos included)."""
-    pairs = _flatten(loras, instances)
+    pairs = _flatten(instances)
     total = [0.0] * len(loras)
     count = [0] * len(loras)
     present = [lo for lo in loras if lo is not None]

@@ -68,6 +68,17 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _read_checked(path: Path, sha: str, what: str) -> bytes:
+    """A content-addressed file's bytes, refused when missing or not matching its sha256."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"{what} {path} is missing") from exc
+    if _sha(data) != sha:
+        raise RegistryError(f"{what} {path} is corrupt (sha256 mismatch)")
+    return data
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -153,12 +164,7 @@ class Registry:
     @staticmethod
     def _load_basis(path: Path, spec: LoraSpec, sha: str) -> Basis:
         blob = path / "blobs" / f"basis-{sha}.safetensors"
-        try:
-            data = blob.read_bytes()
-        except OSError as exc:
-            raise RegistryError(f"basis blob {blob} is missing") from exc
-        if _sha(data) != sha:
-            raise RegistryError(f"basis blob {blob} is corrupt (sha256 mismatch)")
+        data = _read_checked(blob, sha, "basis blob")
         top = path / BASIS_NAME
         if not top.is_file() or _sha(top.read_bytes()) != sha:  # a rebase crashed before replacing it
             atomic.write_bytes(top, data)
@@ -211,12 +217,7 @@ class Registry:
 
     def _read_blob(self, sha: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         path = self._blob(sha)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise RegistryError(f"blob {path} is missing") from exc
-        if _sha(data) != sha:
-            raise RegistryError(f"blob {path} is corrupt (sha256 mismatch)")
+        data = _read_checked(path, sha, "blob")
         try:
             tensors = load(data)
             # safetensors layout: u64 header length, then a JSON header holding __metadata__.
