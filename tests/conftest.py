@@ -43,10 +43,11 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def encoder():
-    """The real packaged all-MiniLM-L6-v2, loaded once for the whole test run."""
+    """The real packaged all-MiniLM-L6-v2, loaded once for the whole test run.
+    `LORAGEN_TEST_ENCODER` points at a local copy where the package is not installed (the GPU box)."""
     from loragen.embeddings import TextEncoder
 
-    enc = TextEncoder()
+    enc = TextEncoder(os.environ.get("LORAGEN_TEST_ENCODER"))
     assert enc.dim == 384
     return enc
 

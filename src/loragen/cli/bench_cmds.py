@@ -60,6 +60,8 @@ def decode(
     naive_max: Annotated[int, typer.Option(min=1, help="Time the naive loop on at most this many requests.")] = 8,
     registry_size: Annotated[int, typer.Option(min=1, help="Experts in the FAISS index (end to end).")] = 1000,
     end_to_end: Annotated[bool, typer.Option(help="Also time encoding + retrieval + decode.")] = True,
+    encoder: Annotated[str | None, typer.Option(help="Text encoder directory for end to end "
+                                                "(default: the packaged all-MiniLM-L6-v2).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's).")] = None,
     seed: int = 0,
 ) -> None:
@@ -72,7 +74,7 @@ def decode(
 
     cfg = BenchConfig(batches=parse_batches(batch), device=device, dtype=dtype, repeats=repeats, hidden=hidden,
                       latent=latent, naive_max=naive_max, registry_size=registry_size, end_to_end=end_to_end,
-                      seed=seed)
+                      encoder=encoder, seed=seed)
     check_config(cfg)  # before the (slow) spec, so bad flags fail fast
     if threads is not None:
         torch.set_num_threads(threads)

@@ -118,18 +118,49 @@ class TokenDecoder(nn.Module):
         self.register_buffer("group_tokens", torch.tensor([t for g in layout.groups for t in g.tokens]),
                              persistent=False)
 
-    def forward(self, request: torch.Tensor, token_features: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """request (N, request_dim), token_features (N, T, token_dim) -> per group (N, T_g, out·r)."""
+    def features(self, request: torch.Tensor, token_features: torch.Tensor | None = None) -> torch.Tensor:
+        """request (N, request_dim), token_features (N, T, token_dim) -> trunk output (N, T, hidden),
+        tokens reordered group by group so that each head reads one contiguous run."""
         pos = torch.cat([self.layer_emb(self.layer_ids), self.type_emb(self.type_ids)], dim=-1)
         h = rearrange(self.request_in(request), "n h -> n 1 h") + self.position_in(pos)
         if self.token_in is not None:
             assert token_features is not None, "this decoder was built with per-token features"
             h = h + self.token_in(token_features)
-        h = self.trunk(h)
-        # Gather every group's tokens once, then slice contiguous runs for the heads.
-        h = h[:, self.group_tokens]
+        return self.trunk(h)[:, self.group_tokens]
+
+    def _runs(self, h: torch.Tensor) -> list[torch.Tensor]:
         out, start = [], 0
-        for g, head in zip(self.layout.groups, self.heads):
-            out.append(head(h[:, start : start + len(g.tokens)]))
+        for g in self.layout.groups:
+            out.append(h[:, start : start + len(g.tokens)])
             start += len(g.tokens)
+        return out
+
+    def forward(self, request: torch.Tensor, token_features: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """-> per group (N, T_g, out·r), normalised token contents."""
+        return [head(x) for head, x in zip(self.heads, self._runs(self.features(request, token_features)))]
+
+    def folded_heads(self) -> list[torch.Tensor]:
+        """Per group [W | b | 1 | 0…] (width, hidden + pad): with inputs [s·h | s | m | 0…] one GEMM gives
+        s·(W h + b) + m, the denormalised token, in the output dtype with no separate epilogue pass.
+        Padded to a multiple of 8 columns for tensor-core GEMMs."""
+        folded = []
+        for head in self.heads:
+            w, b = head.weight.detach(), head.bias.detach()
+            pad = -(w.shape[1] + 2) % 8
+            extra = torch.zeros(w.shape[0], 2 + pad, device=w.device, dtype=w.dtype)
+            extra[:, 0], extra[:, 1] = b, 1
+            folded.append(torch.cat([w, extra], dim=1).contiguous())
+        return folded
+
+    def denormalised(self, request: torch.Tensor, folded: list[torch.Tensor], mean: list[torch.Tensor],
+                     std: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Like `forward`, with each token's normalisation (per-token mean and std, (T_g,) each)
+        undone inside the head GEMM; `folded` from `folded_heads()`."""
+        out = []
+        for x, w, m, s in zip(self._runs(self.features(request)), folded, mean, std):
+            n, t, _ = x.shape
+            pad = w.shape[1] - x.shape[-1] - 2
+            scale, shift = s.to(x)[:, None].expand(n, t, 1), m.to(x)[:, None].expand(n, t, 1)
+            aug = torch.cat([x * scale, scale, shift, x.new_zeros(n, t, pad)], dim=-1)
+            out.append(aug @ w.T)
         return out

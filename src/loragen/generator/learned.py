@@ -170,9 +170,20 @@ class LearnedGenerator:
         mu_p, lv_p = self.model.prior(cond)
         eps = repeat(noise.to(self.device, dt), "s d -> (n s) d", n=text.shape[0] // s)
         z = mu_p + (0.5 * lv_p).exp() * eps
+        if self.method == "icm":  # the heads write denormalised tokens in `dt` directly
+            groups = self.model.decoder.denormalised(torch.cat([z, cond], dim=-1), self._folded, *self._stats_on)
+            return self.model.layout.to_modules(groups)
         out = [g.float() for g in self.model.decode(z, cond, feats, mu, sigma)]
         groups = denormalise(out, *self.stats)  # type: ignore[arg-type]
         return {m: b.to(dt) for m, b in self.model.layout.to_modules(groups).items()}
+
+    @cached_property
+    def _folded(self) -> list[torch.Tensor]:
+        return self.model.decoder.folded_heads()
+
+    @cached_property
+    def _stats_on(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return tuple([t.to(self.device) for t in ts] for ts in self.stats)  # type: ignore[return-value]
 
     # ------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:
