@@ -177,3 +177,21 @@ def test_decoder_has_no_layer_loop():
         back = layout.to_modules(layout.to_groups(B))
         assert all(torch.equal(back[m], B[m]) for m in B)
     assert Basis.seeded(spec).spec is spec
+
+
+def test_topk_is_the_equal_mean_of_the_top_k_experts(registry):
+    """topk: weight 1/K on each of the K nearest experts (the same ones `weighted` picks), 0 elsewhere."""
+    from loragen.generator import RetrievalGenerator
+
+    description = "write the letters backwards"
+    lora = load_generator("topk", registry, k=3).generate([description])[0]
+    neighbours = lora.metadata["neighbours"]
+    assert [n["weight"] for n in neighbours] == pytest.approx([1 / 3] * 3)
+    weighted = RetrievalGenerator(registry, "weighted", k=3).generate([description])[0]
+    assert [n["expert"] for n in neighbours] == [n["expert"] for n in weighted.metadata["neighbours"]]
+    assert neighbours[0]["expert"] == "reverse"
+    for m in registry.spec.module_names:
+        want = sum(registry.final_b(n["expert"])[m] for n in neighbours) / 3
+        torch.testing.assert_close(lora.B[m], want, rtol=1e-5, atol=1e-6)
+    # Softmax weighting at a small τ is not the equal mean.
+    assert not all(torch.allclose(lora.B[m], weighted.B[m]) for m in lora.B)

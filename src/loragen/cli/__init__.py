@@ -17,13 +17,14 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from . import bench_cmds, eval_cmds, generate_cmds, registry_cmds, serve_cmds
+    from . import batch_cmds, bench_cmds, eval_cmds, generate_cmds, registry_cmds, serve_cmds
 
     app.add_typer(registry_cmds.app, name="registry", help="Manage the expert registry.")
     app.add_typer(generate_cmds.demo_app, name="demo")
     app.add_typer(generate_cmds.train_app, name="train")
     app.command("generate")(generate_cmds.generate)
     app.command("complete")(generate_cmds.complete)
+    app.command("batch")(batch_cmds.batch)
     app.add_typer(eval_cmds.app, name="eval")
     app.add_typer(bench_cmds.app, name="bench", help="Speed benchmarks (decode: fused vs naive).")
     app.command("serve")(serve_cmds.serve)

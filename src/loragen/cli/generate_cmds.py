@@ -23,8 +23,8 @@ def _registry_path(registry: Path | None) -> Path:
 def generate(
     description: Annotated[str, typer.Argument(help="What the LoRA should make the model do.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the PEFT adapter.")],
-    method: Annotated[str, typer.Option(help="nearest | weighted | uniform | icm | sg")] = "weighted",
-    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for weighted.")] = 4,
+    method: Annotated[str, typer.Option(help="nearest | weighted | topk | uniform | icm | sg")] = "weighted",
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for weighted and topk.")] = 4,
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature τ.")] = 0.05,
     generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator (icm/sg).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for icm/sg sampling.")] = None,

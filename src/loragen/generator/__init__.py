@@ -33,5 +33,5 @@ def load_generator(method: str, registry: Registry, *, k: int = 4, temperature: 
     raise GenerationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["LEARNED_METHODS", "METHODS", "GenerationError", "LearnedGenerator", "Neighbour",
+__all__ = ["LEARNED_METHODS", "METHODS", "RETRIEVAL_METHODS", "GenerationError", "LearnedGenerator", "Neighbour",
            "RetrievalGenerator", "check_descriptions", "load_generator", "train_generator"]

@@ -1,6 +1,7 @@
-"""Non-generative methods: nearest expert, top-K softmax-weighted mean, uniform mean of all.
+"""Non-generative methods: nearest expert, top-K softmax-weighted mean, top-K equal mean, uniform
+mean of all.
 
-All three are one weighted sum over the registry's expert Bs: a (requests × experts) weight matrix
+All four are one weighted sum over the registry's expert Bs: a (requests × experts) weight matrix
 times the stacked Bs, for every layer and module in one einsum per module type. Because every
 expert shares the basis A, a weighted mean of Bs is the weighted mean of the ΔWs.
 """
@@ -18,7 +19,7 @@ from ..adapters import Lora
 from ..errors import LoragenError
 from ..registry import Hit, Registry
 
-METHODS = ("nearest", "weighted", "uniform")
+METHODS = ("nearest", "weighted", "topk", "uniform")
 
 
 class GenerationError(LoragenError, ValueError):
@@ -84,6 +85,9 @@ class RetrievalGenerator:
         for row, row_hits in enumerate(hits):
             if self.method == "uniform":
                 w[row] = 1.0 / len(ids)
+            elif self.method == "topk":
+                for h in row_hits:
+                    w[row, column[h.expert_id]] = 1.0 / len(row_hits)
             else:
                 sims = torch.tensor([h.similarity for h in row_hits], dtype=torch.float64)
                 alpha = torch.softmax(sims / self.temperature, dim=0)

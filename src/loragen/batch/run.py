@@ -1,0 +1,138 @@
+"""`run_batch`: read the input, skip what the manifest says is done, generate the rest chunk by
+chunk, append each chunk's records to the manifest, and optionally evaluate.
+
+Ctrl-C between or during chunks leaves the manifest with every finished chunk and no adapter
+directory half-written (adapters are renamed into place whole); a re-run picks up from there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..errors import LoragenError
+from ..registry import Registry
+from .items import BatchItem, ItemError, read_items
+from .loading import load_generators
+from .manifest import NAME as MANIFEST_NAME
+from .manifest import Manifest
+from .step import ADAPTERS, Job, generate_chunk, write_outcome
+
+
+@dataclass
+class BatchConfig:
+    input: Path
+    out: Path
+    registry: Path
+    methods: list[str] = field(default_factory=lambda: ["weighted"])
+    generators: dict[str, Path] = field(default_factory=dict)  # method -> checkpoint dir
+    device: str = "cpu"
+    batch_size: int = 256  # items per chunk
+    seed: int = 0
+    k: int = 4
+    temperature: float = 0.05
+    train_fraction: float = 0.7  # task-file lines are evaluated on the rest of their instances
+    evaluate: bool = False
+    max_eval_instances: int | None = None  # per item, the first N of its instances (None: all)
+
+
+@dataclass
+class BatchSummary:
+    items: int
+    written: int
+    skipped: int
+    failed_items: list[str]
+    seconds: float
+    manifest: Path
+    report: dict[str, Any] | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return min(len(self.failed_items), 255)
+
+    def line(self) -> str:
+        return (f"{self.items} items: {self.written} adapters written, {self.skipped} already done, "
+                f"{len(self.failed_items)} items failed, in {self.seconds:.1f} s; manifest {self.manifest}")
+
+
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """Temp adapter directories a killed run left behind (never a finished adapter)."""
+    root = out / ADAPTERS
+    if root.is_dir():
+        for tmp in root.glob("**/.*.tmp"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record_input_errors(manifest: Manifest, errors: list[ItemError]) -> None:
+    fresh = []
+    for e in errors:
+        last = manifest.record(e.key, None)
+        if last is None or last.get("error") != e.message:  # a re-run does not repeat the same error
+            fresh.append({"id": e.key, "method": None, "line": e.line, "status": "error", "error": e.message})
+    manifest.append(fresh)
+
+
+def run_batch(config: BatchConfig, *, after_chunk: Callable[[int], None] | None = None) -> BatchSummary:
+    """Generate every (item, method) adapter not done yet. `after_chunk(i)` runs once chunk i is
+    in the manifest (progress hooks; tests use it to interrupt)."""
+    started = time.perf_counter()
+    if config.batch_size < 1:
+        raise LoragenError("--batch-size must be at least 1")
+    parsed = read_items(config.input, train_fraction=config.train_fraction, seed=config.seed)
+    items = [p for p in parsed if isinstance(p, BatchItem)]
+    errors = [p for p in parsed if isinstance(p, ItemError)]
+    config.out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(config.out)
+    manifest = Manifest(config.out / MANIFEST_NAME)
+    _record_input_errors(manifest, errors)
+
+    registry = Registry.open(config.registry)
+    wanted = list(dict.fromkeys([*config.methods, *(m for i in items for m in i.methods or ())]))
+    generators, missing = load_generators(wanted, registry, config.generators, k=config.k,
+                                          temperature=config.temperature, device=config.device)
+    for method in config.methods:
+        if method in missing:
+            raise LoragenError(missing[method])
+
+    pairs = [(item, m) for item in items for m in (item.methods or config.methods)]
+    todo = [(item, m) for item, m in pairs if not manifest.is_done(item.id, m)]
+    skipped = len(pairs) - len(todo)
+    by_item: dict[str, list[Job]] = {}
+    for item, m in todo:
+        by_item.setdefault(item.id, []).append(Job(item, m))
+    chunks = list(by_item.values())
+    written = 0
+    with tqdm(total=len(todo), desc="generate", unit="lora", dynamic_ncols=True) as bar:
+        for n, start in enumerate(range(0, len(chunks), config.batch_size)):
+            jobs = [j for per_item in chunks[start:start + config.batch_size] for j in per_item]
+            records = []
+            for job in jobs:
+                if job.method in missing:
+                    records.append({"id": job.item.id, "method": job.method, "line": job.item.line,
+                                    "status": "error", "error": missing[job.method]})
+            runnable = [j for j in jobs if j.method not in missing]
+            records += [write_outcome(o, config.out) for o in generate_chunk(generators, runnable, seed=config.seed)]
+            manifest.append(records)
+            written += sum(r["status"] == "ok" for r in records)
+            bar.update(len(jobs))
+            bar.set_postfix(failed=sum(r["status"] != "ok" for r in records), refresh=False)
+            if after_chunk is not None:
+                after_chunk(n)
+
+    failed = [e.key for e in errors]
+    failed += [i.id for i in items
+               if any((manifest.record(i.id, m) or {}).get("status") != "ok" for m in (i.methods or config.methods))]
+    summary = BatchSummary(len(parsed), written, skipped, failed, 0.0, manifest.path)
+    if config.evaluate:
+        from .evaluate import evaluate_batch
+
+        summary.report = evaluate_batch(items, config, registry, generators, manifest)
+    summary.seconds = time.perf_counter() - started
+    return summary
