@@ -37,7 +37,8 @@ class EncoderModel:
         path = Path(path) if path is not None else default_model_path()
         if not (path / "config.json").is_file():
             raise LoragenError(f"no encoder model at {path} (a local Hugging Face directory)")
-        model = AutoModel.from_pretrained(path).to(device).eval()
+        # float32 whatever the file holds: experts are trained on it.
+        model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
         return cls(model, AutoTokenizer.from_pretrained(path), str(path))
 
     @property
@@ -64,7 +65,7 @@ def score(input_vecs: torch.Tensor, label_vecs: torch.Tensor, offsets: list[tupl
 def accuracy(encoder: EncoderModel, loras: Sequence[Lora | None], labels: Sequence[Sequence[str]],
              instances: Sequence[Sequence[Any]], *, batch_size: int = 128) -> list[float]:
     """Per group i: accuracy of label scoring on `instances[i]` under `loras[i]` (None: base)."""
-    present = [lo for lo in loras if lo is not None]
+    present = [lo.to(device=encoder.device) for lo in loras if lo is not None]
     stack = LoraStack.from_loras(present) if present else None
     slot, n = [], 0
     for lo in loras:

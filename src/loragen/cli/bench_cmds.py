@@ -86,3 +86,39 @@ def decode(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
+
+
+@app.command("cls")
+def cls(
+    data: Annotated[Path, typer.Option("--data", help="A cls-tasks directory or tasks.jsonl (any file in that format).")],
+    out: Annotated[Path, typer.Option("--out", help="Where report.{json,md,png}, bench.json and generators go.")],
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    cache: Annotated[Path | None, typer.Option(help="Expert cache directory, shared between runs "
+                                               "(default: OUT/experts).")] = None,
+    base: Annotated[Path | None, typer.Option(help="Encoder directory (default: the packaged all-MiniLM-L6-v2).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Expert training steps.")] = 80,
+    rows_per_task: Annotated[int, typer.Option(min=1)] = 4,
+    checkpoints: Annotated[int, typer.Option(min=1, help="M: checkpoints kept per expert.")] = 5,
+    rank: Annotated[int, typer.Option(min=1)] = 8,
+    epochs: Annotated[int, typer.Option(min=1, help="Generator training epochs.")] = 60,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="K: neighbours for topk/weighted/sg.")] = 4,
+    temperature: Annotated[float, typer.Option(min=1e-6, help="τ of the softmax over similarities.")] = 0.05,
+    latent: Annotated[int, typer.Option(min=1)] = 256,
+    kl_icm: Annotated[float | None, typer.Option(min=0, help="KL weight of icm (default 0.005).")] = None,
+    kl_sg: Annotated[float | None, typer.Option(min=0, help="KL weight of sg (default 1.0).")] = None,
+    labels_in_description: Annotated[bool, typer.Option(help="Append the label set to descriptions.")] = True,
+    seed: int = 0,
+) -> None:
+    """Train experts on cls-tasks, train icm and sg on the train split, and score every method."""
+    from ..evaluation.cls_bench import ClsBenchConfig, ClsBenchError, run_cls_bench
+
+    if device not in ("cpu", "cuda"):
+        raise ClsBenchError(f"unknown device {device!r}; choose cpu or cuda")
+    cfg = ClsBenchConfig(steps=steps, rows_per_task=rows_per_task, checkpoints=checkpoints, rank=rank,
+                         generator_epochs=epochs, top_k=k, temperature=temperature, latent=latent,
+                         kl_weight_icm=kl_icm, kl_weight_sg=kl_sg, labels_in_description=labels_in_description,
+                         seed=seed, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = run_cls_bench(data, out, cfg, cache=cache, base=base, log=lambda s: typer.echo(s, err=True))
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"total {bench['timings']['total_s']:.0f} s; wrote {out}/report.json, report.md, report.png, bench.json")

@@ -33,7 +33,7 @@ def classify_loss(encoder: EncoderModel, tasks: list[Task]) -> LossFn:
         input_vecs = encoder.embed([inst.input for inst in batch])
         sims = score(input_vecs, label_vecs, offsets, task_rows)
         losses = [
-            F.cross_entropy((s / TEMPERATURE).unsqueeze(0), torch.tensor([labels[t].index(inst.output)]))
+            F.cross_entropy((s / TEMPERATURE).unsqueeze(0), torch.tensor([labels[t].index(inst.output)], device=s.device))
             for s, t, inst in zip(sims, task_rows, batch)
         ]
         return torch.stack(losses).mean()

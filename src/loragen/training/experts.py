@@ -61,11 +61,12 @@ def train_in_basis(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     spec = basis.spec
+    device = next(model.parameters()).device
     params = {
-        m.name: nn.Parameter(torch.zeros(len(tasks), spec.num_layers, m.out_features, spec.rank))
+        m.name: nn.Parameter(torch.zeros(len(tasks), spec.num_layers, m.out_features, spec.rank, device=device))
         for m in spec.modules
     }
-    stack = LoraStack(spec, dict(basis.A), params)
+    stack = LoraStack(spec, {m: a.to(device) for m, a in basis.A.items()}, params)
     optim = torch.optim.Adam(params.values(), lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / config.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
@@ -89,5 +90,5 @@ def train_in_basis(
             optim.step()
             sched.step()
             if step >= keep_from and (step - keep_from) % config.checkpoint_every == 0:
-                saved.append({k: v.detach().clone() for k, v in params.items()})
+                saved.append({k: v.detach().to("cpu", copy=True) for k, v in params.items()})
     return [[{k: v[t] for k, v in ckpt.items()} for ckpt in saved] for t in range(len(tasks))]

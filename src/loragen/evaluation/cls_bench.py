@@ -1,0 +1,204 @@
+"""`loragen bench cls`: the real-data question on cls-tasks (DESIGN §6), end to end.
+
+1. Each task's instances are split into train and test deterministically.
+2. One label-scoring expert per task on the real all-MiniLM-L6-v2, in one shared basis. Experts of
+   `train` tasks form the registry; experts of every other split are kept apart as oracles only.
+3. ICM-LoRA and SG-LoRA are trained on that registry.
+4. Every method is scored on the held-out tasks' test instances (zero-shot) and on the train tasks'
+   test instances with their own descriptions (reconstruction).
+
+Experts are cached by the task file's content and the expert settings, so runs that change only
+generator settings (the levers K, τ, latent size, KL weight) reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..adapters import Basis, Lora, spec_from_config
+from ..embeddings import TextEncoder, default_model_path
+from ..encoder import EncoderModel, accuracy
+from ..errors import LoragenError
+from ..generator import LearnedGenerator, RetrievalGenerator, train_generator
+from ..registry import Registry
+from ..training.classify import train_classifier_experts
+from ..training.experts import ExpertConfig
+from ..training.tasks import Task, read_tasks
+from .controls import unrelated_description
+from .report import write_report
+
+RETRIEVAL = ("uniform", "nearest", "topk", "weighted")
+LEARNED = ("icm", "sg")
+
+
+class ClsBenchError(LoragenError, ValueError):
+    """The cls benchmark cannot run as asked."""
+
+
+@dataclass
+class ClsBenchConfig:
+    train_fraction: float = 0.7
+    rank: int = 8
+    targets: tuple[str, ...] = ("query", "key", "value")
+    steps: int = 80
+    rows_per_task: int = 4
+    lr: float = 1e-2
+    checkpoints: int = 5
+    labels_in_description: bool = True  # a user states the label set with the task
+    generator_epochs: int = 60
+    top_k: int = 4
+    temperature: float = 0.05
+    latent: int = 256
+    kl_weight_icm: float | None = None  # None: the method's default (icm 0.005, sg 1.0)
+    kl_weight_sg: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def expert_key(self, data: bytes, base: str) -> str:
+        fields = (self.train_fraction, self.rank, self.targets, self.steps, self.rows_per_task, self.lr,
+                  self.checkpoints, self.labels_in_description, self.seed, base)
+        return hashlib.sha256(data + json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def describe(task: Task, text: str, with_labels: bool) -> str:
+    """The description a generator sees; with the label set appended, since symbolic labels
+    (`0`/`1`, `E`/`C`/`N`) only mean something next to their definition."""
+    return f"{text} Labels: {', '.join(task.labels or [])}." if with_labels else text
+
+
+def load_tasks(path: Path) -> list[Task]:
+    if not path.exists():
+        raise ClsBenchError(f"no data at {path}")
+    file = path / "tasks.jsonl" if path.is_dir() else path
+    tasks = read_tasks(file)
+    unlabelled = [t.name for t in tasks if not t.labels]
+    if unlabelled:
+        raise ClsBenchError(f"label scoring needs 'labels' on every task; missing for {', '.join(unlabelled[:5])}")
+    if not any(t.split == "train" for t in tasks):
+        raise ClsBenchError(f"{file} has no task with split 'train' to build the registry from")
+    return tasks
+
+
+# ------------------------------------------------------------------------ experts
+
+def build_experts(tasks: list[Task], cache: Path, cfg: ClsBenchConfig, encoder: EncoderModel,
+                  text_model: str | None, say: Callable[[str], None]) -> tuple[Registry, Registry | None]:
+    """(registry of train-split experts, oracle registry of the others), trained once per cache dir.
+    `text_model` embeds the descriptions (None: the packaged all-MiniLM-L6-v2)."""
+    done = cache / "experts.json"
+    if done.is_file():
+        say(f"experts: cached in {cache}")
+        return Registry.open(cache / "registry"), Registry.open(cache / "oracle") if (cache / "oracle").exists() else None
+    if cache.exists():
+        shutil.rmtree(cache)  # a run interrupted before it finished
+    spec = spec_from_config(Path(encoder.path), targets=list(cfg.targets), rank=cfg.rank, base_model=encoder.path)
+    basis = Basis.seeded(spec, cfg.seed)
+    every = max(1, cfg.steps // (4 * cfg.checkpoints))
+    config = ExpertConfig(steps=cfg.steps, lr=cfg.lr, rows_per_task=cfg.rows_per_task, checkpoints=cfg.checkpoints,
+                          checkpoint_every=every, seed=cfg.seed, train_fraction=cfg.train_fraction)
+    t0 = time.perf_counter()
+    runs = train_classifier_experts(encoder, basis, tasks, config)
+    say(f"experts: {len(runs)} trained in {time.perf_counter() - t0:.0f} s")
+    text = TextEncoder(text_model, device=cfg.device)
+    registry = Registry.create(cache / "registry", spec, encoder=text, basis=basis)
+    oracle = None
+    for run in runs:
+        descs = [describe(run.task, d, cfg.labels_in_description) for d in run.task.descriptions]
+        if run.task.split == "train":
+            registry.add_expert(run.task.name, run.checkpoints, descs, metrics=run.metrics)
+        else:
+            oracle = oracle or Registry.create(cache / "oracle", spec, encoder=text, basis=basis)
+            oracle.add_expert(run.task.name, run.checkpoints, descs, metrics=run.metrics)
+    done.write_text(json.dumps({"tasks": len(runs), "seconds": round(time.perf_counter() - t0, 1),
+                                "config": asdict(cfg)}, indent=2) + "\n")
+    return registry, oracle
+
+
+def build_generators(registry: Registry, out: Path, cfg: ClsBenchConfig,
+                     say: Callable[[str], None]) -> dict[str, LearnedGenerator]:
+    gens = {}
+    for method, kl in (("icm", cfg.kl_weight_icm), ("sg", cfg.kl_weight_sg)):
+        t0 = time.perf_counter()
+        gens[method] = train_generator(registry, method, epochs=cfg.generator_epochs, latent=cfg.latent,
+                                       kl_weight=kl, seed=cfg.seed, top_k=cfg.top_k,
+                                       temperature=cfg.temperature, out_dir=out / "generators" / method)
+        say(f"{method}: trained in {time.perf_counter() - t0:.0f} s")
+    return gens
+
+
+# ------------------------------------------------------------------------ evaluation
+
+def method_loras(tasks: list[Task], descs: list[str], registry: Registry, oracle: Registry | None,
+                 gens: dict[str, LearnedGenerator], cfg: ClsBenchConfig) -> dict[str, list[Lora | None]]:
+    """Every method's LoRA for each task (None: the base model; missing oracle: left out)."""
+    loras: dict[str, list[Lora | None]] = {"base": [None] * len(tasks)}
+    known = {e.name: registry for e in registry.experts()}
+    known |= {e.name: oracle for e in oracle.experts()} if oracle is not None else {}
+    if all(t.name in known for t in tasks):
+        loras["oracle"] = [known[t.name].lora(t.name) for t in tasks]  # type: ignore[union-attr]
+    for method in RETRIEVAL:
+        gen = RetrievalGenerator(registry, method, k=cfg.top_k, temperature=cfg.temperature)
+        loras[method] = list(gen.generate(descs))
+    unrelated = [unrelated_description(t.name, cfg.seed) for t in tasks]
+    for method, gen in gens.items():
+        loras[method] = list(gen.generate(descs, seed=cfg.seed))
+        loras[f"random({method})"] = list(gen.generate(unrelated, seed=cfg.seed))
+    return loras
+
+
+def evaluate(tasks: list[Task], split: str, registry: Registry, oracle: Registry | None,
+             gens: dict[str, LearnedGenerator], encoder: EncoderModel, cfg: ClsBenchConfig) -> list[dict[str, Any]]:
+    if not tasks:
+        return []
+    descs = [describe(t, t.description, cfg.labels_in_description) for t in tasks]
+    loras = method_loras(tasks, descs, registry, oracle, gens, cfg)
+    tests = [t.split_instances(cfg.train_fraction, cfg.seed)[1] for t in tasks]
+    methods = list(loras)
+    flat = [lo for m in methods for lo in loras[m]]
+    scores = accuracy(encoder, flat, [t.labels or [] for t in tasks] * len(methods), tests * len(methods))
+    rows = []
+    for i, (method, score) in enumerate(zip((m for m in methods for _ in tasks), scores)):
+        task = tasks[i % len(tasks)]
+        rows.append({"item": task.name, "method": method, "score": score, "group": task.cluster or "none",
+                     "split": split, "n_test": len(tests[i % len(tasks)])})
+    return rows
+
+
+def run_cls_bench(data: Path, out: Path, cfg: ClsBenchConfig, *, cache: Path | None = None,
+                  base: Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = log or (lambda _: None)
+    start = time.perf_counter()
+    tasks = load_tasks(data)
+    file = data / "tasks.jsonl" if data.is_dir() else data
+    text_model = str(base) if base is not None else None
+    base = base or default_model_path()
+    encoder = EncoderModel.load(base, device=cfg.device)
+    key = cfg.expert_key(file.read_bytes(), str(base))
+    cache = cache or out / "experts"
+    cache = cache / key
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    registry, oracle = build_experts(tasks, cache, cfg, encoder, text_model, say)
+    timings["experts_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gens = build_generators(registry, out, cfg, say)
+    timings["generators_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    held = [t for t in tasks if t.split != "train"]
+    seen = [t for t in tasks if t.split == "train"]
+    rows = evaluate(held, "heldout", registry, oracle, gens, encoder, cfg)
+    rows += evaluate(seen, "train", registry, oracle, gens, encoder, cfg)
+    timings["evaluation_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - start
+    summary = write_report(rows, out, title=f"cls benchmark: {file.name}", metric="accuracy")["summary"]
+    bench = {"data": str(file), "tasks": {"train": len(seen), "heldout": len(held)}, "expert_cache": str(cache),
+             "config": asdict(cfg), "timings": {k: round(v, 1) for k, v in timings.items()}, "summary": summary}
+    (out / "bench.json").write_text(json.dumps(bench, indent=2, default=str) + "\n")
+    return bench
