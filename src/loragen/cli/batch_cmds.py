@@ -49,7 +49,12 @@ def batch(
                          generators=generator_dirs(paths), device=device, batch_size=batch_size, seed=seed, k=k,
                          temperature=temperature, evaluate=evaluate, train_fraction=train_fraction,
                          max_eval_instances=max_eval_instances)
-    summary = run_batch(config)
+    try:
+        summary = run_batch(config)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: finished chunks are in {out / 'manifest.jsonl'}; run the same command "
+                   "again to resume", err=True)
+        raise
     if summary.report is not None:
         typer.echo((out / "report.md").read_text())
         typer.echo(f"wrote {out / 'report.json'}, report.md, report.png")
