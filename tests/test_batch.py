@@ -92,7 +92,8 @@ def test_causal_greedy_exact_match_and_nll(world):
     with lora.merged(base.model):
         adapted = base.complete(inputs, max_new_tokens=4)
     assert plain != adapted  # the expert changes what the model says
-    half = [Instance(x, y) for x, y in zip(inputs[:2], plain[:2])] + [Instance(x, y + "z") for x, y in zip(inputs[2:], plain[2:])]
+    half = [Instance(x, y) for x, y in zip(inputs[:2], plain[:2])]
+    half += [Instance(x, y + "z") for x, y in zip(inputs[2:], plain[2:])]  # wrong on purpose
     evaluator = CausalGreedy(base, max_new_tokens=4)
     scores = evaluator.score([None, lora, None], [half, [Instance(x, y) for x, y in zip(inputs, adapted)],
                                                   [Instance(x, y) for x, y in zip(inputs, adapted)]])
@@ -132,8 +133,8 @@ def test_label_scoring_accuracy():
 
 # ------------------------------------------------------------------ input parsing
 def test_read_items_records_each_bad_line(tmp_path):
-    task_line = {"task": "t1", "definition": "reverse it", "instances": [{"input": str(i), "output": str(i)} for i in range(10)],
-                 "cluster": "fam", "split": "heldout"}
+    task_line = {"task": "t1", "definition": "reverse it", "cluster": "fam", "split": "heldout",
+                 "instances": [{"input": str(i), "output": str(i)} for i in range(10)]}
     path = _write(tmp_path / "in.jsonl", [
         {"id": "a", "description": "reverse the string"}, "{oops", {"id": "b"}, {"description": "no id"},
         {"id": "c", "description": "x" * 4001}, {"id": "a", "description": "again"}, "", task_line,
@@ -162,9 +163,11 @@ def test_bad_lines_are_recorded_the_rest_proceed_and_the_exit_code_counts_them(w
     assert "7 items: 10 adapters written, 0 already done, 4 items failed" in res.stdout
     records = _manifest(out)
     ok = [r for r in records if r["status"] == "ok"]
-    assert {(r["id"], r["method"]) for r in ok} == {(f"item-{i}", m) for i in range(3) for m in ("nearest", "topk", "sg")} | {("odd", "nearest")}
+    want = {(f"item-{i}", m) for i in range(3) for m in ("nearest", "topk", "sg")} | {("odd", "nearest")}
+    assert {(r["id"], r["method"]) for r in ok} == want
     for r in ok:  # the manifest names every output, and each is a complete adapter
-        assert (out / r["path"] / "adapter_config.json").is_file() and (out / r["path"] / "adapter_model.safetensors").is_file()
+        assert (out / r["path"] / "adapter_config.json").is_file()
+        assert (out / r["path"] / "adapter_model.safetensors").is_file()
         assert r["neighbours"] and set(r["timings"]) == {"generate_s", "write_s"}
     sg = [r for r in ok if r["method"] == "sg"]
     assert all(isinstance(r["ood"], bool) for r in sg)
@@ -174,13 +177,13 @@ def test_bad_lines_are_recorded_the_rest_proceed_and_the_exit_code_counts_them(w
 
 
 def test_an_unknown_method_flag_is_a_one_line_error(world, tmp_path):
-    res = _cli(str(_write(tmp_path / "in.jsonl", _items(2))), "--out", str(tmp_path / "out"), "--method", "nearest,nope",
-               "--registry", str(world / "registry"))
+    path = _write(tmp_path / "in.jsonl", _items(2))
+    res = _cli(str(path), "--out", str(tmp_path / "out"), "--method", "nearest,nope", "--registry", str(world / "registry"))
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: unknown method 'nope'; choose from nearest, weighted, topk, uniform, icm, sg"]
-    res = _cli(str(_write(tmp_path / "in.jsonl", _items(2))), "--out", str(tmp_path / "out"), "--method", "icm",
-               "--registry", str(world / "registry"))
+    res = _cli(str(path), "--out", str(tmp_path / "out"), "--method", "icm", "--registry", str(world / "registry"))
     assert res.returncode == 2 and "needs a trained generator" in res.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def _state(out: Path) -> dict[str, tuple[int, int]]:
