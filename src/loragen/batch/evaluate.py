@@ -47,7 +47,8 @@ def read_adapter(path: Path, spec: LoraSpec) -> Lora:
     `LoraStack` needs one order to apply it next to in-memory LoRAs; tensors are keyed by name."""
     lora = Lora.from_pretrained(path)
     by_name = {m.name: m for m in spec.modules}
-    if {m.name: m for m in lora.spec.modules} != by_name or (lora.spec.rank, lora.spec.scaling) != (spec.rank, spec.scaling):
+    same_shape = (lora.spec.rank, lora.spec.scaling) == (spec.rank, spec.scaling)
+    if {m.name: m for m in lora.spec.modules} != by_name or not same_shape:
         raise LoragenError(f"{path} does not fit the registry's spec; was it written for another registry?")
     return Lora(spec, lora.A, lora.B, lora.metadata)
 

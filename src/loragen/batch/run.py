@@ -88,18 +88,18 @@ def run_batch(config: BatchConfig, *, after_chunk: Callable[[int], None] | None 
     parsed = read_items(config.input, train_fraction=config.train_fraction, seed=config.seed)
     items = [p for p in parsed if isinstance(p, BatchItem)]
     errors = [p for p in parsed if isinstance(p, ItemError)]
-    config.out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(config.out)
-    manifest = Manifest(config.out / MANIFEST_NAME)
-    _record_input_errors(manifest, errors)
-
     registry = Registry.open(config.registry)
     wanted = list(dict.fromkeys([*config.methods, *(m for i in items for m in i.methods or ())]))
     generators, missing = load_generators(wanted, registry, config.generators, k=config.k,
                                           temperature=config.temperature, device=config.device)
-    for method in config.methods:
+    for method in config.methods:  # a run-wide method that cannot run stops before anything is written
         if method in missing:
             raise LoragenError(missing[method])
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(config.out)
+    manifest = Manifest(config.out / MANIFEST_NAME)
+    _record_input_errors(manifest, errors)
 
     pairs = [(item, m) for item in items for m in (item.methods or config.methods)]
     todo = [(item, m) for item, m in pairs if not manifest.is_done(item.id, m)]

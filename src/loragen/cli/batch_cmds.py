@@ -16,10 +16,13 @@ def batch(
     out: Annotated[Path, typer.Option("--out", help="Output directory: adapters/, manifest.jsonl, report.*")],
     method: Annotated[str, typer.Option("--method", help="Comma-separated: nearest, weighted, topk, uniform, "
                                         "icm, sg.")] = "weighted",
-    generator: Annotated[list[Path] | None, typer.Option("--generator", help="An icm/sg checkpoint, or a folder "
-                         "holding icm/ and sg/ ones; repeatable. Default with the demo registry: its generators.")] = None,
-    registry: Annotated[Path | None, typer.Option("--registry", help="Registry directory (default: the demo world's).")] = None,
-    evaluate: Annotated[bool, typer.Option("--eval", help="Score items with instances; write report.json/md/png.")] = False,
+    generator: Annotated[list[Path] | None, typer.Option(
+        "--generator", help="An icm/sg checkpoint, or a folder holding icm/ and sg/ ones; repeatable. "
+        "Default with the demo registry: its generators.")] = None,
+    registry: Annotated[Path | None, typer.Option(
+        "--registry", help="Registry directory (default: the demo world's).")] = None,
+    evaluate: Annotated[bool, typer.Option(
+        "--eval", help="Score items with instances; write report.json/md/png.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Items per chunk.")] = 256,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for weighted and topk.")] = 4,
@@ -27,7 +30,8 @@ def batch(
     seed: Annotated[int, typer.Option(help="Seed for icm/sg sampling and the control texts.")] = 0,
     train_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Task-file lines: the share of "
                               "instances kept for training; the rest are evaluated.")] = 0.7,
-    max_eval_instances: Annotated[int | None, typer.Option(min=1, help="Evaluate at most N instances per item.")] = None,
+    max_eval_instances: Annotated[int | None, typer.Option(
+        min=1, help="Evaluate at most N instances per item.")] = None,
 ) -> None:
     """Generate every (item, method) adapter not yet in OUT/manifest.jsonl. Exit code: failed items (≤ 255)."""
     from ..batch import BatchConfig, run_batch
@@ -49,7 +53,12 @@ def batch(
                          generators=generator_dirs(paths), device=device, batch_size=batch_size, seed=seed, k=k,
                          temperature=temperature, evaluate=evaluate, train_fraction=train_fraction,
                          max_eval_instances=max_eval_instances)
-    summary = run_batch(config)
+    try:
+        summary = run_batch(config)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: finished chunks are in {out / 'manifest.jsonl'}; run the same command "
+                   "again to resume", err=True)
+        raise
     if summary.report is not None:
         typer.echo((out / "report.md").read_text())
         typer.echo(f"wrote {out / 'report.json'}, report.md, report.png")

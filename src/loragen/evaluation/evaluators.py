@@ -55,13 +55,14 @@ class LabelScoring:
 class CausalGreedy:
     metric = "exact_match"
 
-    def __init__(self, base: BaseModel, *, batch_size: int = 256) -> None:
-        self.base, self.batch_size = base, batch_size
+    def __init__(self, base: BaseModel, *, batch_size: int = 256, max_new_tokens: int | None = None) -> None:
+        """`max_new_tokens` None: the longest expected output + 2 tokens (see `metrics.exact_match`)."""
+        self.base, self.batch_size, self.max_new_tokens = base, batch_size, max_new_tokens
 
     def score(self, loras: Sequence[Lora | None], instances: Sequence[Sequence[Instance]],
               labels: Sequence[Sequence[str] | None] | None = None) -> list[dict[str, float]]:
         loras = _on(loras, self.base.device)
-        em = exact_match(self.base, loras, instances, batch_size=self.batch_size)
+        em = exact_match(self.base, loras, instances, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
         nll = output_nll(self.base, loras, instances, batch_size=self.batch_size)
         return [{"score": e, "nll": n} for e, n in zip(em, nll)]
 

@@ -125,8 +125,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"(their number in brackets).", ""]
     for split, table in report["summary"].items():
         extras = list(dict.fromkeys(k for s in table.values() for k in s if k.startswith("mean_")))
-        lines += [f"## {split}", "",
-                  "| method | n | mean | median | gain recovered |" + "".join(f" {k.replace('_', ' ')} |" for k in extras),
+        extra_heads = "".join(f" {k.replace('_', ' ')} |" for k in extras)
+        lines += [f"## {split}", "", "| method | n | mean | median | gain recovered |" + extra_heads,
                   "|---|---:|---:|---:|---:|" + "---:|" * len(extras)]
         for m, s in table.items():
             gain = f"{_fmt(s['gain_recovered'], pct=True)} ({s['gain_items']})" if s["gain_items"] else "–"
