@@ -195,3 +195,85 @@ def test_topk_is_the_equal_mean_of_the_top_k_experts(registry):
         torch.testing.assert_close(lora.B[m], want, rtol=1e-5, atol=1e-6)
     # Softmax weighting at a small τ is not the equal mean.
     assert not all(torch.allclose(lora.B[m], weighted.B[m]) for m in lora.B)
+
+
+# ------------------------------------------------------------------ ICM-LoRA's in-context task vector
+
+EXAMPLE_FNS = {
+    "reverse": lambda w: w[::-1], "upper": str.upper, "sort": lambda w: "".join(sorted(w)),
+    "double": lambda w: "".join(c + c for c in w), "vowels": lambda w: "".join(c for c in w if c not in "aeiou"),
+    "count": lambda w: str(len(w)),
+}
+WORDS = ["apple", "stone", "river", "cloud", "mango", "tiger", "piano", "lemon"]
+
+
+def _examples(task: str, n: int = 6) -> list[dict[str, str]]:
+    return [{"input": w, "output": EXAMPLE_FNS[task](w)} for w in WORDS[:n]]
+
+
+@pytest.fixture(scope="module")
+def icm_world(tmp_path_factory, encoder):
+    from test_batch import _base_model
+
+    root = tmp_path_factory.mktemp("icm-tv")
+    _base_model(root / "base")
+    spec = spec_from_config(root / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(root / "base"))
+    reg = Registry.create(root / "registry", spec, encoder=encoder, seed=0)
+    gen = torch.Generator().manual_seed(2)
+    for name, descriptions in TASKS.items():
+        centre = {m.name: torch.randn(spec.num_layers, m.out_features, spec.rank, generator=gen) for m in spec.modules}
+        reg.add_expert(name, [{m: c + 0.05 * torch.randn(c.shape, generator=gen) for m, c in centre.items()}
+                              for _ in range(3)], descriptions)
+    examples = {name: _examples(name) for name in TASKS}
+    trained = train_generator(reg, "icm", seed=0, out_dir=root / "icm", examples=examples, **TRAIN)
+    return reg, trained, root
+
+
+def test_task_vectors_match_unpadded_forwards(icm_world):
+    from loragen.basemodel import BaseModel
+    from loragen.generator.task_vector import TaskVectors
+
+    reg, _, root = icm_world
+    source = TaskVectors(reg.spec)
+    sets = [_examples("reverse", 3), _examples("count", 1)]
+    got = source.vectors(sets)
+    base = BaseModel.load(root / "base")
+    with torch.no_grad():
+        for row, examples in zip(got, sets):
+            states = []
+            for ex in examples:
+                enc = base.encode_pairs([ex["input"]], [ex["output"]])
+                out = base.model(input_ids=enc["input_ids"], output_hidden_states=True)
+                states.append(out.hidden_states[-1][0, -1].double())
+            ref = torch.stack(states).mean(0)
+            assert torch.allclose(row.double(), ref / ref.norm(), atol=1e-5)
+
+
+def test_icm_uses_examples_when_trained_with_them(icm_world):
+    reg, gen, root = icm_world
+    assert gen.task_vector_dim == 32
+    desc = ["reverse the letters of the input"]
+    plain = gen.generate(desc, seed=0)[0]
+    with_ex = gen.generate(desc, examples=[_examples("reverse", 4)], seed=0)[0]
+    assert plain.metadata["examples_used"] is False and with_ex.metadata["examples_used"] is True
+    assert not _same(plain, with_ex)
+    # a batch mixing rows with and without examples equals the single calls
+    batch = gen.generate(desc * 2, examples=[_examples("reverse", 4), []], seed=0)
+    assert _same(batch[0], with_ex, atol=1e-5) and _same(batch[1], plain, atol=1e-5)
+    # saved and loaded, it generates the same LoRA from the same examples
+    loaded = LearnedGenerator.from_pretrained(root / "icm", reg)
+    assert _same(loaded.generate(desc, examples=[_examples("reverse", 4)], seed=0)[0], with_ex, atol=1e-6)
+
+
+def test_bad_examples_are_clear_errors(icm_world):
+    _, gen, _ = icm_world
+    with pytest.raises(GenerationError, match="one per description"):
+        gen.generate(["reverse it", "sort it"], examples=[_examples("reverse")])
+    with pytest.raises(GenerationError, match="string 'input' and 'output'"):
+        gen.generate(["reverse it"], examples=[[{"input": "abc"}]])
+
+
+def test_a_generator_trained_without_examples_says_it_ignored_them(trained):
+    gen, _ = trained
+    lora = gen.generate(["sort the letters"], examples=[_examples("sort")], seed=0)[0]
+    assert lora.metadata["examples_used"] is False

@@ -107,6 +107,7 @@ def cls(
     kl_icm: Annotated[float | None, typer.Option(min=0, help="KL weight of icm (default 0.005).")] = None,
     kl_sg: Annotated[float | None, typer.Option(min=0, help="KL weight of sg (default 1.0).")] = None,
     labels_in_description: Annotated[bool, typer.Option(help="Append the label set to descriptions.")] = True,
+    examples: Annotated[int, typer.Option(min=0, help="icm+examples: pairs per request (0: off).")] = 4,
     seed: int = 0,
 ) -> None:
     """Train experts on cls-tasks, train icm and sg on the train split, and score every method."""
@@ -117,6 +118,7 @@ def cls(
     cfg = ClsBenchConfig(steps=steps, rows_per_task=rows_per_task, checkpoints=checkpoints, rank=rank,
                          generator_epochs=epochs, top_k=k, temperature=temperature, latent=latent,
                          kl_weight_icm=kl_icm, kl_weight_sg=kl_sg, labels_in_description=labels_in_description,
+                         examples_per_request=examples,
                          seed=seed, device=device)
     out.mkdir(parents=True, exist_ok=True)
     bench = run_cls_bench(data, out, cfg, cache=cache, base=base, log=lambda s: typer.echo(s, err=True))

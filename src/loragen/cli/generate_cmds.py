@@ -28,6 +28,8 @@ def generate(
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature τ.")] = 0.05,
     generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator (icm/sg).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for icm/sg sampling.")] = None,
+    example: Annotated[list[str] | None, typer.Option("--example", help="icm: an input/output pair as "
+                       "INPUT=>OUTPUT (repeatable); adds the in-context task vector.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Generate a LoRA for DESCRIPTION and write it as a PEFT adapter."""
@@ -39,7 +41,13 @@ def generate(
     if method in LEARNED_METHODS and generator is None and registry is None:
         generator = Settings().demo_dir / "generators" / method  # the demo world's
     gen = load_generator(method, reg, k=k, temperature=temperature, generator_dir=generator)
-    lora = gen.generate([description], seed=seed)[0]
+    pairs = []
+    for text in example or []:
+        if "=>" not in text:
+            raise LoragenError(f"--example {text!r} is not INPUT=>OUTPUT")
+        x, y = text.split("=>", 1)
+        pairs.append({"input": x, "output": y})
+    lora = gen.generate([description], seed=seed, examples=[pairs] if pairs else None)[0]
     lora.save_pretrained(out)
     flags = "".join(f", {f}" for f in ("ood", "clipped") if lora.metadata.get(f))
     typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model}{flags})")
@@ -117,6 +125,10 @@ def train_generator_cmd(
     patience: Annotated[int, typer.Option(min=1, help="Early stopping patience (epochs).")] = 15,
     holdout: Annotated[str, typer.Option(help="Comma-separated experts to leave out.")] = "",
     resume: Annotated[bool, typer.Option(help="Continue from OUT's training state.")] = False,
+    examples: Annotated[Path | None, typer.Option("--examples", help="icm: task file whose tasks' training "
+                        "instances (by expert name) give in-context task vectors.")] = None,
+    train_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="With --examples: the part of each "
+                              "task's instances used as examples (the experts' train split).")] = 0.7,
     seed: int = 0,
 ) -> None:
     """Train an ICM-LoRA or SG-LoRA generator on every checkpoint of the registry's experts."""
@@ -129,8 +141,16 @@ def train_generator_cmd(
     names = [h.strip() for h in holdout.split(",") if h.strip()]
     for name in names:
         reg.get(name)  # an unknown expert is an error, not a silent no-op
+    pairs = None
+    if examples is not None:
+        from ..training.tasks import read_tasks
+
+        if method != "icm":
+            raise GenerationError("--examples trains ICM-LoRA's task vectors; use it with --method icm")
+        pairs = {t.name: [{"input": i.input, "output": i.output} for i in t.split_instances(train_fraction, seed)[0]]
+                 for t in read_tasks(examples)}
     train_generator(reg, method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
-                    patience=patience, out_dir=out, resume=resume, holdout=names)
+                    patience=patience, out_dir=out, resume=resume, holdout=names, examples=pairs)
     typer.echo(f"wrote {method} generator to {out}")
 
 

@@ -5,7 +5,8 @@
    `train` tasks form the registry; experts of every other split are kept apart as oracles only.
 3. ICM-LoRA and SG-LoRA are trained on that registry.
 4. Every method is scored on the held-out tasks' test instances (zero-shot) and on the train tasks'
-   test instances with their own descriptions (reconstruction).
+   test instances with their own descriptions (reconstruction). `icm+examples` also gives ICM-LoRA
+   a few input/output pairs from the task's training split (few-shot, not zero-shot).
 
 Experts are cached by the task file's content and the expert settings, so runs that change only
 generator settings (the levers K, τ, latent size, KL weight) reuse them.
@@ -27,6 +28,7 @@ from ..embeddings import TextEncoder, default_model_path
 from ..encoder import EncoderModel, accuracy
 from ..errors import LoragenError
 from ..generator import LearnedGenerator, RetrievalGenerator, train_generator
+from ..generator.task_vector import TaskVectors
 from ..registry import Registry
 from ..training.classify import train_classifier_experts
 from ..training.experts import ExpertConfig
@@ -52,6 +54,7 @@ class ClsBenchConfig:
     lr: float = 1e-2
     checkpoints: int = 5
     labels_in_description: bool = True  # a user states the label set with the task
+    examples_per_request: int = 4  # icm+examples: pairs from the task's train split; 0 turns it off
     generator_epochs: int = 60
     top_k: int = 4
     temperature: float = 0.05
@@ -121,14 +124,23 @@ def build_experts(tasks: list[Task], cache: Path, cfg: ClsBenchConfig, encoder: 
     return registry, oracle
 
 
-def build_generators(registry: Registry, out: Path, cfg: ClsBenchConfig,
+def examples_of(task: Task, cfg: ClsBenchConfig, n: int | None = None) -> list[dict[str, str]]:
+    """Pairs from the task's training split only (never its test instances)."""
+    train = task.split_instances(cfg.train_fraction, cfg.seed)[0]
+    return [{"input": i.input, "output": i.output} for i in train[:n]]
+
+
+def build_generators(registry: Registry, tasks: list[Task], out: Path, cfg: ClsBenchConfig, encoder: EncoderModel,
                      say: Callable[[str], None]) -> dict[str, LearnedGenerator]:
     gens = {}
+    examples = {t.name: examples_of(t, cfg) for t in tasks if t.split == "train"}
     for method, kl in (("icm", cfg.kl_weight_icm), ("sg", cfg.kl_weight_sg)):
         t0 = time.perf_counter()
+        tv = TaskVectors(registry.spec, loaded=encoder) if method == "icm" and cfg.examples_per_request else None
         gens[method] = train_generator(registry, method, epochs=cfg.generator_epochs, latent=cfg.latent,
                                        kl_weight=kl, seed=cfg.seed, top_k=cfg.top_k,
-                                       temperature=cfg.temperature, out_dir=out / "generators" / method)
+                                       temperature=cfg.temperature, out_dir=out / "generators" / method,
+                                       examples=examples if tv is not None else None, task_vectors=tv)
         say(f"{method}: trained in {time.perf_counter() - t0:.0f} s")
     return gens
 
@@ -150,6 +162,9 @@ def method_loras(tasks: list[Task], descs: list[str], registry: Registry, oracle
     for method, gen in gens.items():
         loras[method] = list(gen.generate(descs, seed=cfg.seed))
         loras[f"random({method})"] = list(gen.generate(unrelated, seed=cfg.seed))
+        if gen.task_vector_dim:
+            shots = [examples_of(t, cfg, cfg.examples_per_request) for t in tasks]
+            loras[f"{method}+examples"] = list(gen.generate(descs, examples=shots, seed=cfg.seed))
     return loras
 
 
@@ -188,7 +203,7 @@ def run_cls_bench(data: Path, out: Path, cfg: ClsBenchConfig, *, cache: Path | N
     registry, oracle = build_experts(tasks, cache, cfg, encoder, text_model, say)
     timings["experts_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gens = build_generators(registry, out, cfg, say)
+    gens = build_generators(registry, tasks, out, cfg, encoder, say)
     timings["generators_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     held = [t for t in tasks if t.split != "train"]

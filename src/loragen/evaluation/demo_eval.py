@@ -32,7 +32,9 @@ UNRELATED = (
     "describe the migration patterns of arctic terns",
     "write a polite email declining a meeting invitation",
 )
-METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "sg", "random(icm)", "random(sg)", "oracle")
+METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "icm+examples", "sg", "random(icm)", "random(sg)",
+                "oracle")
+EXAMPLES_PER_REQUEST = 4  # icm+examples: pairs from the task's training split, as a user would paste
 
 
 @dataclass
@@ -60,6 +62,11 @@ def _generate(world: DemoWorld, registry: Registry, split: str, tasks: list[Task
         gen = load_generator(method, registry, generator_dir=world.generators / f"{method}{suffix}")
         loras = gen.generate(descs, seed=seed)
         cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
+        if getattr(gen, "task_vector_dim", 0):
+            examples = [[{"input": i.input, "output": i.output}
+                         for i in t.split_instances(0.9, seed)[0][:EXAMPLES_PER_REQUEST]] for t in tasks]
+            loras = gen.generate(descs, examples=examples, seed=seed)
+            cells += [Cell(f"{method}+examples", split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
         controls = gen.generate(unrelated, seed=seed)
         cells += [Cell(f"random({method})", split, t.name, u, lo) for t, u, lo in zip(tasks, unrelated, controls)]
     return cells

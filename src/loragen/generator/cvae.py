@@ -142,11 +142,23 @@ class TrainingSet:
     description_expert: torch.Tensor  # (D,) expert index
     mu_star: list[torch.Tensor] | None = None  # sg: per group (D, T_g, W_g), leave-one-out
     sigma_star: list[torch.Tensor] | None = None
+    # icm with examples: per expert S task vectors with a trailing "has examples" flag (E, S, dim + 1)
+    task_vectors: torch.Tensor | None = None
+    task_vector_dropout: float = 0.5  # so the model also serves requests without examples
 
-    def batch(self, cps: torch.Tensor, descs: torch.Tensor) -> tuple[Any, ...]:
+    def batch(self, cps: torch.Tensor, descs: torch.Tensor, gen: torch.Generator | None = None) -> tuple[Any, ...]:
         mu = [m[descs] for m in self.mu_star] if self.mu_star is not None else None
         sg = [s[descs] for s in self.sigma_star] if self.sigma_star is not None else None
-        return [t[cps] for t in self.tokens], self.text[descs], mu, sg
+        text = self.text[descs]
+        if self.task_vectors is not None:  # random set and dropout in training, set 0 in validation
+            tv = self.task_vectors[self.checkpoint_expert[cps]]
+            if gen is None:
+                tv = tv[:, 0]
+            else:
+                tv = tv[torch.arange(len(cps)), torch.randint(tv.shape[1], (len(cps),), generator=gen)]
+                tv = tv * (torch.rand(len(cps), 1, generator=gen) >= self.task_vector_dropout)
+            text = torch.cat([text, tv], dim=-1)
+        return [t[cps] for t in self.tokens], text, mu, sg
 
     def pick_descriptions(self, cps: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         """One description of each checkpoint's expert: random with `gen`, else the first."""
@@ -197,7 +209,7 @@ def fit(model: LoraCVAE, data: TrainingSet, config: FitConfig, *, state_path: Pa
         losses = []
         for start in range(0, len(perm), config.batch):
             cps = perm[start : start + config.batch]
-            tokens, text, mu, sg = data.batch(cps, data.pick_descriptions(cps, gen))
+            tokens, text, mu, sg = data.batch(cps, data.pick_descriptions(cps, gen), gen)
             noise = torch.randn(len(cps), model.config.latent, generator=gen)
             loss, _, _ = model.loss(tokens, text, mu, sg, noise)
             opt.zero_grad(set_to_none=True)

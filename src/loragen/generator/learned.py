@@ -14,6 +14,8 @@ import shutil
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
+import random
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, denormalise, fit
 from .decoder import TokenLayout
 from .retrieval import GenerationError, Neighbour, check_descriptions
 from .safety import Safety, calibrate_ood, norm_range
+from .task_vector import Example, TaskVectors, check_examples
 
 log = logging.getLogger(__name__)
 FORMAT = "loragen-generator"
@@ -85,6 +88,7 @@ class LearnedGenerator:
         self.registry, self.safety, self.config = registry, safety, config
         self.method = model.config.method
         self.holdout = set(config.get("holdout", []))
+        self.task_vector_dim = int(config.get("task_vector_dim", 0))  # 0: trained without examples
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         # Normalisation stays in float32 whatever the decoder's dtype.
@@ -128,21 +132,41 @@ class LearnedGenerator:
         mu, sigma = mix(w.to(self.device), *self._prototypes)
         return text, mu, sigma, neighbours
 
+    @cached_property
+    def task_vectors(self) -> TaskVectors:
+        return TaskVectors(self.registry.spec, device=str(self.device))
+
+    def task_condition(self, example_sets: Sequence[Sequence[Example]]) -> torch.Tensor:
+        """(N, dim + 1): the task vector and a 1 flag for rows with examples, zeros for the rest."""
+        out = torch.zeros(len(example_sets), self.task_vector_dim + 1)
+        rows = [i for i, s in enumerate(example_sets) if s]
+        if rows:
+            vecs = self.task_vectors.vectors([example_sets[i] for i in rows])
+            if vecs.shape[1] != self.task_vector_dim:
+                raise GenerationError(f"the base model gives task vectors of width {vecs.shape[1]}, "
+                                      f"the generator was trained on {self.task_vector_dim}")
+            out[rows, :-1], out[rows, -1] = vecs, 1.0
+        return out
+
     @torch.no_grad()
     def generate(self, descriptions: list[str], *, examples: list[list[dict[str, str]]] | None = None,
                  seed: int | None = None, num_samples: int = 1) -> list[Lora]:
         """`num_samples` LoRAs per description, in order. The noise depends only on `seed` and the
         sample index, so a batch gives the same LoRAs as one call per description.
 
-        `examples` is accepted for interface compatibility; this version conditions on the
-        description only (no in-context task vector yet), and says so in `examples_used`."""
+        `examples` (one list of {input, output} per description, possibly empty) add ICM-LoRA's
+        in-context task vector when the generator was trained with examples; `examples_used` in
+        the metadata says whether they were."""
         descriptions = check_descriptions(descriptions)
+        example_sets = check_examples(examples, len(descriptions))
         if num_samples < 1:
             raise GenerationError("num_samples must be at least 1")
         seed = secrets.randbits(31) if seed is None else int(seed)
         vecs = normalised(self.registry.encoder.encode(descriptions))
         hits = self.search(vecs)
         text, mu, sigma, neighbours = self.conditions(vecs, hits)
+        if self.task_vector_dim:
+            text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
         noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
         B = self.decode(text, mu, sigma, noise)
         self.safety.check_finite(B, descriptions)
@@ -154,7 +178,7 @@ class LearnedGenerator:
             meta = {"method": self.method, "description": descriptions[d], "seed": seed, "sample": s,
                     "neighbours": [asdict(n) for n in neighbours[d]], "nearest_similarity": nearest,
                     "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i]),
-                    "examples_used": False if examples else None}
+                    "examples_used": bool(example_sets[d]) and self.task_vector_dim > 0}
             loras.append(self.registry.basis.lora({m: b[i] for m, b in B.items()}, meta))
         return loras
 
@@ -210,7 +234,8 @@ class LearnedGenerator:
             raise GenerationError(f"{directory}/config.json is not a {FORMAT} config")
         check_compatible(config, registry, str(directory))
         layout = TokenLayout(registry.spec)
-        model = LoraCVAE(layout, CVAEConfig(**config["cvae"]), int(config["embedding_dim"]))
+        tv = int(config.get("task_vector_dim", 0))
+        model = LoraCVAE(layout, CVAEConfig(**config["cvae"]), int(config["embedding_dim"]) + (tv + 1 if tv else 0))
         model_state = {k: v for k, v in tensors.items() if not k.startswith("safety.")}
         try:
             model.load_state_dict(model_state)
@@ -241,27 +266,40 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     latent: int = 256, kl_weight: float | None = None, seed: int = 0, val_fraction: float = 0.1,
                     patience: int = 15, out_dir: str | Path | None = None, resume: bool = False,
                     holdout: list[str] | tuple[str, ...] = (), hidden: int = 512, top_k: int = 4,
-                    temperature: float = 0.05) -> LearnedGenerator:
-    """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts."""
+                    temperature: float = 0.05, examples: Mapping[str, Sequence[Example]] | None = None,
+                    example_sets: int = 8, examples_per_set: int = 4,
+                    task_vectors: TaskVectors | None = None) -> LearnedGenerator:
+    """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
+
+    icm with `examples` (expert name -> {input, output} pairs, e.g. its task's training instances)
+    also learns from in-context task vectors: `example_sets` random sets of `examples_per_set`
+    per expert, dropped half of the time so that requests without examples still work."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
     cvae = CVAEConfig(method=method, latent=latent, hidden=hidden, top_k=top_k, temperature=temperature,
                       kl_weight=KL_DEFAULTS[method] if kl_weight is None else kl_weight)
     layout = TokenLayout(registry.spec)
     tokens = RegistryTokens(registry, layout, set(holdout))
+    tv = None
+    if examples and method == "icm":
+        source = task_vectors or TaskVectors(registry.spec)
+        tv = expert_task_vectors(source, [e.name for e in tokens.experts], examples, example_sets,
+                                 examples_per_set, seed)
+    tv_dim = tv.shape[-1] - 1 if tv is not None else 0
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LoraCVAE(layout, cvae, registry.dim)
+        model = LoraCVAE(layout, cvae, registry.dim + (tv_dim + 1 if tv_dim else 0))
     model.set_stats(*tokens.stats())
     lo, hi = norm_range([c for cps in tokens.raw for c in cps])
     safety = Safety(lo, hi, calibrate_ood(registry, tokens.excluded))
     config = {"format": FORMAT, "version": 1, "method": method, "cvae": asdict(cvae), "spec": registry.spec.to_dict(),
               "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
               "embedding_dim": registry.dim, "registry_fingerprint": registry.fingerprint(),
-              "holdout": sorted(holdout), "ood_threshold": safety.ood_threshold}
+              "holdout": sorted(holdout), "ood_threshold": safety.ood_threshold, "task_vector_dim": tv_dim}
     gen = LearnedGenerator(registry, model, safety, config)
     gen.__dict__["_tokens"] = tokens
     data = training_set(gen, tokens)
+    data.task_vectors = tv
     state_path = Path(out_dir) / STATE_NAME if out_dir is not None else None
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,3 +323,19 @@ def training_set(gen: LearnedGenerator, tokens: RegistryTokens) -> TrainingSet:
         hits = gen.search(vecs, own=owners.tolist())
         _, data.mu_star, data.sigma_star, _ = gen.conditions(vecs, hits)
     return data
+
+
+def expert_task_vectors(source: TaskVectors, experts: list[str], examples: Mapping[str, Sequence[Example]],
+                        sets: int, per_set: int, seed: int) -> torch.Tensor:
+    """(E, sets, dim + 1): random example sets per expert; all zeros for experts without examples."""
+    rng = random.Random(seed)
+    chosen = {name: [rng.sample(list(examples[name]), min(per_set, len(examples[name]))) for _ in range(sets)]
+              for name in experts if examples.get(name)}
+    if not chosen:
+        raise GenerationError("none of the registry's experts has examples to build task vectors from")
+    vecs = source.vectors([s for name in chosen for s in chosen[name]])
+    out = torch.zeros(len(experts), sets, vecs.shape[1] + 1)
+    rows = [i for i, name in enumerate(experts) if name in chosen]
+    out[rows, :, :-1] = vecs.view(len(rows), sets, -1)
+    out[rows, :, -1] = 1.0
+    return out

@@ -24,13 +24,14 @@ from ..adapters import atomic, spec_from_config
 from ..basemodel import BaseModel
 from ..embeddings import TextEncoder
 from ..generator import train_generator
+from ..generator.task_vector import TaskVectors
 from ..registry import Registry
 from .causal import train_causal_experts
 from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
-from .tasks import write_tasks
+from .tasks import Task, read_tasks, write_tasks
 
-DEMO_VERSION = 5
+DEMO_VERSION = 6
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -179,7 +180,8 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
         experts_done = time.perf_counter()
         for method in ("icm", "sg"):
             train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed,
-                            **GENERATOR_OPTIONS[method])
+                            examples=demo_examples(tasks, config) if method == "icm" else None,
+                            task_vectors=TaskVectors(spec, loaded=base), **GENERATOR_OPTIONS[method])
         summary = {
             "version": DEMO_VERSION,
             "seconds": round(time.perf_counter() - started, 1),
@@ -190,12 +192,20 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
     return world
 
 
+def demo_examples(tasks: list[Task], config: DemoConfig) -> dict[str, list[dict[str, str]]]:
+    """Input/output pairs from each task's training split, for ICM-LoRA's task vectors."""
+    return {t.name: [{"input": i.input, "output": i.output}
+                     for i in t.split_instances(config.experts.train_fraction, config.seed)[0][:64]] for t in tasks}
+
+
 def ensure_holdout_generators(world: DemoWorld, seed: int = 0) -> None:
     """Train (once) the generators that never see the HELD_OUT tasks' experts."""
     missing = [m for m in ("icm", "sg") if not (world.generators / f"{m}-holdout" / "config.json").is_file()]
     if not missing:
         return
     registry = Registry.open(world.registry)
+    examples = demo_examples(read_tasks(world.tasks), DemoConfig(seed=seed))
     for method in missing:
         train_generator(registry, method, out_dir=world.generators / f"{method}-holdout",
-                        holdout=HELD_OUT, seed=seed, **GENERATOR_OPTIONS[method])
+                        holdout=HELD_OUT, seed=seed, examples=examples if method == "icm" else None,
+                        **GENERATOR_OPTIONS[method])

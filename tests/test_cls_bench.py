@@ -1,0 +1,75 @@
+"""`loragen bench cls` end to end on a small task file of its own (real MiniLM, few steps)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loragen.evaluation.cls_bench import ClsBenchConfig, ClsBenchError, run_cls_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ClsBenchConfig(steps=6, rows_per_task=2, checkpoints=2, generator_epochs=2, latent=16)
+
+
+def _toy_tasks(path: Path, keep: int = 24) -> list[dict]:
+    spec = importlib.util.spec_from_file_location("toy_cls_tasks", ROOT / "benchmarks" / "toy_cls_tasks.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    tasks = [t for t in module.tasks() if t["task"] in {"parity_number", "colour_word", "object_kind",
+                                                        "verb_tense", "produce_kind"}]
+    for t in tasks:
+        t["instances"] = t["instances"][:keep]
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    return tasks
+
+
+def test_bench_cls_runs_on_another_file_and_reuses_its_experts(tmp_path):
+    data = tmp_path / "toy.jsonl"
+    tasks = _toy_tasks(data)
+    logs: list[str] = []
+    bench = run_cls_bench(data, tmp_path / "out", TINY, log=logs.append)
+    for name in ("report.json", "report.md", "report.png", "bench.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    # Its numbers come from this file only: the items are its tasks, split as the file says.
+    splits = {(r["item"], r["split"]) for r in report["rows"]}
+    assert splits == {(t["task"], "heldout" if t["split"] == "heldout" else "train") for t in tasks}
+    methods = {r["method"] for r in report["rows"]}
+    assert methods == {"base", "oracle", "uniform", "nearest", "topk", "weighted", "icm", "sg",
+                       "random(icm)", "random(sg)", "icm+examples"}
+    assert all(0.0 <= r["score"] <= 1.0 for r in report["rows"])
+    assert bench["tasks"] == {"train": 4, "heldout": 1}
+    # The held-out task's expert is an oracle only: never in the registry the generators train on.
+    assert report["summary"]["heldout"]["oracle"]["n"] == 1
+    from loragen.registry import Registry
+
+    cache = Path(bench["expert_cache"])
+    assert "produce_kind" not in {e.name for e in Registry.open(cache / "registry").experts()}
+    assert {e.name for e in Registry.open(cache / "oracle").experts()} == {"produce_kind"}
+
+    logs.clear()
+    again = run_cls_bench(data, tmp_path / "out2", TINY, cache=cache.parent, log=logs.append)
+    assert any("cached" in line for line in logs) and again["expert_cache"] == bench["expert_cache"]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ClsBenchError, match="no data at"):
+        run_cls_bench(tmp_path / "missing", tmp_path / "out", TINY)
+    data = tmp_path / "nolabels.jsonl"
+    data.write_text(json.dumps({"task": "t", "definition": "d", "split": "train",
+                                "instances": [{"input": "a", "output": "x"}, {"input": "b", "output": "y"}]}) + "\n")
+    with pytest.raises(ClsBenchError, match="needs 'labels'"):
+        run_cls_bench(data, tmp_path / "out", TINY)
+
+
+def test_cli_missing_data_is_one_line_and_non_zero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "loragen.cli", "bench", "cls", "--data", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no data at" in proc.stderr
