@@ -24,12 +24,13 @@ from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
-from ..generator import LEARNED_METHODS, METHODS, check_descriptions, load_generator
+from ..generator import LEARNED_METHODS, METHODS, GenerationError, check_descriptions, load_generator
 from ..registry import Registry
 from .batching import MicroBatcher
 from .cache import ByteLRU, tensor_bytes
 from .errors import ApiError
 from .metrics import Metrics
+from .readiness import Readiness
 from .settings import ApiSettings
 
 T = TypeVar("T")
@@ -59,6 +60,13 @@ class Job:
         return [f"lora-{digest}-{i}" for i in range(samples)]
 
 
+def _config_method(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @dataclass
 class Stored:
     lora: Lora
@@ -80,21 +88,45 @@ class Service:
         self.generator_root: Path | None = settings.generator
         self._generators: dict[tuple[str, int], Any] = {}
         self._base: BaseModel | None = None
-        self.ready = False
+        self.readiness = Readiness()
+        self._warming: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        await self.in_engine(self._open)
+        """Start serving at once; loading and warming go on in the background (see /readyz)."""
         self.batcher.start()
-        self.ready = True
+        self._warming = asyncio.get_running_loop().create_task(self._warm())
 
     async def stop(self) -> None:
-        self.ready = False
+        self._stopping = True
+        if self._warming is not None:
+            self._warming.cancel()
         await self.batcher.stop()
         if self.registry is not None:
             await self.in_engine(self.registry.close)
         self.engine.shutdown(wait=False)
         self.model_pool.shutdown(wait=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness.ready and not self._stopping
+
+    async def _warm(self) -> None:
+        loop = asyncio.get_running_loop()
+        steps = (("registry", self.engine, self._open), ("encoder", self.engine, self._warm_encoder),
+                 ("generators", self.engine, self._warm_generators), ("base_model", self.model_pool, self._warm_base))
+        for component, pool, fn in steps:
+            self.readiness.loading(component)
+            try:
+                await loop.run_in_executor(pool, fn)
+            except Exception as exc:  # the service stays up and /readyz says what failed
+                log.error("%s failed to load: %s", component, exc)
+                self.readiness.failed(component, exc)
+                if component == "registry":
+                    return  # nothing else can load without it
+                continue
+            self.readiness.done(component)
 
     def _open(self) -> None:
         path = self.settings.registry
@@ -104,12 +136,25 @@ class Service:
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators
         self.registry = Registry.open(path, encoder=self._encoder)
-        # Load the encoder and stack the experts now, not on the first request.
-        self.registry.encoder.encode(["warm up"])
-        try:
-            self._generator("weighted", self.settings.top_k).generate(["warm up"])
-        except LoragenError as exc:  # e.g. an empty registry: requests will say so
-            log.warning("no warm-up generation: %s", exc)
+
+    def _warm_encoder(self) -> None:
+        self.reg.encoder.encode(["warm up"])
+
+    def _warm_generators(self) -> None:
+        """The default generator, and every trained one the service can find, loaded and run once."""
+        methods = [("weighted", self.settings.top_k)]
+        root = self.generator_root
+        if root is not None:
+            methods += [(m, 0) for m in LEARNED_METHODS if (root / m / "config.json").is_file()
+                        or ((root / "config.json").is_file() and _config_method(root) == m)]
+        for method, k in methods:
+            try:
+                self._generator(method, k).generate(["warm up"], seed=0)
+            except GenerationError as exc:  # e.g. an empty registry: requests will say so
+                log.warning("no warm-up generation with %s: %s", method, exc)
+
+    def _warm_base(self) -> None:
+        self.base_model().complete(["warm up"], max_new_tokens=1)
 
     async def in_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.engine, partial(fn, *args, **kwargs))
