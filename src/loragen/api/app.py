@@ -92,7 +92,8 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
             raise ApiError(503, "not_ready", f"not ready: {service.readiness.pending() or 'shutting down'}",
                            {"Retry-After": "1"})
         return ReadyOut(status="ready", registry=str(service.reg.path), components=dict(service.readiness.state),
-                        max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+                        max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                        encoder_dtype=settings.encoder_dtype)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

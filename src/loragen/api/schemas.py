@@ -163,3 +163,4 @@ class ReadyOut(BaseModel):
     components: dict[str, str]
     max_batch: int = Field(description="Most generation requests decoded together (1: no micro-batching).")
     max_wait_ms: float
+    encoder_dtype: str

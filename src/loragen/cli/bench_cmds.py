@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from .serve_cmds import EncoderDtype
+
 app = typer.Typer(no_args_is_help=True, help="Speed benchmarks.")
 
 
@@ -148,6 +150,8 @@ def serve_bench(
                                                       "batching server.")] = None,
     registry: Annotated[Path | None, typer.Option("--registry", help="Registry for the started servers "
                                                   "(default: the demo world).")] = None,
+    encoder_dtype: Annotated[EncoderDtype | None, typer.Option(help="Text encoder dtype of the started "
+                                                               "servers (default float32).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
 ) -> None:
     """Load servers on loopback: req/s, p50/p99 latency and errors per case, micro-batching on and off."""
@@ -187,7 +191,8 @@ def serve_bench(
     else:
         for label, batch, wait in (("batched", None, max_wait_ms), ("unbatched", 1, None)):
             log(f"starting a server with micro-batching {'off' if batch == 1 else 'on'} ...")
-            with local_server(max_batch=batch, max_wait_ms=wait, registry=registry) as srv:
+            with local_server(max_batch=batch, max_wait_ms=wait, registry=registry,
+                              encoder_dtype=encoder_dtype.value if encoder_dtype else None) as srv:
                 bench(label, srv.url, srv.cpu_seconds)
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -223,4 +228,4 @@ def _server_info(url: str) -> dict[str, Any]:
         body = httpx.get(f"{url.rstrip('/')}/readyz", timeout=10).json()
     except (httpx.HTTPError, ValueError):
         return {}
-    return {k: body[k] for k in ("max_batch", "max_wait_ms") if isinstance(body, dict) and k in body}
+    return {k: body[k] for k in ("max_batch", "max_wait_ms", "encoder_dtype") if isinstance(body, dict) and k in body}

@@ -10,6 +10,7 @@ of the response body.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import secrets
@@ -157,6 +158,10 @@ async def bench_server(url: str, *, concurrency: list[int], seconds: float, case
                        warmup_s: float = 1.0, max_tokens: int = 8, server_cpu: Callable[[], float] | None = None,
                        log: Callable[[str], None] = lambda _: None) -> list[LevelResult]:
     """Every case at every concurrency level against one server, each level after a short warm-up."""
+    # This process holds torch (through loragen.adapters); a full collection of its objects would
+    # stall the clients for a few hundred ms and show up as server latency.
+    gc.collect()
+    gc.freeze()
     tag = secrets.token_hex(4)
     table = cases(tag, max_tokens)
     unknown = [n for n in case_names if n not in table]
