@@ -274,6 +274,10 @@ def test_concurrent_completions_equal_sequential(server: str, client: Client, wo
 
     concurrent = [c.text for c in asyncio.run(run())]
     assert concurrent == sequential
+    text = httpx.get(f"{server}/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line[:1] != "#"}
+    # Some forward decoded several requests, each with its own LoRA.
+    assert values['loragen_completion_batch_size_bucket{le="1.0"}'] < values["loragen_completion_batch_size_count"]
     same_prompt = {client.complete("hello", lora_id=lid, max_tokens=8).text for lid in ids}
     assert len(same_prompt) > 1  # the LoRAs really change the output
     base = BaseModel.load(world / "base")

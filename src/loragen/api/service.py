@@ -2,7 +2,8 @@
 
 SQLite connections belong to the thread that opened them, so the registry is opened, and every
 registry or generator call runs, on one `engine` thread. Completions run on their own `model`
-thread, one at a time; each applies its LoRA per request (shared weights are never modified).
+thread; concurrent greedy ones are micro-batched into one forward in which every row applies its
+own LoRA (shared weights are never modified).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import secrets
@@ -68,6 +70,24 @@ def _config_method(directory: Path) -> str | None:
         return None
 
 
+_sampled = itertools.count()
+
+
+@dataclass(eq=False)
+class Completion:
+    prompt: str
+    lora: Lora | None
+    max_tokens: int
+    temperature: float
+    seed: int | None
+
+    def __post_init__(self) -> None:
+        # Greedy requests with the same max_tokens share a forward; each row applies its own LoRA.
+        # A sampled request runs alone, so that its seed gives the same text as it would by itself.
+        self.group: tuple[Any, ...] = (("greedy", self.max_tokens) if self.temperature == 0
+                                       else ("sampled", next(_sampled)))
+
+
 @dataclass
 class Stored:
     lora: Lora
@@ -85,6 +105,9 @@ class Service:
         self.batcher: MicroBatcher[Job, tuple[list[Stored], float]] = MicroBatcher(
             self._run_group, lambda j: j.group, max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000)
+        self.completer: MicroBatcher[Completion, str] = MicroBatcher(
+            self._run_completions, lambda c: c.group, max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000)
         self.registry: Registry | None = None
         self.generator_root: Path | None = settings.generator
         self._generators: dict[tuple[str, int], Any] = {}
@@ -97,6 +120,7 @@ class Service:
     async def start(self) -> None:
         """Start serving at once; loading and warming go on in the background (see /readyz)."""
         self.batcher.start()
+        self.completer.start()
         self._warming = asyncio.get_running_loop().create_task(self._warm())
 
     async def stop(self) -> None:
@@ -104,6 +128,7 @@ class Service:
         if self._warming is not None:
             self._warming.cancel()
         await self.batcher.stop()
+        await self.completer.stop()
         if self.registry is not None:
             await self.in_engine(self.registry.close)
         self.engine.shutdown(wait=False)
@@ -268,15 +293,19 @@ class Service:
     # ------------------------------------------------------------ completions
     async def complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
                        seed: int | None) -> str:
-        fn = partial(self._complete, prompt, lora, max_tokens, temperature, seed)
-        return await asyncio.get_running_loop().run_in_executor(self.model_pool, fn)
+        return await self.completer.submit(Completion(prompt, lora, max_tokens, temperature, seed))
 
-    def _complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
-                  seed: int | None) -> str:
-        base = self.base_model()
-        loras = [lora] if lora is not None else None
-        return base.complete([prompt], loras=loras, max_new_tokens=max_tokens, temperature=temperature,
-                             seed=seed)[0]
+    async def _run_completions(self, jobs: list[Completion]) -> list[str]:
+        texts = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._complete, jobs)
+        self.metrics.completion_batch(len(jobs))
+        return texts
+
+    def _complete(self, jobs: list[Completion]) -> list[str]:
+        """One batched forward for `jobs` (one group: same max_tokens, greedy or one sampled job)."""
+        first = jobs[0]
+        loras = [j.lora for j in jobs] if any(j.lora is not None for j in jobs) else None
+        return self.base_model().complete([j.prompt for j in jobs], loras=loras, max_new_tokens=first.max_tokens,
+                                          temperature=first.temperature, seed=first.seed)
 
     def base_model(self) -> BaseModel:
         if self._base is None:
