@@ -160,7 +160,7 @@ def serve_bench(
     import shlex
     import sys
 
-    from ..client.loadtest import bench_server, machine, parse_levels
+    from ..client.loadtest import CASE_NAMES, bench_server, machine, parse_levels
     from .local_server import local_server
 
     try:
@@ -168,6 +168,10 @@ def serve_bench(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--concurrency") from None
     names = [c.strip() for c in cases.split(",") if c.strip()]
+    unknown = sorted(set(names) - set(CASE_NAMES))
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown case(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                 f"{', '.join(CASE_NAMES)}", param_hint="--cases")
     log = lambda s: typer.echo(s, err=True)  # noqa: E731
     results: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
@@ -176,15 +180,12 @@ def serve_bench(
         info = _server_info(target)
         label = _label(hint, info, [s["label"] for s in servers])
         servers.append({"label": label, "url": target, **info})
-        try:
-            rows = asyncio.run(bench_server(target, concurrency=levels, seconds=seconds, case_names=names,
-                                            warmup_s=warmup, max_tokens=max_tokens, server_cpu=cpu, log=log))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--cases") from None
+        rows = asyncio.run(bench_server(target, concurrency=levels, seconds=seconds, case_names=names,
+                                        warmup_s=warmup, max_tokens=max_tokens, server_cpu=cpu, log=log))
         results.extend({"server": label, **r.model_dump()} for r in rows)
 
-    if url:
-        for i, u in enumerate(url):
+    if url or url_unbatched:
+        for i, u in enumerate(url or []):
             bench(f"server{i + 1}", u)
         if url_unbatched:
             bench("unbatched", url_unbatched)
@@ -211,7 +212,7 @@ def serve_bench(
 
 
 def _label(hint: str, info: dict[str, Any], taken: list[str]) -> str:
-    """"batched" / "unbatched" from the server's own max_batch where it says it, else `hint`."""
+    """Batched or unbatched, from the max_batch the server reports on /readyz, else `hint`; unique."""
     if "max_batch" in info:
         hint = "unbatched" if info["max_batch"] == 1 else "batched"
     label, n = hint, 2

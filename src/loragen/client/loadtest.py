@@ -32,6 +32,7 @@ PHRASES = (
     "drop the first character", "keep every other character", "swap the first and last letters",
 )
 PROMPTS = ("abcde", "hello", "string", "loragen", "qwerty", "python")
+CASE_NAMES = ("loras-json", "loras-zip", "completions")
 
 
 @dataclass(frozen=True)
