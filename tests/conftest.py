@@ -6,6 +6,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
 import pytest
 import torch
 
@@ -56,3 +62,27 @@ def encoder():
 def _loragen_home(tmp_path_factory, monkeypatch):
     if "LORAGEN_HOME" not in os.environ:
         monkeypatch.setenv("LORAGEN_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@contextmanager
+def uvicorn_server(app, *, wait_ready: bool = True, timeout: float = 120) -> Iterator[str]:
+    """`app` on a real uvicorn server on an ephemeral loopback port; yields its URL once /readyz is 200."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    while wait_ready and httpx.get(f"{url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, httpx.get(f"{url}/readyz").text
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

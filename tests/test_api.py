@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import uvicorn_server
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -67,23 +68,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Pat
 
 @pytest.fixture(scope="module")
 def server(world: Path, encoder: TextEncoder):
-    import uvicorn
-
     settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
                            api_keys=[KEY], max_wait_ms=5, max_body_bytes=2**20)
-    config = uvicorn.Config(create_app(settings, encoder=encoder), host="127.0.0.1", port=0,
-                            log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_server(create_app(settings, encoder=encoder)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -104,6 +92,13 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     return err
 
 
+def assert_error_5xx(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"code", "message"} and err["code"] == code and err["message"]
+    return err
+
+
 def test_health_ready_metrics(server: str) -> None:
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
@@ -111,6 +106,43 @@ def test_health_ready_metrics(server: str) -> None:
     assert 'loragen_requests_total{method="GET",route="/healthz",status="200"}' in text
     assert "loragen_cache_hits_total" in text and "loragen_generation_batch_size_bucket" in text
     assert "/v1/completions" in httpx.get(f"{server}/openapi.json").json()["paths"]
+
+
+def test_readyz_waits_for_every_component(world: Path, encoder: TextEncoder) -> None:
+    settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home")
+    app = create_app(settings, encoder=encoder)
+    gate = threading.Event()
+    app.state.service.engine.submit(gate.wait)  # the registry cannot load until the gate opens
+    with uvicorn_server(app, wait_ready=False) as url:
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        err = assert_error_5xx(httpx.get(f"{url}/readyz"), 503, "not_ready")
+        for component in ("registry", "encoder", "generators", "base_model"):
+            assert component in err["message"]
+        gate.set()
+        deadline = time.monotonic() + 60
+        while (r := httpx.get(f"{url}/readyz")).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        body = r.json()
+        assert body["components"] == dict.fromkeys(("registry", "encoder", "generators", "base_model"), "ready")
+        assert body["max_batch"] == settings.max_batch
+        service = app.state.service
+        assert service._base is not None and ("sg", 0) in service._generators  # loaded, not lazily later
+
+
+def test_readyz_names_what_failed(world: Path, encoder: TextEncoder, tmp_path: Path) -> None:
+    spec = spec_from_config(world / "base", targets=["q_proj"], rank=4, base_model=str(tmp_path / "no-such-model"))
+    Registry.create(tmp_path / "registry", spec, encoder=encoder).close()
+    app = create_app(ApiSettings(registry=tmp_path / "registry", home=tmp_path / "home"), encoder=encoder)
+    with uvicorn_server(app, wait_ready=False) as url:
+        deadline = time.monotonic() + 60
+        while "failed" not in (r := httpx.get(f"{url}/readyz")).text:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        err = assert_error_5xx(r, 503, "not_ready")
+        message = err["message"]
+        assert "base_model (failed:" in message and "no base model at" in message and "encoder" not in message
+        assert r.headers["retry-after"] == "1"
 
 
 def test_generate_matches_the_library_and_loads_in_peft(client: Client, world: Path, encoder: TextEncoder,
@@ -242,6 +274,10 @@ def test_concurrent_completions_equal_sequential(server: str, client: Client, wo
 
     concurrent = [c.text for c in asyncio.run(run())]
     assert concurrent == sequential
+    text = httpx.get(f"{server}/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line[:1] != "#"}
+    # Some forward decoded several requests, each with its own LoRA.
+    assert values['loragen_completion_batch_size_bucket{le="1.0"}'] < values["loragen_completion_batch_size_count"]
     same_prompt = {client.complete("hello", lora_id=lid, max_tokens=8).text for lid in ids}
     assert len(same_prompt) > 1  # the LoRAs really change the output
     base = BaseModel.load(world / "base")

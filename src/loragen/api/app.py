@@ -20,12 +20,16 @@ from .errors import ApiError
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
 from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
-                      CompletionRequest, ExpertList, ExpertOut, GenerateRequest, LoraOut, SearchOut, SearchRequest,
-                      valid_unicode)
+                      CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, LoraOut, ReadyOut,
+                      SearchOut, SearchRequest, valid_unicode)
 from .service import Service, Stored
 from .settings import ApiSettings
 
 BINARY = {200: {"content": {"application/zip": {}, "application/octet-stream": {}}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorOut, "description": "The request needs fixing; the message says how."},
+    503: {"model": ErrorOut, "description": "Still starting (see /readyz), or the base model is unavailable."},
+}
 Format = Literal["json", "zip", "safetensors"]
 
 
@@ -58,7 +62,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
             await service.stop()
 
     locked = settings.auth_all_routes and bool(settings.api_keys)
-    app = FastAPI(title="loragen", summary="Task description in, LoRA out.", lifespan=lifespan,
+    app = FastAPI(title="loragen", summary="Task description in, LoRA out.", lifespan=lifespan, responses=ERRORS,
                   dependencies=[Depends(require_key)] if locked else [],
                   openapi_url=None if locked else "/openapi.json", docs_url=None if locked else "/docs",
                   redoc_url=None if locked else "/redoc")
@@ -80,11 +84,16 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz() -> dict[str, str]:
+    @app.get("/readyz", response_model=ReadyOut,
+             responses={503: {"model": ErrorOut, "description": "Not ready yet, or a component failed to load."}})
+    async def readyz() -> ReadyOut:
+        """200 once the registry, the text encoder, the generators and the base model are loaded and warm."""
         if not service.ready:
-            raise ApiError(503, "not_ready", "the service is still starting")
-        return {"status": "ready", "registry": str(service.reg.path)}
+            raise ApiError(503, "not_ready", f"not ready: {service.readiness.pending() or 'shutting down'}",
+                           {"Retry-After": "1"})
+        return ReadyOut(status="ready", registry=str(service.reg.path), components=dict(service.readiness.state),
+                        max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                        encoder_dtype=settings.encoder_dtype)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -40,6 +40,7 @@ class Metrics:
         self.requests: dict[Labels, int] = defaultdict(int)
         self.latency: dict[Labels, Histogram] = {}
         self.batch = Histogram(BATCH_BUCKETS)
+        self.completion_batches = Histogram(BATCH_BUCKETS)
         self.generated = 0
         self.gauges: dict[str, float] = {}
 
@@ -55,6 +56,10 @@ class Metrics:
             self.batch.observe(size)
             self.generated += size
 
+    def completion_batch(self, size: int) -> None:
+        with self._lock:
+            self.completion_batches.observe(size)
+
     def render(self, cache_hits: int, cache_misses: int, cache_bytes: int, cache_items: int) -> str:
         out: list[str] = []
         with self._lock:
@@ -68,6 +73,9 @@ class Metrics:
             out += ["# HELP loragen_generation_batch_size LoRAs decoded per generator call.",
                     "# TYPE loragen_generation_batch_size histogram"]
             out += self._histogram("loragen_generation_batch_size", (), self.batch)
+            out += ["# HELP loragen_completion_batch_size Completions decoded per forward batch.",
+                    "# TYPE loragen_completion_batch_size histogram"]
+            out += self._histogram("loragen_completion_batch_size", (), self.completion_batches)
             out += ["# TYPE loragen_generated_loras_total counter", f"loragen_generated_loras_total {self.generated}"]
         out += ["# TYPE loragen_cache_hits_total counter", f"loragen_cache_hits_total {cache_hits}",
                 "# TYPE loragen_cache_misses_total counter", f"loragen_cache_misses_total {cache_misses}",

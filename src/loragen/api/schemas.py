@@ -73,6 +73,15 @@ class CompletionRequest(Strict):
         return self
 
 
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable, e.g. invalid_request, not_found, unknown_method.")
+    message: str = Field(description="What went wrong and what to fix.")
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
 class NeighbourOut(BaseModel):
     expert: str
     expert_id: int
@@ -146,3 +155,12 @@ class CompletionOut(BaseModel):
     model: str
     choices: list[Choice]
     lora_id: str | None
+
+
+class ReadyOut(BaseModel):
+    status: str
+    registry: str
+    components: dict[str, str]
+    max_batch: int = Field(description="Most generation requests decoded together (1: no micro-batching).")
+    max_wait_ms: float
+    encoder_dtype: str

@@ -2,13 +2,16 @@
 
 SQLite connections belong to the thread that opened them, so the registry is opened, and every
 registry or generator call runs, on one `engine` thread. Completions run on their own `model`
-thread, one at a time; each applies its LoRA per request (shared weights are never modified).
+thread; concurrent greedy ones are micro-batched into one forward in which every row applies its
+own LoRA (shared weights are never modified).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
+import itertools
 import json
 import logging
 import secrets
@@ -24,12 +27,13 @@ from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
-from ..generator import LEARNED_METHODS, METHODS, check_descriptions, load_generator
+from ..generator import LEARNED_METHODS, METHODS, GenerationError, check_descriptions, load_generator
 from ..registry import Registry
 from .batching import MicroBatcher
 from .cache import ByteLRU, tensor_bytes
 from .errors import ApiError
 from .metrics import Metrics
+from .readiness import Readiness
 from .settings import ApiSettings
 
 T = TypeVar("T")
@@ -59,6 +63,31 @@ class Job:
         return [f"lora-{digest}-{i}" for i in range(samples)]
 
 
+def _config_method(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+_sampled = itertools.count()
+
+
+@dataclass(eq=False)
+class Completion:
+    prompt: str
+    lora: Lora | None
+    max_tokens: int
+    temperature: float
+    seed: int | None
+
+    def __post_init__(self) -> None:
+        # Greedy requests with the same max_tokens share a forward; each row applies its own LoRA.
+        # A sampled request runs alone, so that its seed gives the same text as it would by itself.
+        self.group: tuple[Any, ...] = (("greedy", self.max_tokens) if self.temperature == 0
+                                       else ("sampled", next(_sampled)))
+
+
 @dataclass
 class Stored:
     lora: Lora
@@ -76,25 +105,59 @@ class Service:
         self.batcher: MicroBatcher[Job, tuple[list[Stored], float]] = MicroBatcher(
             self._run_group, lambda j: j.group, max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000)
+        self.completer: MicroBatcher[Completion, str] = MicroBatcher(
+            self._run_completions, lambda c: c.group, max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000)
         self.registry: Registry | None = None
         self.generator_root: Path | None = settings.generator
         self._generators: dict[tuple[str, int], Any] = {}
         self._base: BaseModel | None = None
-        self.ready = False
+        self.readiness = Readiness()
+        self._warming: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        await self.in_engine(self._open)
+        """Start serving at once; loading and warming go on in the background (see /readyz)."""
         self.batcher.start()
-        self.ready = True
+        self.completer.start()
+        self._warming = asyncio.get_running_loop().create_task(self._warm())
 
     async def stop(self) -> None:
-        self.ready = False
+        self._stopping = True
+        if self._warming is not None:
+            self._warming.cancel()
         await self.batcher.stop()
+        await self.completer.stop()
         if self.registry is not None:
             await self.in_engine(self.registry.close)
         self.engine.shutdown(wait=False)
         self.model_pool.shutdown(wait=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness.ready and not self._stopping
+
+    async def _warm(self) -> None:
+        loop = asyncio.get_running_loop()
+        steps = (("registry", self.engine, self._open), ("encoder", self.engine, self._warm_encoder),
+                 ("generators", self.engine, self._warm_generators), ("base_model", self.model_pool, self._warm_base))
+        for component, pool, fn in steps:
+            self.readiness.loading(component)
+            try:
+                await loop.run_in_executor(pool, fn)
+            except Exception as exc:  # the service stays up and /readyz says what failed
+                log.error("%s failed to load: %s", component, exc)
+                self.readiness.failed(component, exc)
+                if component == "registry":
+                    return  # nothing else can load without it
+                continue
+            self.readiness.done(component)
+        # Torch, transformers and the models are ~500k long-lived objects; a full collection walks
+        # them all (~0.2 s on a 2-core CPU, stalling every request). Freezing them keeps the
+        # collector to what requests allocate.
+        gc.collect()
+        gc.freeze()
 
     def _open(self) -> None:
         path = self.settings.registry
@@ -103,13 +166,29 @@ class Service:
 
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators
-        self.registry = Registry.open(path, encoder=self._encoder)
-        # Load the encoder and stack the experts now, not on the first request.
-        self.registry.encoder.encode(["warm up"])
-        try:
-            self._generator("weighted", self.settings.top_k).generate(["warm up"])
-        except LoragenError as exc:  # e.g. an empty registry: requests will say so
-            log.warning("no warm-up generation: %s", exc)
+        registry = Registry.open(path, encoder=self._encoder)
+        if self.settings.encoder_dtype != registry.encoder.compute_dtype:
+            registry.encoder = registry.encoder.with_compute_dtype(self.settings.encoder_dtype)
+        self.registry = registry
+
+    def _warm_encoder(self) -> None:
+        self.reg.encoder.encode(["warm up"])
+
+    def _warm_generators(self) -> None:
+        """The default generator, and every trained one the service can find, loaded and run once."""
+        methods = [("weighted", self.settings.top_k)]
+        root = self.generator_root
+        if root is not None:
+            methods += [(m, 0) for m in LEARNED_METHODS if (root / m / "config.json").is_file()
+                        or ((root / "config.json").is_file() and _config_method(root) == m)]
+        for method, k in methods:
+            try:
+                self._generator(method, k).generate(["warm up"], seed=0)
+            except GenerationError as exc:  # e.g. an empty registry: requests will say so
+                log.warning("no warm-up generation with %s: %s", method, exc)
+
+    def _warm_base(self) -> None:
+        self.base_model().complete(["warm up"], max_new_tokens=1)
 
     async def in_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.engine, partial(fn, *args, **kwargs))
@@ -214,15 +293,19 @@ class Service:
     # ------------------------------------------------------------ completions
     async def complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
                        seed: int | None) -> str:
-        fn = partial(self._complete, prompt, lora, max_tokens, temperature, seed)
-        return await asyncio.get_running_loop().run_in_executor(self.model_pool, fn)
+        return await self.completer.submit(Completion(prompt, lora, max_tokens, temperature, seed))
 
-    def _complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
-                  seed: int | None) -> str:
-        base = self.base_model()
-        loras = [lora] if lora is not None else None
-        return base.complete([prompt], loras=loras, max_new_tokens=max_tokens, temperature=temperature,
-                             seed=seed)[0]
+    async def _run_completions(self, jobs: list[Completion]) -> list[str]:
+        texts = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._complete, jobs)
+        self.metrics.completion_batch(len(jobs))
+        return texts
+
+    def _complete(self, jobs: list[Completion]) -> list[str]:
+        """One batched forward for `jobs` (one group: same max_tokens, greedy or one sampled job)."""
+        first = jobs[0]
+        loras = [j.lora for j in jobs] if any(j.lora is not None for j in jobs) else None
+        return self.base_model().complete([j.prompt for j in jobs], loras=loras, max_new_tokens=first.max_tokens,
+                                          temperature=first.temperature, seed=first.seed)
 
     def base_model(self) -> BaseModel:
         if self._base is None:

@@ -6,6 +6,8 @@ Same sources as `Settings` (`LORAGEN_*` environment variables, then the TOML fil
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ..config import Settings
@@ -19,4 +21,7 @@ class ApiSettings(Settings):
     cache_bytes: int = Field(default=256 * 2**20, ge=0, description="Bytes of generated LoRAs kept in memory.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth.")
     auth_all_routes: bool = Field(default=False, description="Require a key on every route, not only writes.")
+    encoder_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Text encoder compute dtype; bfloat16 is faster on CPUs with AVX512-BF16 "
+        "but its embeddings (and so neighbour weights) differ from float32 in the 5th digit.")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1, description="Largest request body accepted.")

@@ -47,9 +47,10 @@ def main() -> None:
     except Exception as exc:  # click usage errors carry their own exit code
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer >= 0.2x raises its own vendored click's exceptions, which are TyperExceptions.
+        if isinstance(exc, (click.ClickException, typer.TyperException)) and hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(getattr(exc, "exit_code", 2))
         raise
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+
+class EncoderDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
 
 
 def serve(
@@ -18,6 +24,8 @@ def serve(
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Micro-batch size (1: off).")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(min=0, help="Micro-batch wait.")] = None,
+    encoder_dtype: Annotated[EncoderDtype | None, typer.Option(help="Text encoder compute dtype (default float32); "
+                                                      "bfloat16 is faster, its embeddings not bit-equal.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve LoRA generation over HTTP; with no --registry, the demo world (built first if missing)."""
@@ -26,7 +34,8 @@ def serve(
     from ..api import ApiSettings, create_app
 
     overrides: dict[str, Any] = {"host": host, "port": port, "registry": registry, "generator": generator,
-                                 "device": device, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
+                                 "device": device, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                                 "encoder_dtype": encoder_dtype.value if encoder_dtype else None}
     settings = ApiSettings(**{k: v for k, v in overrides.items() if v is not None})
     if settings.registry is None:
         from ..training.demo import build_demo

@@ -1,0 +1,203 @@
+"""A bounded closed-loop load on a loragen server: N concurrent clients, one httpx connection pool.
+
+Each client sends its next request as soon as the previous one is answered, until the time is up.
+Every request carries a description no other request of the run uses, so the server's LoRA cache
+cannot answer it; the cache hits the server counted during a level (from `/metrics`) are reported
+so that this can be checked. Latency is measured from just before the request is sent to the end
+of the response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from pydantic import BaseModel
+
+# Phrasings of the demo world's kind of task; a per-request suffix makes every description unique.
+PHRASES = (
+    "reverse the input string", "write the letters in reverse order", "shift every letter forward by one",
+    "replace each letter by its mirror in the alphabet", "swap each pair of neighbouring characters",
+    "double every letter", "move the first character to the end", "hide the vowels behind a star",
+    "remove all the vowels", "sort the characters alphabetically", "repeat the input twice",
+    "drop the first character", "keep every other character", "swap the first and last letters",
+)
+PROMPTS = ("abcde", "hello", "string", "loragen", "qwerty", "python")
+CASE_NAMES = ("loras-json", "loras-zip", "completions")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kind of request: `body(i)` is the JSON body of the run's i-th request."""
+
+    name: str
+    path: str
+    body: Callable[[int], dict[str, Any]]
+    headers: dict[str, str]
+    params: dict[str, str] | None = None
+
+
+def cases(tag: str, max_tokens: int = 8) -> dict[str, Case]:
+    """The benchmarked requests; `tag` keeps descriptions of different runs apart."""
+
+    def description(i: int) -> str:
+        return f"{PHRASES[i % len(PHRASES)]} (request {tag}-{i})"
+
+    json_accept = {"accept": "application/json"}
+    return {
+        "loras-json": Case("loras-json", "/v1/loras", lambda i: {"description": description(i)}, json_accept),
+        "loras-zip": Case("loras-zip", "/v1/loras", lambda i: {"description": description(i)},
+                          {"accept": "application/zip"}),
+        "completions": Case("completions", "/v1/completions",
+                            lambda i: {"prompt": PROMPTS[i % len(PROMPTS)], "description": description(i),
+                                       "max_tokens": max_tokens}, json_accept),
+    }
+
+
+class LevelResult(BaseModel):
+    case: str
+    concurrency: int
+    seconds: float
+    requests: int
+    errors: int
+    error_samples: list[str]
+    req_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+    cache_hit_fraction: float | None  # server-side cache lookups that hit during the level
+    mean_batch: float | None  # LoRAs per generator call during the level (server metrics)
+    client_cpu: float  # the load generator's CPU seconds per wall second (1.0 = one core)
+    server_cpu: float | None  # the same for the server process, when it is known
+
+
+def _counters(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+async def server_counters(http: httpx.AsyncClient) -> dict[str, float]:
+    try:
+        response = await http.get("/metrics")
+    except httpx.HTTPError:
+        return {}
+    return _counters(response.text) if response.is_success else {}
+
+
+def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float | None:
+    if name not in after:
+        return None
+    return after[name] - before.get(name, 0.0)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+async def run_level(http: httpx.AsyncClient, case: Case, concurrency: int, seconds: float, *,
+                    start_index: int = 0, server_cpu: Callable[[], float] | None = None) -> LevelResult:
+    """`concurrency` clients send `case` requests back to back for `seconds`."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(start_index, 2**62))
+    loop = asyncio.get_running_loop()
+
+    async def worker(deadline: float) -> None:
+        while loop.time() < deadline:
+            i = next(counter)
+            started = time.perf_counter()
+            try:
+                response = await http.post(case.path, json=case.body(i), headers=case.headers, params=case.params)
+                if response.status_code >= 400:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            latencies.append(time.perf_counter() - started)
+
+    before = await server_counters(http)
+    cpu0, server0, wall0 = time.process_time(), server_cpu() if server_cpu else None, time.perf_counter()
+    deadline = loop.time() + seconds
+    await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
+    wall = time.perf_counter() - wall0
+    cpu, server = time.process_time() - cpu0, server_cpu() - server0 if server_cpu and server0 is not None else None
+    after = await server_counters(http)
+
+    hits = _delta(after, before, "loragen_cache_hits_total")
+    misses = _delta(after, before, "loragen_cache_misses_total")
+    lookups = None if hits is None or misses is None else hits + misses
+    ms = np.asarray(latencies) * 1e3
+    stat = (lambda f: round(float(f(ms)), 2)) if len(ms) else (lambda f: None)
+    return LevelResult(
+        case=case.name, concurrency=concurrency, seconds=round(wall, 3), requests=len(latencies),
+        errors=len(errors), error_samples=sorted(set(errors))[:5], req_per_s=round(len(latencies) / wall, 2),
+        p50_ms=stat(lambda a: np.percentile(a, 50)), p99_ms=stat(lambda a: np.percentile(a, 99)),
+        mean_ms=stat(np.mean), max_ms=stat(np.max),
+        cache_hit_fraction=_ratio(hits, lookups),
+        mean_batch=_ratio(_delta(after, before, "loragen_generation_batch_size_sum"),
+                          _delta(after, before, "loragen_generation_batch_size_count")),
+        client_cpu=round(cpu / wall, 3), server_cpu=round(server / wall, 3) if server is not None else None)
+
+
+async def bench_server(url: str, *, concurrency: list[int], seconds: float, case_names: list[str],
+                       warmup_s: float = 1.0, max_tokens: int = 8, server_cpu: Callable[[], float] | None = None,
+                       log: Callable[[str], None] = lambda _: None) -> list[LevelResult]:
+    """Every case at every concurrency level against one server, each level after a short warm-up."""
+    # This process holds torch (through loragen.adapters); a full collection of its objects would
+    # stall the clients for a few hundred ms and show up as server latency.
+    gc.collect()
+    gc.freeze()
+    tag = secrets.token_hex(4)
+    table = cases(tag, max_tokens)
+    unknown = [n for n in case_names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    limits = httpx.Limits(max_connections=max(concurrency), max_keepalive_connections=max(concurrency))
+    results = []
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), limits=limits, timeout=60.0) as http:
+        index = 0
+        for name in case_names:
+            for n in concurrency:
+                if warmup_s > 0:
+                    await run_level(http, table[name], n, warmup_s, start_index=index)
+                    index += 1_000_000
+                result = await run_level(http, table[name], n, seconds, start_index=index,
+                                         server_cpu=server_cpu)
+                index += 1_000_000
+                log(f"{url} {name} c={n}: {result.req_per_s} req/s, p50 {result.p50_ms} ms, "
+                    f"p99 {result.p99_ms} ms, {result.errors} errors")
+                results.append(result)
+    return results
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+    except ValueError:
+        raise ValueError(f"concurrency must be comma-separated integers, not {text!r}") from None
+    if not levels or any(n < 1 for n in levels):
+        raise ValueError(f"concurrency levels must be positive, not {text!r}")
+    return levels
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine()}

@@ -1,0 +1,44 @@
+"""Schemathesis over the service's own OpenAPI spec, against a real uvicorn server: no input gives a 5xx.
+
+Examples per operation are bounded so that the whole module stays well under two minutes on a
+2-core CPU. Besides "no server error", responses must match the documented status codes, content
+types and schemas (errors included: every 4xx is documented as `{"error": {"code", "message"}}`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
+from test_api import KEY, world  # noqa: F401 (the tiny world fixture)
+
+from loragen.api import ApiSettings, create_app
+from loragen.embeddings import TextEncoder
+
+from conftest import uvicorn_server
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+@pytest.fixture(scope="module")
+def server(world: Path, encoder: TextEncoder):  # noqa: F811
+    settings_ = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
+                            api_keys=[KEY], max_wait_ms=1, max_body_bytes=2**20)
+    with uvicorn_server(create_app(settings_, encoder=encoder)) as url:
+        yield url
+
+
+# The spec does not depend on the registry, so it is read from an app that never starts. (Loading it
+# lazily from a fixture, `schemathesis.pytest.from_fixture`, fails on pytest 9.)
+schema = schemathesis.openapi.from_dict(create_app(ApiSettings(api_keys=[KEY])).openapi())
+
+
+@schema.parametrize()
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_no_input_gives_a_server_error(case: schemathesis.Case, server: str) -> None:
+    case.call_and_validate(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, checks=CHECKS, timeout=60)

@@ -1,0 +1,56 @@
+"""`loragen bench serve` against a real server: every case and level is measured, and the report adds up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from test_api import server, world  # noqa: F401 (the tiny world and its uvicorn server)
+
+from loragen.client.loadtest import cases, parse_levels
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def test_bench_serve_reports_every_case_and_level(server: str, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "loragen.cli", "bench", "serve", "--url", server,
+                          "--concurrency", "1,4", "--seconds", "0.5", "--warmup", "0.1", "--max-tokens", "2",
+                          "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["servers"] == [{"label": "batched", "url": server, "max_batch": 32, "max_wait_ms": 5.0,
+                                  "encoder_dtype": "float32"}]
+    rows = {(r["case"], r["concurrency"]): r for r in report["results"]}
+    assert set(rows) == {(c, n) for c in ("loras-json", "loras-zip", "completions") for n in (1, 4)}
+    for r in rows.values():
+        assert r["requests"] > 0 and r["errors"] == 0, r
+        assert r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] and r["req_per_s"] > 0
+        assert r["cache_hit_fraction"] == 0.0  # every description is new
+        assert 0 < r["client_cpu"]
+    assert rows[("loras-json", 4)]["mean_batch"] >= 1
+    assert "loras-json" in run.stdout and "completions" in run.stdout
+
+
+def test_descriptions_are_unique_and_levels_parse() -> None:
+    table = cases("t1")
+    bodies = [table["loras-json"].body(i)["description"] for i in range(1000)]
+    assert len(set(bodies)) == 1000 and table["loras-zip"].headers["accept"] == "application/zip"
+    assert cases("t2")["loras-json"].body(0) != table["loras-json"].body(0)
+    assert parse_levels("1, 8,32") == [1, 8, 32]
+    for bad in ("", "0", "a,b", "-1"):
+        try:
+            parse_levels(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+
+
+def test_readyz_tells_the_bench_its_settings(server: str) -> None:  # noqa: F811
+    body = httpx.get(f"{server}/readyz").json()
+    assert body["max_batch"] == 32 and body["encoder_dtype"] == "float32"
