@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .adapters import Lora, LoraStack, Rows, applied
 from .embeddings import default_model_path
@@ -84,7 +85,8 @@ def accuracy(encoder: EncoderModel, loras: Sequence[Lora | None], labels: Sequen
         for group in labels:
             offsets.append((start, start + len(group)))
             start += len(group)
-        for b in range(0, len(pairs), batch_size):
+        batches = range(0, len(pairs), batch_size)
+        for b in tqdm(batches, desc="label scoring", unit="batch", leave=False, disable=len(batches) < 8):
             chunk = pairs[b:b + batch_size]
             rows.set([slot[g] for g, _ in chunk])
             vecs = encoder.embed([inst.input for _, inst in chunk])
