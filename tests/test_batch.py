@@ -235,7 +235,10 @@ def test_ctrl_c_leaves_a_manifest_a_rerun_resumes_from(world, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "loragen.cli", "batch", str(path), "--out", str(out), "--method", "nearest",
             "--registry", str(world / "registry"), "--batch-size", "1"]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt; give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = out / "manifest.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
