@@ -68,8 +68,9 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         run_cls_bench(data, tmp_path / "out", TINY)
 
 
-def test_cli_missing_data_is_one_line_and_non_zero(tmp_path):
+@pytest.mark.parametrize("extra, message", [([], "no data at"), (["--device", "tpu"], "unknown device")])
+def test_cli_bad_input_is_one_line_and_non_zero(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, "-m", "loragen.cli", "bench", "cls", "--data", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "no data at" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr

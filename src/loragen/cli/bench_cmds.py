@@ -117,6 +117,10 @@ def cls(
 
     if device not in ("cpu", "cuda"):
         raise ClsBenchError(f"unknown device {device!r}; choose cpu or cuda")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ClsBenchError("--device cuda was asked for but CUDA is not available here")
     cfg = ClsBenchConfig(steps=steps, rows_per_task=rows_per_task, checkpoints=checkpoints, rank=rank,
                          generator_epochs=epochs, top_k=k, temperature=temperature, latent=latent,
                          kl_weight_icm=kl_icm, kl_weight_sg=kl_sg, labels_in_description=labels_in_description,
