@@ -350,8 +350,9 @@ def _end_to_end(gen: LearnedGenerator, encoder: Any, index: Any, texts: list[str
         marks.append(time.perf_counter())
         with torch.no_grad():
             B = fused_decode(gen, torch.from_numpy(vecs), noise)
-            gen.safety.check_finite(B, texts)
-            gen.safety.clip(B)
+            norms = gen.safety.norms(B)
+            gen.safety.check_finite(B, texts, norms)
+            gen.safety.clip(B, norms)
         _sync(cfg.device)
         marks.append(time.perf_counter())
         if record:

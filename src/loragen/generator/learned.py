@@ -169,8 +169,9 @@ class LearnedGenerator:
             text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
         noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
         B = self.decode(text, mu, sigma, noise)
-        self.safety.check_finite(B, descriptions)
-        B, clipped = self.safety.clip(B)
+        norms = self.safety.norms(B)
+        self.safety.check_finite(B, descriptions, norms)
+        B, clipped = self.safety.clip(B, norms)
         loras = []
         for i in range(len(descriptions) * num_samples):
             d, s = divmod(i, num_samples)

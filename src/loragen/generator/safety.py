@@ -41,9 +41,17 @@ class Safety:
         hi = {k.removeprefix("safety.max."): v for k, v in tensors.items() if k.startswith("safety.max.")}
         return cls(lo, hi, ood_threshold)
 
-    def check_finite(self, B: dict[str, torch.Tensor], descriptions: list[str]) -> None:
-        for m, b in B.items():
-            bad = ~torch.isfinite(reduce(b.float(), "n l o r -> n", "sum"))
+    @staticmethod
+    def norms(B: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per module, (N, L) float32 ‖B‖ of each (request, layer), without an fp32 copy of B.
+        A NaN or Inf anywhere in a B makes its norm non-finite, so this one pass serves both checks."""
+        return {m: torch.linalg.vector_norm(b, dim=(-2, -1), dtype=torch.float32) for m, b in B.items()}
+
+    def check_finite(self, B: dict[str, torch.Tensor], descriptions: list[str],
+                     norms: dict[str, torch.Tensor] | None = None) -> None:
+        norms = norms if norms is not None else self.norms(B)
+        for m, norm in norms.items():
+            bad = ~torch.isfinite(norm).all(dim=1)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 raise GenerationError(
@@ -51,15 +59,17 @@ class Safety:
                     f"{descriptions[i % len(descriptions)]!r}; the generator checkpoint is likely corrupt"
                 )
 
-    def clip(self, B: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def clip(self, B: dict[str, torch.Tensor],
+             norms: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Rescale each (request, layer, module) B into the registry's norm range.
 
         Returns the clipped Bs (same dtype) and a (N,) bool tensor: whether request i was clipped."""
+        norms = norms if norms is not None else self.norms(B)
         out, clipped = {}, None
         for m, b in B.items():
+            norm = norms[m]
             lo = self.norm_min[m].to(b.device)
             hi = self.norm_max[m].to(b.device)
-            norm = reduce(b.float() ** 2, "n l o r -> n l", "sum").sqrt()
             target = torch.minimum(torch.maximum(norm, lo), hi)
             # A relative tolerance, so that values at the edge of the range are not reported.
             hit = (norm < lo * (1 - 1e-4)) | (norm > hi * (1 + 1e-4))
