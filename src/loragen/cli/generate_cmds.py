@@ -147,8 +147,7 @@ def train_generator_cmd(
 
         if method != "icm":
             raise GenerationError("--examples trains ICM-LoRA's task vectors; use it with --method icm")
-        pairs = {t.name: [{"input": i.input, "output": i.output} for i in t.split_instances(train_fraction, seed)[0]]
-                 for t in read_tasks(examples)}
+        pairs = {t.name: t.example_pairs(train_fraction, seed) for t in read_tasks(examples)}
     train_generator(reg, method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
                     patience=patience, out_dir=out, resume=resume, holdout=names, examples=pairs)
     typer.echo(f"wrote {method} generator to {out}")

@@ -124,16 +124,10 @@ def build_experts(tasks: list[Task], cache: Path, cfg: ClsBenchConfig, encoder: 
     return registry, oracle
 
 
-def examples_of(task: Task, cfg: ClsBenchConfig, n: int | None = None) -> list[dict[str, str]]:
-    """Pairs from the task's training split only (never its test instances)."""
-    train = task.split_instances(cfg.train_fraction, cfg.seed)[0]
-    return [{"input": i.input, "output": i.output} for i in train[:n]]
-
-
 def build_generators(registry: Registry, tasks: list[Task], out: Path, cfg: ClsBenchConfig, encoder: EncoderModel,
                      say: Callable[[str], None]) -> dict[str, LearnedGenerator]:
     gens = {}
-    examples = {t.name: examples_of(t, cfg) for t in tasks if t.split == "train"}
+    examples = {t.name: t.example_pairs(cfg.train_fraction, cfg.seed) for t in tasks if t.split == "train"}
     for method, kl in (("icm", cfg.kl_weight_icm), ("sg", cfg.kl_weight_sg)):
         t0 = time.perf_counter()
         tv = TaskVectors(registry.spec, loaded=encoder) if method == "icm" and cfg.examples_per_request else None
@@ -163,7 +157,7 @@ def method_loras(tasks: list[Task], descs: list[str], registry: Registry, oracle
         loras[method] = list(gen.generate(descs, seed=cfg.seed))
         loras[f"random({method})"] = list(gen.generate(unrelated, seed=cfg.seed))
         if gen.task_vector_dim:
-            shots = [examples_of(t, cfg, cfg.examples_per_request) for t in tasks]
+            shots = [t.example_pairs(cfg.train_fraction, cfg.seed, cfg.examples_per_request) for t in tasks]
             loras[f"{method}+examples"] = list(gen.generate(descs, examples=shots, seed=cfg.seed))
     return loras
 

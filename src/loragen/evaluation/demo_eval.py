@@ -63,8 +63,7 @@ def _generate(world: DemoWorld, registry: Registry, split: str, tasks: list[Task
         loras = gen.generate(descs, seed=seed)
         cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
         if getattr(gen, "task_vector_dim", 0):
-            examples = [[{"input": i.input, "output": i.output}
-                         for i in t.split_instances(0.9, seed)[0][:EXAMPLES_PER_REQUEST]] for t in tasks]
+            examples = [t.example_pairs(0.9, seed, EXAMPLES_PER_REQUEST) for t in tasks]
             loras = gen.generate(descs, examples=examples, seed=seed)
             cells += [Cell(f"{method}+examples", split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
         controls = gen.generate(unrelated, seed=seed)

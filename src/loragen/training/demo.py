@@ -194,8 +194,7 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
 
 def demo_examples(tasks: list[Task], config: DemoConfig) -> dict[str, list[dict[str, str]]]:
     """Input/output pairs from each task's training split, for ICM-LoRA's task vectors."""
-    return {t.name: [{"input": i.input, "output": i.output}
-                     for i in t.split_instances(config.experts.train_fraction, config.seed)[0][:64]] for t in tasks}
+    return {t.name: t.example_pairs(config.experts.train_fraction, config.seed, 64) for t in tasks}
 
 
 def ensure_holdout_generators(world: DemoWorld, seed: int = 0) -> None:

@@ -48,6 +48,10 @@ class Task:
         cut = max(1, min(len(items) - 1, round(len(items) * train_fraction)))
         return items[:cut], items[cut:]
 
+    def example_pairs(self, train_fraction: float = 0.7, seed: int = 0, limit: int | None = None) -> list[dict[str, str]]:
+        """{input, output} pairs from the train split only (in-context examples never see test items)."""
+        return [{"input": i.input, "output": i.output} for i in self.split_instances(train_fraction, seed)[0][:limit]]
+
 
 def parse_task(obj: Any, where: str) -> Task:
     if not isinstance(obj, dict):
