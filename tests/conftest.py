@@ -68,3 +68,27 @@ def _loragen_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAGEN_HOME", str(tmp_path_factory.getbasetemp() / "home"))
         yield
+
+
+@contextmanager
+def uvicorn_server(app, *, wait_ready: bool = True, timeout: float = 120) -> Iterator[str]:
+    """`app` on a real uvicorn server on an ephemeral loopback port; yields its URL once /readyz is 200."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    while wait_ready and httpx.get(f"{url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, httpx.get(f"{url}/readyz").text
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
