@@ -277,3 +277,76 @@ def test_a_generator_trained_without_examples_says_it_ignored_them(trained):
     gen, _ = trained
     lora = gen.generate(["sort the letters"], examples=[_examples("sort")], seed=0)[0]
     assert lora.metadata["examples_used"] is False
+
+
+# ------------------------------------------------------------------ description head, GSNN term, self conditions
+
+
+def test_description_head_pulls_an_experts_paraphrases_together(registry):
+    import numpy as np
+
+    from loragen.generator.description_head import DescriptionHead
+
+    _, owners, vecs = registry.store.embeddings(registry.dim)
+    vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    head = DescriptionHead.fit(vecs, owners, seed=0)
+    assert head is not None
+    projected = head.project(vecs)
+    np.testing.assert_allclose(np.linalg.norm(projected, axis=1), 1.0, rtol=1e-5)
+    same = owners[:, None] == owners[None, :]
+    np.fill_diagonal(same, False)
+
+    def margin(x):  # mean similarity to the expert's other descriptions minus to other experts'
+        sims = x @ x.T
+        other = ~same & ~np.eye(len(x), dtype=bool)
+        return sims[same].mean() - sims[other].mean()
+
+    assert margin(projected) > margin(vecs) + 0.1
+    # One description per expert: nothing to learn from, so no head.
+    firsts = np.unique(owners, return_index=True)[1]
+    assert DescriptionHead.fit(vecs[firsts], owners[firsts]) is None
+
+
+def test_trained_generators_keep_their_description_head(trained, registry):
+    gen, out = trained
+    assert gen.head is not None and gen.config["description_head"]["weight_decay"] == 0.1
+    loaded = LearnedGenerator.from_pretrained(out, registry)
+    assert loaded.head is not None and torch.equal(loaded.head.weight, gen.head.weight)
+    # Neighbours are ranked and weighted by their similarity in the head's space.
+    sims = [n["similarity"] for n in gen.generate(["put the characters in order"], seed=0)[0].metadata["neighbours"]]
+    assert sims == sorted(sims, reverse=True)
+
+
+def test_prior_weight_adds_the_decode_from_the_prior(registry):
+    from loragen.generator.learned import RegistryTokens, training_set
+
+    gen = train_generator(registry, "sg", **{**TRAIN, "epochs": 1})
+    data = training_set(gen, RegistryTokens(registry, gen.model.layout, set()))
+    cps = torch.arange(4)
+    batch = data.batch(cps, data.pick_descriptions(cps, None))
+    model = gen.model
+    without, _, _ = model.loss(*batch, None)
+    model.config.prior_weight = 0.5
+    try:
+        with_prior, _, _ = model.loss(*batch, None)
+    finally:
+        model.config.prior_weight = 0.0
+    tokens, text, mu, sigma = batch
+    cond, feats = model.encode_condition(text, mu, sigma)
+    recon = model.decode(model.prior(cond)[0], cond, feats, mu, sigma)
+    mse = sum(((r - t) ** 2).sum() for r, t in zip(recon, tokens)) / sum(t.numel() for t in tokens)
+    torch.testing.assert_close(with_prior - without, 0.5 * mse)
+
+
+def test_sg_draws_self_conditions_with_their_fraction(registry):
+    from loragen.generator.learned import RegistryTokens, training_set
+
+    gen = train_generator(registry, "sg", **{**TRAIN, "epochs": 1})
+    data = training_set(gen, RegistryTokens(registry, gen.model.layout, set()), self_fraction=1.0)
+    cps = torch.arange(6)
+    descs = data.pick_descriptions(cps, None)
+    _, _, mu_train, _ = data.batch(cps, descs, torch.Generator().manual_seed(0))
+    _, _, mu_val, _ = data.batch(cps, descs)  # validation keeps the leave-one-out conditions
+    assert all(torch.equal(a, s[descs]) for a, s in zip(mu_train, data.mu_self))
+    assert all(torch.equal(a, s[descs]) for a, s in zip(mu_val, data.mu_star))
+    assert not all(torch.equal(a, b) for a, b in zip(mu_train, mu_val))

@@ -129,6 +129,14 @@ def train_generator_cmd(
                         "instances (by expert name) give in-context task vectors.")] = None,
     train_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="With --examples: the part of each "
                               "task's instances used as examples (the experts' train split).")] = 0.7,
+    temperature: Annotated[float, typer.Option(min=1e-4, help="sg: softmax temperature τ of the prior's "
+                           "neighbour weights.")] = 0.05,
+    prior_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the decode-from-the-prior term "
+                            "(GSNN) of the loss. Default: icm 1.0, sg 0.")] = None,
+    self_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="sg: share of training conditions "
+                             "built with the expert itself retrievable. Default 0.5.")] = None,
+    description_head: Annotated[bool, typer.Option(help="Learn a map of description embeddings from the "
+                                "registry's paraphrases.")] = True,
     seed: int = 0,
 ) -> None:
     """Train an ICM-LoRA or SG-LoRA generator on every checkpoint of the registry's experts."""
@@ -149,7 +157,9 @@ def train_generator_cmd(
             raise GenerationError("--examples trains ICM-LoRA's task vectors; use it with --method icm")
         pairs = {t.name: t.example_pairs(train_fraction, seed) for t in read_tasks(examples)}
     train_generator(reg, method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
-                    patience=patience, out_dir=out, resume=resume, holdout=names, examples=pairs)
+                    patience=patience, out_dir=out, resume=resume, holdout=names, examples=pairs,
+                    temperature=temperature, prior_weight=prior_weight, self_fraction=self_fraction,
+                    description_head=description_head)
     typer.echo(f"wrote {method} generator to {out}")
 
 

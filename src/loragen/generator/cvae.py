@@ -37,6 +37,10 @@ class CVAEConfig:
     kl_weight: float = 0.005
     top_k: int = 4
     temperature: float = 0.05
+    # Weight of the GSNN term of Sohn et al.'s hybrid CVAE objective: the tokens are also decoded
+    # from a prior sample, as at inference. Without it the decoder learns to read the target from
+    # the posterior's z and to ignore the condition, and a prior z gives an average LoRA.
+    prior_weight: float = 0.0
 
 
 def normalise(groups: list[torch.Tensor], mean: list[torch.Tensor], std: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -69,12 +73,25 @@ class LoraCVAE(nn.Module):
         for i, g in enumerate(layout.groups):  # registry-wide normalisation, saved with the weights
             self.register_buffer(f"mean_{i}", torch.zeros(len(g.tokens)))
             self.register_buffer(f"std_{i}", torch.ones(len(g.tokens)))
+        # Description embeddings share a large common direction; centred and scaled, two tasks whose
+        # descriptions differ by a word ("left"/"right") differ by O(1) inputs, not by a few hundredths.
+        self.register_buffer("text_mean", torch.zeros(condition_dim))
+        self.register_buffer("text_scale", torch.ones(condition_dim))
 
     # ------------------------------------------------------------ normalisation
     def set_stats(self, mean: list[torch.Tensor], std: list[torch.Tensor]) -> None:
         for i, (m, s) in enumerate(zip(mean, std)):
             getattr(self, f"mean_{i}").copy_(m)
             getattr(self, f"std_{i}").copy_(s)
+
+    def set_text_stats(self, text: torch.Tensor) -> None:
+        """Centre the description part of the condition (the first `text.shape[1]` columns; any task
+        vector after it is left alone) on the training descriptions' mean, and scale it so that a
+        centred row has unit RMS per dimension."""
+        mean, width = text.mean(dim=0), text.shape[1]
+        rms = ((text - mean) ** 2).sum(dim=1).mean().div(width).sqrt().clamp_min(1e-6)
+        self.text_mean.zero_()[:width] = mean
+        self.text_scale.fill_(1.0)[:width] = rms
 
     def stats(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         n = len(self.layout.groups)
@@ -87,6 +104,7 @@ class LoraCVAE(nn.Module):
     def encode_condition(self, text: torch.Tensor, mu_star: list[torch.Tensor] | None = None,
                          sigma_star: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (request condition (N, hc), per-token features (N, T, 2f) or None)."""
+        text = (text - self.text_mean) / self.text_scale
         if not self.sg:
             return self.condition(text), None
         assert mu_star is not None and sigma_star is not None and self.stat_mu and self.stat_sigma
@@ -119,17 +137,24 @@ class LoraCVAE(nn.Module):
 
     def loss(self, tokens: list[torch.Tensor], text: torch.Tensor, mu_star: list[torch.Tensor] | None,
              sigma_star: list[torch.Tensor] | None, noise: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
-        """MSE + kl_weight · KL(q ‖ p); `noise=None` decodes the posterior mean (validation)."""
+        """MSE + kl_weight · KL(q ‖ p) [+ prior_weight · MSE from a prior z]; `noise=None` decodes the
+        posterior mean (and the prior mean) for validation."""
         cond, feats = self.encode_condition(text, mu_star, sigma_star)
         mu_q, lv_q = self.encode(tokens, cond)
         mu_p, lv_p = self.prior(cond)
         z = mu_q if noise is None else mu_q + (0.5 * lv_q).exp() * noise
-        recon = self.decode(z, cond, feats, mu_star, sigma_star)
-        sq = sum(((r - t) ** 2).sum() for r, t in zip(recon, tokens))
-        mse = sq / sum(t.numel() for t in tokens)
+        mse = self._mse(self.decode(z, cond, feats, mu_star, sigma_star), tokens)
         kl = 0.5 * (lv_p - lv_q + ((lv_q.exp() + (mu_q - mu_p) ** 2) / lv_p.exp()) - 1)
         kl = reduce(kl, "n d -> n", "sum").mean()
-        return mse + self.config.kl_weight * kl, float(mse.detach()), float(kl.detach())
+        total = mse + self.config.kl_weight * kl
+        if self.config.prior_weight > 0:
+            z_p = mu_p if noise is None else mu_p + (0.5 * lv_p).exp() * noise
+            total = total + self.config.prior_weight * self._mse(self.decode(z_p, cond, feats, mu_star, sigma_star), tokens)
+        return total, float(mse.detach()), float(kl.detach())
+
+    @staticmethod
+    def _mse(recon: list[torch.Tensor], tokens: list[torch.Tensor]) -> torch.Tensor:
+        return sum(((r - t) ** 2).sum() for r, t in zip(recon, tokens)) / sum(t.numel() for t in tokens)
 
 
 @dataclass
@@ -142,6 +167,12 @@ class TrainingSet:
     description_expert: torch.Tensor  # (D,) expert index
     mu_star: list[torch.Tensor] | None = None  # sg: per group (D, T_g, W_g), leave-one-out
     sigma_star: list[torch.Tensor] | None = None
+    # sg: the same conditions with the expert itself retrievable, as at inference for a registry
+    # task; drawn with probability `self_fraction` in training so that the residual learned for
+    # unseen tasks is not applied on top of an expert that is already in the prior.
+    mu_self: list[torch.Tensor] | None = None
+    sigma_self: list[torch.Tensor] | None = None
+    self_fraction: float = 0.0
     # icm with examples: per expert S task vectors with a trailing "has examples" flag (E, S, dim + 1)
     task_vectors: torch.Tensor | None = None
     task_vector_dropout: float = 0.5  # so the model also serves requests without examples
@@ -149,6 +180,11 @@ class TrainingSet:
     def batch(self, cps: torch.Tensor, descs: torch.Tensor, gen: torch.Generator | None = None) -> tuple[Any, ...]:
         mu = [m[descs] for m in self.mu_star] if self.mu_star is not None else None
         sg = [s[descs] for s in self.sigma_star] if self.sigma_star is not None else None
+        if mu is not None and sg is not None and self.mu_self is not None and self.sigma_self is not None \
+                and gen is not None and self.self_fraction > 0:
+            own = rearrange(torch.rand(len(descs), generator=gen) < self.self_fraction, "n -> n 1 1")
+            mu = [torch.where(own, m[descs], x) for m, x in zip(self.mu_self, mu)]
+            sg = [torch.where(own, s[descs], x) for s, x in zip(self.sigma_self, sg)]
         text = self.text[descs]
         if self.task_vectors is not None:  # random set and dropout in training, set 0 in validation
             tv = self.task_vectors[self.checkpoint_expert[cps]]
@@ -176,6 +212,7 @@ class FitConfig:
     seed: int = 0
     val_fraction: float = 0.1
     patience: int = 15
+    min_delta: float = 1e-3  # an epoch improves only if it lowers the best validation loss by this fraction
     save_every: int = 25
 
 
@@ -228,7 +265,8 @@ def fit(model: LoraCVAE, data: TrainingSet, config: FitConfig, *, state_path: Pa
         state["epoch"] = epoch + 1
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         if val_loss < state["best"]:
-            state["best"], state["bad"] = val_loss, 0
+            improved = val_loss < state["best"] * (1 - config.min_delta)
+            state["best"], state["bad"] = val_loss, 0 if improved else state["bad"] + 1
             best = copy.deepcopy(model.state_dict())
         else:
             state["bad"] += 1

@@ -28,6 +28,7 @@ from ..registry import Hit, Registry
 from ..registry.index import normalised
 from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, denormalise, fit, normalise
 from .decoder import TokenLayout
+from .description_head import DescriptionHead
 from .retrieval import GenerationError, Neighbour, check_descriptions
 from .safety import Safety, calibrate_ood, norm_range
 from .task_vector import Example, TaskVectors, check_examples
@@ -37,6 +38,10 @@ FORMAT = "loragen-generator"
 STATE_NAME = "training_state.pt"
 SIGMA_FLOOR = 1e-4  # added to σ*² (normalised space) so log σ* and the residual scale stay finite
 KL_DEFAULTS = {"icm": 0.005, "sg": 1.0}
+# GSNN term (decode from a prior z, as at inference): icm needs it to read its condition at all;
+# sg's strong KL (1.0) already ties its posterior to the conditional prior.
+PRIOR_WEIGHT_DEFAULTS = {"icm": 1.0, "sg": 0.0}
+SELF_FRACTION = 0.5  # sg: share of training conditions with the expert itself retrievable
 Stats = tuple[list[torch.Tensor], list[torch.Tensor]]  # per group (T_g,) mean and std
 
 
@@ -84,8 +89,9 @@ def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tens
 
 class LearnedGenerator:
     def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: dict[str, Any], *,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
-        self.registry, self.safety, self.config = registry, safety, config
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 head: DescriptionHead | None = None) -> None:
+        self.registry, self.safety, self.config, self.head = registry, safety, config, head
         self.method = model.config.method
         self.holdout = set(config.get("holdout", []))
         self.task_vector_dim = int(config.get("task_vector_dim", 0))  # 0: trained without examples
@@ -104,13 +110,45 @@ class LearnedGenerator:
         mean, second = self._tokens.prototypes(self.stats)  # type: ignore[arg-type]
         return [m.to(self.device) for m in mean], [s.to(self.device) for s in second]
 
-    def search(self, vecs: np.ndarray, own: list[int | None] | None = None) -> list[list[Hit]]:
-        """Top-K experts per query, skipping held-out experts and (leave-one-out) `own[i]`."""
+    def describe(self, vecs: np.ndarray) -> np.ndarray:
+        """Description embeddings as the generator reads them: through the learned head, if any."""
+        return self.head.project(vecs) if self.head is not None else vecs
+
+    def search(self, vecs: np.ndarray, own: list[int | None] | None = None,
+               query: np.ndarray | None = None) -> list[list[Hit]]:
+        """Top-K experts per query, skipping held-out experts and (leave-one-out) `own[i]`. With a
+        description head, FAISS's candidates are re-ranked by similarity in the head's space
+        (`query` = `describe(vecs)`), and that similarity is the one reported and weighted."""
         k = self.model.config.top_k
         excluded = self._tokens.excluded
-        hits = self.registry.search_vectors(vecs, k=k + len(excluded) + 1)
+        depth = k + len(excluded) + 1 if self.head is None else max(8 * k, 32) + len(excluded) + 1
+        hits = self.registry.search_vectors(vecs, k=depth)
+        if self.head is not None:
+            hits = self._rerank(hits, self.describe(vecs) if query is None else query)
         own = own or [None] * len(hits)
         return [[h for h in row if h.expert_id not in excluded and h.expert_id != o][:k] for row, o in zip(hits, own)]
+
+    @cached_property
+    def _described(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The registry's descriptions in the head's space, and each one's expert column."""
+        _, owners, vecs = self.registry.store.embeddings(self.registry.dim)
+        column = {eid: i for i, eid in enumerate(self._tokens.ids)}
+        keep = [i for i, o in enumerate(owners.tolist()) if o in column]
+        projected = self.describe(normalised(vecs[keep]))
+        return torch.from_numpy(projected), torch.tensor([column[o] for o in owners[keep].tolist()])
+
+    def _rerank(self, hits: list[list[Hit]], query: np.ndarray) -> list[list[Hit]]:
+        desc, col = self._described
+        sims = torch.from_numpy(query) @ desc.T
+        best = torch.full((len(hits), len(self._tokens.ids)), -torch.inf)
+        best = best.scatter_reduce(1, col.expand(len(hits), -1), sims, "amax").tolist()
+        column = {eid: i for i, eid in enumerate(self._tokens.ids)}
+        out = []
+        for row, row_hits in zip(best, hits):
+            scored = [Hit(h.expert_id, h.name, h.description, row[column[h.expert_id]])
+                      for h in row_hits if h.expert_id in column]
+            out.append(sorted(scored, key=lambda h: -h.similarity))
+        return out
 
     def weights(self, hits: list[list[Hit]]) -> tuple[torch.Tensor, list[list[Neighbour]]]:
         column = {eid: i for i, eid in enumerate(self._tokens.ids)}
@@ -163,8 +201,9 @@ class LearnedGenerator:
             raise GenerationError("num_samples must be at least 1")
         seed = secrets.randbits(31) if seed is None else int(seed)
         vecs = normalised(self.registry.encoder.encode(descriptions))
-        hits = self.search(vecs)
-        text, mu, sigma, neighbours = self.conditions(vecs, hits)
+        query = self.describe(vecs)
+        hits = self.search(vecs, query=query)
+        text, mu, sigma, neighbours = self.conditions(query, hits)
         if self.task_vector_dim:
             text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
         noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
@@ -215,6 +254,8 @@ class LearnedGenerator:
         directory = Path(directory)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
         state.update({k: v.contiguous() for k, v in self.safety.state_dict().items()})
+        if self.head is not None:
+            state.update(self.head.state_dict())
         with atomic.directory(directory) as tmp:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
@@ -237,13 +278,17 @@ class LearnedGenerator:
         layout = TokenLayout(registry.spec)
         tv = int(config.get("task_vector_dim", 0))
         model = LoraCVAE(layout, CVAEConfig(**config["cvae"]), int(config["embedding_dim"]) + (tv + 1 if tv else 0))
-        model_state = {k: v for k, v in tensors.items() if not k.startswith("safety.")}
+        model_state = {k: v for k, v in tensors.items() if not k.startswith(("safety.", "description_head."))}
+        for name, buffer in model.named_buffers():  # checkpoints from before condition centring
+            if name.startswith("text_") and name not in model_state:
+                model_state[name] = buffer
         try:
             model.load_state_dict(model_state)
         except RuntimeError as exc:
             raise GenerationError(f"{directory}: weights do not fit the registry's spec: {exc}") from exc
         safety = Safety.from_state_dict(tensors, float(config["ood_threshold"]))
-        return cls(registry, model, safety, config, device=device, dtype=dtype)
+        head = DescriptionHead.from_state_dict(tensors, config.get("description_head"))
+        return cls(registry, model, safety, config, device=device, dtype=dtype, head=head)
 
 
 def check_compatible(config: dict[str, Any], registry: Registry, where: str) -> None:
@@ -269,15 +314,22 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     holdout: list[str] | tuple[str, ...] = (), hidden: int = 512, top_k: int = 4,
                     temperature: float = 0.05, examples: Mapping[str, Sequence[Example]] | None = None,
                     example_sets: int = 8, examples_per_set: int = 4,
-                    task_vectors: TaskVectors | None = None) -> LearnedGenerator:
+                    task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
+                    prior_weight: float | None = None, description_head: bool = True) -> LearnedGenerator:
     """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
 
     icm with `examples` (expert name -> {input, output} pairs, e.g. its task's training instances)
     also learns from in-context task vectors: `example_sets` random sets of `examples_per_set`
-    per expert, dropped half of the time so that requests without examples still work."""
+    per expert, dropped half of the time so that requests without examples still work.
+
+    `description_head` learns a map of description embeddings from the registry's paraphrases
+    (`description_head.py`); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
+    `self_fraction` of its training conditions with the expert itself retrievable (the rest
+    leave-one-out). `None` takes the per-method defaults above."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
     cvae = CVAEConfig(method=method, latent=latent, hidden=hidden, top_k=top_k, temperature=temperature,
+                      prior_weight=PRIOR_WEIGHT_DEFAULTS[method] if prior_weight is None else prior_weight,
                       kl_weight=KL_DEFAULTS[method] if kl_weight is None else kl_weight)
     layout = TokenLayout(registry.spec)
     tokens = RegistryTokens(registry, layout, set(holdout))
@@ -297,9 +349,12 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
               "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
               "embedding_dim": registry.dim, "registry_fingerprint": registry.fingerprint(),
               "holdout": sorted(holdout), "ood_threshold": safety.ood_threshold, "task_vector_dim": tv_dim}
-    gen = LearnedGenerator(registry, model, safety, config)
+    head = fit_description_head(registry, tokens, seed) if description_head else None
+    config["description_head"] = head.describe() if head is not None else None
+    gen = LearnedGenerator(registry, model, safety, config, head=head)
     gen.__dict__["_tokens"] = tokens
-    data = training_set(gen, tokens)
+    data = training_set(gen, tokens, SELF_FRACTION if self_fraction is None else self_fraction)
+    model.set_text_stats(data.text)
     data.task_vectors = tv
     state_path = Path(out_dir) / STATE_NAME if out_dir is not None else None
     if state_path is not None:
@@ -311,19 +366,36 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     return gen
 
 
-def training_set(gen: LearnedGenerator, tokens: RegistryTokens) -> TrainingSet:
+def training_set(gen: LearnedGenerator, tokens: RegistryTokens, self_fraction: float = 0.0) -> TrainingSet:
     """Normalised checkpoints, and every description of every expert as a condition; for SG the
-    condition is leave-one-out: built from the expert's top-K neighbours other than itself."""
-    _, owners, vecs = gen.registry.store.embeddings(gen.registry.dim)
+    condition is leave-one-out: built from the expert's top-K neighbours other than itself (and,
+    with `self_fraction`, also the inclusive condition, drawn that often in training)."""
+    vecs, owners = registry_descriptions(gen.registry, tokens)
     index = {eid: i for i, eid in enumerate(tokens.ids)}
-    keep = [i for i, o in enumerate(owners.tolist()) if o in index]
-    vecs, owners = normalised(vecs[keep]), owners[keep]
+    query = gen.describe(vecs)
     x, owner = tokens.tokens(gen.stats)  # type: ignore[arg-type]
-    data = TrainingSet(x, owner, torch.from_numpy(vecs), torch.tensor([index[o] for o in owners.tolist()]))
+    data = TrainingSet(x, owner, torch.from_numpy(query), torch.tensor([index[o] for o in owners.tolist()]))
     if gen.method == "sg":
-        hits = gen.search(vecs, own=owners.tolist())
-        _, data.mu_star, data.sigma_star, _ = gen.conditions(vecs, hits)
+        hits = gen.search(vecs, own=owners.tolist(), query=query)
+        _, data.mu_star, data.sigma_star, _ = gen.conditions(query, hits)
+        if self_fraction > 0:
+            _, data.mu_self, data.sigma_self, _ = gen.conditions(query, gen.search(vecs, query=query))
+            data.self_fraction = self_fraction
     return data
+
+
+def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings of the descriptions of the experts the generator learns from, and their owners."""
+    _, owners, vecs = registry.store.embeddings(registry.dim)
+    known = set(tokens.ids)
+    keep = [i for i, o in enumerate(owners.tolist()) if o in known]
+    return normalised(vecs[keep]), owners[keep]
+
+
+def fit_description_head(registry: Registry, tokens: RegistryTokens, seed: int) -> DescriptionHead | None:
+    """Trained on the descriptions of the generator's own experts only (held-out ones never)."""
+    vecs, owners = registry_descriptions(registry, tokens)
+    return DescriptionHead.fit(vecs, owners, seed=seed)
 
 
 def expert_task_vectors(source: TaskVectors, experts: list[str], examples: Mapping[str, Sequence[Example]],
