@@ -25,7 +25,7 @@ def test_bench_serve_reports_every_case_and_level(server: str, tmp_path: Path) -
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["servers"] == [{"label": "batched", "url": server, "max_batch": 32, "max_wait_ms": 5.0,
-                                  "encoder_dtype": "float32"}]
+                                  "encoder_dtype": "float32", "encoder_workers": 2}]
     rows = {(r["case"], r["concurrency"]): r for r in report["results"]}
     assert set(rows) == {(c, n) for c in ("loras-json", "loras-zip", "completions") for n in (1, 4)}
     for r in rows.values():
@@ -53,4 +53,4 @@ def test_descriptions_are_unique_and_levels_parse() -> None:
 
 def test_readyz_tells_the_bench_its_settings(server: str) -> None:  # noqa: F811
     body = httpx.get(f"{server}/readyz").json()
-    assert body["max_batch"] == 32 and body["encoder_dtype"] == "float32"
+    assert body["max_batch"] == 32 and body["encoder_dtype"] == "float32" and body["encoder_workers"] == 2

@@ -379,3 +379,21 @@ def test_sigkilled_imports_leave_whole_experts_only(tmp_path, reg, spec):
         last = names[-1]
         assert r.search([expected[last][0]], k=1)[0][0].name == last
         r.close()
+
+
+def test_encoder_workers_split_a_batch_without_changing_it(encoder):
+    """Split across single-threaded workers, the rows come back in order and equal to one call's."""
+    import threading
+
+    texts = [f"description number {i} of a task with {'many ' * (i % 5)}words" for i in range(13)]
+    split = encoder.with_options(workers=3)
+    assert split.workers == 3 and encoder.workers == 1 and split._model is encoder._model
+    np.testing.assert_allclose(split.encode(texts), encoder.encode(texts), atol=1e-6, rtol=0)
+    assert any(t.name.startswith("loragen-encoder") for t in threading.enumerate())
+    assert split.encode(texts[:2]).shape == (2, encoder.dim)  # too few texts to split: one call
+    # The workers' single thread does not leak into threads started afterwards.
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [torch.get_num_threads()]

@@ -164,3 +164,4 @@ class ReadyOut(BaseModel):
     max_batch: int = Field(description="Most generation requests decoded together (1: no micro-batching).")
     max_wait_ms: float
     encoder_dtype: str
+    encoder_workers: int

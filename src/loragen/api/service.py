@@ -167,8 +167,8 @@ class Service:
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators
         registry = Registry.open(path, encoder=self._encoder)
-        if self.settings.encoder_dtype != registry.encoder.compute_dtype:
-            registry.encoder = registry.encoder.with_compute_dtype(self.settings.encoder_dtype)
+        registry.encoder = registry.encoder.with_options(compute_dtype=self.settings.encoder_dtype,
+                                                         workers=self.settings.encoder_workers)
         self.registry = registry
 
     def _warm_encoder(self) -> None:

@@ -24,4 +24,7 @@ class ApiSettings(Settings):
     encoder_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="Text encoder compute dtype; bfloat16 is faster on CPUs with AVX512-BF16 "
         "but its embeddings (and so neighbour weights) differ from float32 in the 5th digit.")
+    encoder_workers: int = Field(
+        default=2, ge=1, le=64, description="Single-threaded workers one text-encoding batch is split across "
+        "(CPU); 1: one call on torch's intra-op threads. Results are the same; under load the split is faster.")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1, description="Largest request body accepted.")

@@ -74,6 +74,8 @@ def serve_bench(
                                                   "(default: the demo world).")] = None,
     encoder_dtype: Annotated[EncoderDtype | None, typer.Option(help="Text encoder dtype of the started "
                                                                "servers (default float32).")] = None,
+    encoder_workers: Annotated[int | None, typer.Option(min=1, max=64, help="Text encoder workers of the started "
+                                                        "servers (default 2).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
 ) -> None:
     """Load servers on loopback: req/s, p50/p99 latency and errors per case, micro-batching on and off."""
@@ -115,7 +117,8 @@ def serve_bench(
         for label, batch, wait in (("batched", None, max_wait_ms), ("unbatched", 1, None)):
             log(f"starting a server with micro-batching {'off' if batch == 1 else 'on'} ...")
             with local_server(max_batch=batch, max_wait_ms=wait, registry=registry,
-                              encoder_dtype=encoder_dtype.value if encoder_dtype else None) as srv:
+                              encoder_dtype=encoder_dtype.value if encoder_dtype else None,
+                              encoder_workers=encoder_workers) as srv:
                 bench(label, srv.url, srv.cpu_seconds)
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -151,4 +154,4 @@ def _server_info(url: str) -> dict[str, Any]:
         body = httpx.get(f"{url.rstrip('/')}/readyz", timeout=10).json()
     except (httpx.HTTPError, ValueError):
         return {}
-    return {k: body[k] for k in ("max_batch", "max_wait_ms", "encoder_dtype") if isinstance(body, dict) and k in body}
+    return {k: body[k] for k in ("max_batch", "max_wait_ms", "encoder_dtype", "encoder_workers") if isinstance(body, dict) and k in body}

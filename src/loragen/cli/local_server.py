@@ -45,7 +45,8 @@ def free_port() -> int:
 
 @contextmanager
 def local_server(*, max_batch: int | None = None, max_wait_ms: float | None = None, registry: Path | None = None,
-                 encoder_dtype: str | None = None, startup_s: float = 900.0) -> Iterator[LocalServer]:
+                 encoder_dtype: str | None = None, encoder_workers: int | None = None,
+                 startup_s: float = 900.0) -> Iterator[LocalServer]:
     """`loragen serve` with these settings (else its defaults: the demo world), ready when yielded."""
     port = free_port()
     command = [sys.executable, "-m", "loragen.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -58,6 +59,8 @@ def local_server(*, max_batch: int | None = None, max_wait_ms: float | None = No
         command += ["--registry", str(registry)]
     if encoder_dtype is not None:
         command += ["--encoder-dtype", encoder_dtype]
+    if encoder_workers is not None:
+        command += ["--encoder-workers", str(encoder_workers)]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
         server = LocalServer(f"http://127.0.0.1:{port}", process)

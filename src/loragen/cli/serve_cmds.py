@@ -26,6 +26,8 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option(min=0, help="Micro-batch wait.")] = None,
     encoder_dtype: Annotated[EncoderDtype | None, typer.Option(help="Text encoder compute dtype (default float32); "
                                                       "bfloat16 is faster, its embeddings not bit-equal.")] = None,
+    encoder_workers: Annotated[int | None, typer.Option(min=1, max=64, help="Single-threaded workers a "
+                               "text-encoding batch is split across (default 2; 1: torch's threads).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve LoRA generation over HTTP; with no --registry, the demo world (built first if missing)."""
@@ -35,7 +37,8 @@ def serve(
 
     overrides: dict[str, Any] = {"host": host, "port": port, "registry": registry, "generator": generator,
                                  "device": device, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                                 "encoder_dtype": encoder_dtype.value if encoder_dtype else None}
+                                 "encoder_dtype": encoder_dtype.value if encoder_dtype else None,
+                                 "encoder_workers": encoder_workers}
     settings = ApiSettings(**{k: v for k, v in overrides.items() if v is not None})
     if settings.registry is None:
         from ..training.demo import build_demo

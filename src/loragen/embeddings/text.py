@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +17,11 @@ import torch
 from ..errors import LoragenError
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _single_threaded() -> None:
+    torch.get_num_threads()  # torch sets a thread's count lazily on first use; do that first, or it
+    torch.set_num_threads(1)  # would later replace the 1 with the process default
 
 
 class EncoderUnavailable(LoragenError, RuntimeError):
@@ -40,10 +47,15 @@ class TextEncoder:
 
     `compute_dtype="bfloat16"` runs the model under bf16 autocast: on CPUs with AVX512-BF16 about
     1.6x faster for MiniLM, with embeddings within 1e-4 of float32 in cosine (not bit-equal).
+
+    `workers > 1` (CPU) splits a call's texts into that many parts, each encoded on its own
+    single-threaded worker. Under a server's load this beats one call on torch's intra-op threads:
+    when the event loop takes a core, one worker waits instead of a whole parallel region stalling
+    at its barrier (benchmarks/RESULTS.md, "Service load").
     """
 
     def __init__(self, model: str | None = None, *, device: str = "cpu", batch_size: int | None = None,
-                 compute_dtype: ComputeDtype = "float32") -> None:
+                 compute_dtype: ComputeDtype = "float32", workers: int = 1) -> None:
         if model is None or model == DEFAULT_MODEL_ID:
             self.model_id = DEFAULT_MODEL_ID
             self._source = str(default_model_path())
@@ -54,12 +66,30 @@ class TextEncoder:
         # A GPU encodes a few hundred short texts in one pass about as fast as 64.
         self.batch_size = batch_size or (512 if str(device).startswith("cuda") else 64)
         self.compute_dtype = compute_dtype
+        self.workers = max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
 
-    def with_compute_dtype(self, compute_dtype: ComputeDtype) -> TextEncoder:
-        """The same encoder (sharing the loaded model) computing in `compute_dtype`."""
+    def with_options(self, *, compute_dtype: ComputeDtype | None = None, workers: int | None = None) -> TextEncoder:
+        """The same encoder (sharing the loaded model) with another compute dtype or worker count."""
         other = copy.copy(self)
-        other.compute_dtype = compute_dtype
+        other.compute_dtype = compute_dtype or self.compute_dtype
+        other.workers = max(1, int(workers)) if workers is not None else self.workers
+        other._pool = None
         return other
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            # torch.set_num_threads(1) in a worker also becomes the count that threads created later
+            # start with; once every worker has set it, this thread sets its own count back, which
+            # restores that default for the rest of the process.
+            keep = torch.get_num_threads()
+            pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loragen-encoder",
+                                      initializer=_single_threaded)
+            started = threading.Barrier(self.workers)
+            list(pool.map(lambda _: started.wait(), range(self.workers)))
+            torch.set_num_threads(keep)
+            self._pool = pool
+        return self._pool
 
     @cached_property
     def _model(self):  # type: ignore[no-untyped-def]
@@ -87,6 +117,13 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.workers > 1 and len(texts) >= 2 * self.workers and not str(self.device).startswith("cuda"):
+            size = -(-len(texts) // self.workers)
+            parts = [list(texts[i:i + size]) for i in range(0, len(texts), size)]
+            return np.concatenate(list(self._workers().map(self._encode, parts)))
+        return self._encode(list(texts))
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         model = self._model
         autocast = self.compute_dtype != "float32"
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16) if autocast else nullcontext():
