@@ -172,7 +172,9 @@ class Service:
         self.registry = registry
 
     def _warm_encoder(self) -> None:
-        self.reg.encoder.encode(["warm up"])
+        # Enough texts to be split, so the encoder's workers start now rather than on a request.
+        encoder = self.reg.encoder
+        encoder.encode(["warm up"] * 2 * encoder.workers)
 
     def _warm_generators(self) -> None:
         """The default generator, and every trained one the service can find, loaded and run once."""

@@ -180,8 +180,7 @@ class TrainingSet:
     def batch(self, cps: torch.Tensor, descs: torch.Tensor, gen: torch.Generator | None = None) -> tuple[Any, ...]:
         mu = [m[descs] for m in self.mu_star] if self.mu_star is not None else None
         sg = [s[descs] for s in self.sigma_star] if self.sigma_star is not None else None
-        if mu is not None and sg is not None and self.mu_self is not None and self.sigma_self is not None \
-                and gen is not None and self.self_fraction > 0:
+        if gen is not None and self.self_fraction > 0 and self.mu_self is not None and self.sigma_self is not None:
             own = rearrange(torch.rand(len(descs), generator=gen) < self.self_fraction, "n -> n 1 1")
             mu = [torch.where(own, m[descs], x) for m, x in zip(self.mu_self, mu)]
             sg = [torch.where(own, s[descs], x) for s, x in zip(self.sigma_self, sg)]

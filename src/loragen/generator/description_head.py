@@ -43,7 +43,7 @@ class DescriptionHead:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {WEIGHT_KEY: self.weight}
 
-    def describe(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int]:
         return asdict(self.config)
 
     @classmethod

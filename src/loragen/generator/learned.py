@@ -129,20 +129,22 @@ class LearnedGenerator:
         return [[h for h in row if h.expert_id not in excluded and h.expert_id != o][:k] for row, o in zip(hits, own)]
 
     @cached_property
+    def _column(self) -> dict[int, int]:
+        """Expert id -> its column in the generator's expert order."""
+        return {eid: i for i, eid in enumerate(self._tokens.ids)}
+
+    @cached_property
     def _described(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The registry's descriptions in the head's space, and each one's expert column."""
-        _, owners, vecs = self.registry.store.embeddings(self.registry.dim)
-        column = {eid: i for i, eid in enumerate(self._tokens.ids)}
-        keep = [i for i, o in enumerate(owners.tolist()) if o in column]
-        projected = self.describe(normalised(vecs[keep]))
-        return torch.from_numpy(projected), torch.tensor([column[o] for o in owners[keep].tolist()])
+        vecs, owners = registry_descriptions(self.registry, self._tokens)
+        return torch.from_numpy(self.describe(vecs)), torch.tensor([self._column[o] for o in owners.tolist()])
 
     def _rerank(self, hits: list[list[Hit]], query: np.ndarray) -> list[list[Hit]]:
         desc, col = self._described
         sims = torch.from_numpy(query) @ desc.T
-        best = torch.full((len(hits), len(self._tokens.ids)), -torch.inf)
+        best = torch.full((len(hits), len(self._column)), -torch.inf)
         best = best.scatter_reduce(1, col.expand(len(hits), -1), sims, "amax").tolist()
-        column = {eid: i for i, eid in enumerate(self._tokens.ids)}
+        column = self._column
         out = []
         for row, row_hits in zip(best, hits):
             scored = [Hit(h.expert_id, h.name, h.description, row[column[h.expert_id]])
@@ -151,7 +153,7 @@ class LearnedGenerator:
         return out
 
     def weights(self, hits: list[list[Hit]]) -> tuple[torch.Tensor, list[list[Neighbour]]]:
-        column = {eid: i for i, eid in enumerate(self._tokens.ids)}
+        column = self._column
         w = torch.zeros(len(hits), len(column))
         neighbours = []
         for row, row_hits in enumerate(hits):
@@ -349,8 +351,9 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
               "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
               "embedding_dim": registry.dim, "registry_fingerprint": registry.fingerprint(),
               "holdout": sorted(holdout), "ood_threshold": safety.ood_threshold, "task_vector_dim": tv_dim}
-    head = fit_description_head(registry, tokens, seed) if description_head else None
-    config["description_head"] = head.describe() if head is not None else None
+    # Trained on the descriptions of the generator's own experts only (held-out ones never).
+    head = DescriptionHead.fit(*registry_descriptions(registry, tokens), seed=seed) if description_head else None
+    config["description_head"] = head.to_dict() if head is not None else None
     gen = LearnedGenerator(registry, model, safety, config, head=head)
     gen.__dict__["_tokens"] = tokens
     data = training_set(gen, tokens, SELF_FRACTION if self_fraction is None else self_fraction)
@@ -390,12 +393,6 @@ def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[n
     known = set(tokens.ids)
     keep = [i for i, o in enumerate(owners.tolist()) if o in known]
     return normalised(vecs[keep]), owners[keep]
-
-
-def fit_description_head(registry: Registry, tokens: RegistryTokens, seed: int) -> DescriptionHead | None:
-    """Trained on the descriptions of the generator's own experts only (held-out ones never)."""
-    vecs, owners = registry_descriptions(registry, tokens)
-    return DescriptionHead.fit(vecs, owners, seed=seed)
 
 
 def expert_task_vectors(source: TaskVectors, experts: list[str], examples: Mapping[str, Sequence[Example]],
