@@ -397,3 +397,43 @@ def test_encoder_workers_split_a_batch_without_changing_it(encoder):
     later.start()
     later.join()
     assert seen == [torch.get_num_threads()]
+
+
+def test_packed_encoder_matches_sentence_transformers(encoder):
+    """The padding-free forward gives the library's own embeddings: float32 to 1e-6, in order, for
+    texts of every length (a truncated one included), whatever the chunking."""
+    from loragen.embeddings import packed as packed_module
+    from loragen.embeddings.packed import PackedBert
+
+    assert PackedBert.supports(encoder._model)
+    assert isinstance(packed_module._forward, torch.jit.ScriptFunction)  # runs without the GIL
+    texts = ["x", "reverse the input string", "Ünïcode — émoji 🎉 text", "word " * 400,
+             *[f"task {i}: {'shift the letters ' * (i % 4)}by {i}" for i in range(11)]]
+    reference = TextEncoder(encoder._source, packed=False, batch_size=64)
+    reference.__dict__["_model"] = encoder._model
+    expected = reference.encode(texts)
+    packed = encoder.with_options()
+    packed.batch_size = 4  # several chunks, each sorted by length
+    got = packed.encode(texts)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    # bf16 matrix products: not bit-equal, but the same direction to 1e-4.
+    bf16 = encoder.with_options(compute_dtype="bfloat16").encode(texts)
+    assert (bf16 * expected).sum(axis=1).min() > 0.9999
+
+
+def test_packed_encoder_falls_back_for_other_poolings(encoder):
+    """A model this forward does not cover (CLS pooling here) goes through sentence-transformers."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from loragen.embeddings.packed import PackedBert
+
+    cls = SentenceTransformer(modules=[encoder._model[0], models.Pooling(encoder.dim, pooling_mode="cls")])
+    assert not PackedBert.supports(cls)
+    other = TextEncoder(encoder._source)
+    other.__dict__["_model"] = cls
+    texts = ["reverse the input string", "sort the characters"]
+    expected = cls.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(other.encode(texts), expected, atol=1e-6, rtol=0)
+    assert other._packed() is None
