@@ -69,7 +69,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Pat
 @pytest.fixture(scope="module")
 def server(world: Path, encoder: TextEncoder):
     settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
-                           api_keys=[KEY], max_wait_ms=5, max_body_bytes=2**20)
+                           api_keys=[KEY], max_wait_ms=5, max_body_bytes=2**20,
+                           encoder_dtype="float32")  # tests compare with the library's float32 results
     with uvicorn_server(create_app(settings, encoder=encoder)) as url:
         yield url
 

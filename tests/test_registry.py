@@ -437,3 +437,19 @@ def test_packed_encoder_falls_back_for_other_poolings(encoder):
     expected = cls.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     np.testing.assert_allclose(other.encode(texts), expected, atol=1e-6, rtol=0)
     assert other._packed() is None
+
+
+def test_auto_encoder_dtype_follows_the_hardware(monkeypatch):
+    from loragen.api import ApiSettings
+    from loragen.embeddings import resolve_dtype
+
+    assert ApiSettings().encoder_dtype == "auto"
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    assert resolve_dtype("auto", "cuda:0") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert resolve_dtype("auto") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert resolve_dtype("auto") == "bfloat16"
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        resolve_dtype("fp8")

@@ -93,7 +93,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
                            {"Retry-After": "1"})
         return ReadyOut(status="ready", registry=str(service.reg.path), components=dict(service.readiness.state),
                         max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                        encoder_dtype=settings.encoder_dtype, encoder_workers=settings.encoder_workers)
+                        encoder_dtype=service.reg.encoder.compute_dtype, encoder_workers=settings.encoder_workers)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

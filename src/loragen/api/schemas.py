@@ -163,5 +163,5 @@ class ReadyOut(BaseModel):
     components: dict[str, str]
     max_batch: int = Field(description="Most generation requests decoded together (1: no micro-batching).")
     max_wait_ms: float
-    encoder_dtype: str
+    encoder_dtype: str = Field(description="The text encoder's compute dtype (`auto` resolved).")
     encoder_workers: int

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError
-from ..embeddings import TextEncoder
+from ..embeddings import TextEncoder, resolve_dtype
 from ..errors import LoragenError
 from ..generator import LEARNED_METHODS, METHODS, GenerationError, check_descriptions, load_generator
 from ..registry import Registry
@@ -167,8 +167,8 @@ class Service:
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators
         registry = Registry.open(path, encoder=self._encoder)
-        registry.encoder = registry.encoder.with_options(compute_dtype=self.settings.encoder_dtype,
-                                                         workers=self.settings.encoder_workers)
+        dtype = resolve_dtype(self.settings.encoder_dtype, registry.encoder.device)
+        registry.encoder = registry.encoder.with_options(compute_dtype=dtype, workers=self.settings.encoder_workers)
         self.registry = registry
 
     def _warm_encoder(self) -> None:

@@ -21,9 +21,10 @@ class ApiSettings(Settings):
     cache_bytes: int = Field(default=256 * 2**20, ge=0, description="Bytes of generated LoRAs kept in memory.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth.")
     auth_all_routes: bool = Field(default=False, description="Require a key on every route, not only writes.")
-    encoder_dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="Text encoder compute dtype; bfloat16 is faster on CPUs with AVX512-BF16 "
-        "but its embeddings (and so neighbour weights) differ from float32 in the 5th digit.")
+    encoder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="Text encoder compute dtype. auto: bfloat16 where the CPU computes it "
+        "natively (AVX512-BF16, AMX), else float32. bfloat16 is about twice as fast; its embeddings (and so "
+        "neighbour weights) differ from float32's in the 4th-5th digit (cosine > 0.9999).")
     encoder_workers: int = Field(
         default=2, ge=1, le=64, description="Single-threaded workers one text-encoding batch is split across "
         "(CPU); 1: one call on torch's intra-op threads. Results are the same; under load the split is faster.")

@@ -73,7 +73,7 @@ def serve_bench(
     registry: Annotated[Path | None, typer.Option("--registry", help="Registry for the started servers "
                                                   "(default: the demo world).")] = None,
     encoder_dtype: Annotated[EncoderDtype | None, typer.Option(help="Text encoder dtype of the started "
-                                                               "servers (default float32).")] = None,
+                                                               "servers (default auto).")] = None,
     encoder_workers: Annotated[int | None, typer.Option(min=1, max=64, help="Text encoder workers of the started "
                                                         "servers (default 2).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,

@@ -10,6 +10,7 @@ import typer
 
 
 class EncoderDtype(str, Enum):
+    auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
 
@@ -24,8 +25,8 @@ def serve(
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Micro-batch size (1: off).")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(min=0, help="Micro-batch wait.")] = None,
-    encoder_dtype: Annotated[EncoderDtype | None, typer.Option(help="Text encoder compute dtype (default float32); "
-                                                      "bfloat16 is faster, its embeddings not bit-equal.")] = None,
+    encoder_dtype: Annotated[EncoderDtype | None, typer.Option(help="Text encoder compute dtype (default auto: "
+                                                      "bfloat16 where the CPU has it natively, else float32).")] = None,
     encoder_workers: Annotated[int | None, typer.Option(min=1, max=64, help="Single-threaded workers a "
                                "text-encoding batch is split across (default 2; 1: torch's threads).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",

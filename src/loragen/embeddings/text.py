@@ -43,6 +43,25 @@ def default_model_path() -> Path:
 ComputeDtype = Literal["float32", "bfloat16"]
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    except RuntimeError:  # pragma: no cover - a torch build without these probes
+        return False
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> ComputeDtype:
+    """`auto` -> bfloat16 where the device computes it natively (CUDA, or a CPU with native bf16),
+    else float32; `float32` and `bfloat16` as given."""
+    if dtype == "auto":
+        return "bfloat16" if str(device).startswith("cuda") or native_bf16() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown encoder dtype {dtype!r}; choose auto, float32 or bfloat16")
+    return dtype  # type: ignore[return-value]
+
+
 class TextEncoder:
     """`encode(texts)` -> (n, dim) float32, unit rows. `model_id` names the model in registries.
 
