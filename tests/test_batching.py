@@ -1,0 +1,46 @@
+"""The micro-batcher's closing rules, on a real event loop (timings generous for a busy CI box)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from loragen.api.batching import MicroBatcher
+
+
+def _batcher(calls: list[list[int]], **kwargs: float) -> MicroBatcher[int, int]:
+    async def run(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        return [j * 10 for j in jobs]
+
+    return MicroBatcher(run, lambda j: j % 2, **kwargs)  # type: ignore[arg-type]
+
+
+def test_requests_within_max_wait_share_a_batch_and_groups_split_it() -> None:
+    async def main() -> list[list[int]]:
+        calls: list[list[int]] = []
+        batcher = _batcher(calls, max_batch=32, max_wait_s=2.0)
+
+        async def later(job: int, delay: float) -> int:
+            await asyncio.sleep(delay)
+            return await batcher.submit(job)
+
+        batcher.start()
+        # Arrivals 0.1 s apart, all within max_wait of the first: one batch.
+        results = await asyncio.gather(*(later(j, 0.1 * j) for j in range(6)))
+        await batcher.stop()
+        assert results == [j * 10 for j in range(6)]
+        return calls
+
+    assert asyncio.run(main()) == [[0, 2, 4], [1, 3, 5]]  # one batch, one call per group
+
+
+def test_max_batch_and_max_wait_close_a_batch() -> None:
+    async def main() -> list[list[int]]:
+        calls: list[list[int]] = []
+        batcher = _batcher(calls, max_batch=4, max_wait_s=0.2)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(2 * j) for j in range(10)))
+        await batcher.stop()
+        return calls
+
+    assert [len(c) for c in asyncio.run(main())] == [4, 4, 2]
