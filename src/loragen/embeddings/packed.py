@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 
 def _linear(dtype: torch.dtype, *linears: torch.nn.Linear) -> list[torch.Tensor]:
-    weight = torch.cat([m.weight.detach() for m in linears]).to(dtype).contiguous()
-    bias = torch.cat([m.bias.detach() for m in linears]).to(dtype)
-    return [weight, bias]
+    """Weight and bias of `linears` stacked (q, k, v), in `dtype`: a copy only where that takes one."""
+    weights, biases = [m.weight.detach() for m in linears], [m.bias.detach() for m in linears]
+    if len(linears) > 1:
+        weights, biases = [torch.cat(weights)], [torch.cat(biases)]
+    return [weights[0].to(dtype).contiguous(), biases[0].to(dtype)]
 
 
 def _norm(layer_norm: torch.nn.LayerNorm) -> list[torch.Tensor]:
