@@ -62,3 +62,13 @@ def test_demo_tasks_round_trip_and_have_four_descriptions(tmp_path):
     assert [t.descriptions for t in back] == [t.descriptions for t in tasks]
     reverse = next(t for t in back if t.name == "reverse")
     assert all(i.output == i.input[::-1] for i in reverse.instances)
+
+
+def test_extra_paraphrases_are_unique_and_keep_the_unseen_one_last():
+    by_name = {t.name: t for t in demo_tasks(instances_per_task=5)}
+    plain = {t.name: t for t in demo_tasks(instances_per_task=5, extra_descriptions=False)}
+    for name, task in by_name.items():
+        unseen = task.extra["unseen_paraphrase"]
+        assert task.descriptions[-1] == unseen == plain[name].descriptions[-1]
+        assert task.descriptions.count(unseen) == 1
+        assert len(set(task.descriptions)) == len(task.descriptions) >= len(plain[name].descriptions) + 10

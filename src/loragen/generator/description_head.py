@@ -23,8 +23,8 @@ WEIGHT_KEY = "description_head.weight"
 
 @dataclass
 class HeadConfig:
-    weight_decay: float = 0.1
-    temperature: float = 0.05
+    weight_decay: float = 0.01
+    temperature: float = 0.1
     steps: int = 300
     lr: float = 1e-2
     batch: int = 2048  # descriptions per step when the registry has more

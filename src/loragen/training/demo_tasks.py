@@ -1,7 +1,8 @@
 """The demo world's string-transformation tasks, each with paraphrased descriptions.
 
 The last description of each task is kept out of the registry: it is the unseen paraphrase that
-evaluation uses to check that generation follows meaning, not wording.
+evaluation uses to check that generation follows meaning, not wording. The registry gets the others
+plus the extra paraphrases of `demo_paraphrases`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .demo_paraphrases import EXTRA_DESCRIPTIONS
 from .tasks import Instance, Task
 
 VOWELS = set("aeiou")
@@ -150,15 +152,16 @@ def random_word(rng: random.Random, low: int = 3, high: int = 8) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(low, high)))
 
 
-def demo_tasks(instances_per_task: int = 300, seed: int = 0) -> list[Task]:
-    """The demo tasks in the task-file format, descriptions including the unseen paraphrase."""
+def demo_tasks(instances_per_task: int = 300, seed: int = 0, *, extra_descriptions: bool = True) -> list[Task]:
+    """The demo tasks in the task-file format; the last description is the unseen paraphrase."""
     tasks = []
     for i, t in enumerate(DEMO_TASKS):
         rng = random.Random(seed * 1000 + i)
         words = [random_word(rng) for _ in range(instances_per_task)]
+        extra = list(EXTRA_DESCRIPTIONS[t.name]) if extra_descriptions else []
         tasks.append(Task(
             name=t.name,
-            descriptions=list(t.descriptions),
+            descriptions=[*t.descriptions[:-1], *extra, t.descriptions[-1]],
             instances=[Instance(w, t.fn(w)) for w in words],
             cluster="strings",
             extra={"unseen_paraphrase": t.descriptions[-1]},
