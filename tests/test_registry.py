@@ -453,3 +453,25 @@ def test_auto_encoder_dtype_follows_the_hardware(monkeypatch):
     assert resolve_dtype("auto") == "bfloat16"
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         resolve_dtype("fp8")
+
+
+def test_small_searches_run_on_one_thread_with_the_same_results(monkeypatch):
+    import faiss
+
+    from loragen.registry import index as index_module
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((300, 16)).astype(np.float32)
+    index = VectorIndex.build(16, np.arange(300), vecs)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    threads = faiss.omp_get_max_threads()
+    seen = []
+    real = faiss.omp_set_num_threads
+    monkeypatch.setattr(faiss, "omp_set_num_threads", lambda n: (seen.append(n), real(n)))
+    small = index.search(queries, 5)
+    assert seen == [1, threads] and faiss.omp_get_max_threads() == threads
+    monkeypatch.setattr(index_module, "SINGLE_THREAD_PRODUCTS", 0)
+    large = index.search(queries, 5)
+    assert seen == [1, threads]
+    np.testing.assert_array_equal(small[1], large[1])
+    np.testing.assert_allclose(small[0], large[0], rtol=1e-6)

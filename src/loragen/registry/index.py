@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from ..adapters import atomic
+
+
+# Below this many query-vector products a search takes well under a millisecond, and waking an
+# OpenMP team costs more than it saves: its threads then spin on the cores the text encoder needs
+# next (measured in a server cycle: encode 36 ms with one thread against 40-42 ms, and search p99
+# 4 ms against 14-24 ms; benchmarks/RESULTS.md, "Service load").
+SINGLE_THREAD_PRODUCTS = 1 << 22
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def normalised(vecs: np.ndarray) -> np.ndarray:
@@ -60,4 +79,8 @@ class VectorIndex:
 
     def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, ids), each (n, k); id -1 where fewer than k vectors exist."""
-        return self.index.search(normalised(vecs), k)
+        queries = normalised(vecs)
+        if len(queries) * len(self) < SINGLE_THREAD_PRODUCTS:
+            with _one_thread():
+                return self.index.search(queries, k)
+        return self.index.search(queries, k)
