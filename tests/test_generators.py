@@ -11,6 +11,7 @@ from conftest import TARGETS, TINY_CONFIGS
 from loragen.adapters import Basis, spec_from_config
 from loragen.generator import GenerationError, LearnedGenerator, load_generator, train_generator
 from loragen.generator.decoder import TokenDecoder, TokenLayout
+from loragen.generator.description_head import HeadConfig
 from loragen.registry import Registry
 
 TASKS = {
@@ -309,7 +310,7 @@ def test_description_head_pulls_an_experts_paraphrases_together(registry):
 
 def test_trained_generators_keep_their_description_head(trained, registry):
     gen, out = trained
-    assert gen.head is not None and gen.config["description_head"]["weight_decay"] == 0.1
+    assert gen.head is not None and gen.config["description_head"]["weight_decay"] == HeadConfig().weight_decay
     loaded = LearnedGenerator.from_pretrained(out, registry)
     assert loaded.head is not None and torch.equal(loaded.head.weight, gen.head.weight)
     # Neighbours are ranked and weighted by their similarity in the head's space.
