@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import faiss
@@ -80,7 +80,5 @@ class VectorIndex:
     def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, ids), each (n, k); id -1 where fewer than k vectors exist."""
         queries = normalised(vecs)
-        if len(queries) * len(self) < SINGLE_THREAD_PRODUCTS:
-            with _one_thread():
-                return self.index.search(queries, k)
-        return self.index.search(queries, k)
+        with _one_thread() if len(queries) * len(self) < SINGLE_THREAD_PRODUCTS else nullcontext():
+            return self.index.search(queries, k)
