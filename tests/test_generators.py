@@ -351,3 +351,50 @@ def test_sg_draws_self_conditions_with_their_fraction(registry):
     assert all(torch.equal(a, s[descs]) for a, s in zip(mu_train, data.mu_self))
     assert all(torch.equal(a, s[descs]) for a, s in zip(mu_val, data.mu_star))
     assert not all(torch.equal(a, b) for a, b in zip(mu_train, mu_val))
+
+
+# ------------------------------------------------------------------ icm's memory read of its condition
+
+
+def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
+    import numpy as np
+
+    from loragen.generator.learned import RegistryTokens, training_set
+
+    gen = train_generator(registry, "icm", out_dir=tmp_path / "icm", temperature=1e-4, **{**TRAIN, "epochs": 1})
+    assert gen.reads_memory and gen.config["cvae"]["condition_from"] == "memory"
+    # Two wordings whose nearest expert is the same read the same key, so give the same LoRA.
+    a, b = gen.generate(["write the letters backwards", "reverse the string"], seed=5)
+    assert [x.metadata["neighbours"][0]["expert"] for x in (a, b)] == ["reverse", "reverse"]
+    assert _same(a, b, atol=1e-6)
+    text = train_generator(registry, "icm", condition_from="text", **{**TRAIN, "epochs": 1})
+    c, d = text.generate(["write the letters backwards", "reverse the string"], seed=5)
+    assert not text.reads_memory and not _same(c, d, atol=1e-6)
+    loaded = LearnedGenerator.from_pretrained(tmp_path / "icm", registry)
+    assert loaded.reads_memory and _same(loaded.generate(["reverse the string"], seed=5)[0], b, atol=1e-6)
+
+    # Training conditions, against float64 reference math: each description's own registry entry is
+    # left out, the rest scored per expert by its best description, softmax over the top K.
+    gen = train_generator(registry, "icm", temperature=0.05, **{**TRAIN, "epochs": 1})
+    data = training_set(gen, RegistryTokens(registry, gen.model.layout, set()))
+    desc, col = (t.double().numpy() for t in gen._described)
+    col = col.astype(int)
+    sims = desc @ desc.T
+    np.fill_diagonal(sims, -np.inf)
+    experts = col.max() + 1
+    best = np.stack([sims[:, col == e].max(axis=1) for e in range(experts)], axis=1)
+    keys = np.stack([desc[col == e].sum(axis=0) for e in range(experts)])
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    want = np.zeros((len(desc), desc.shape[1]))
+    for i, row in enumerate(best):
+        top = np.argsort(-row)[: gen.model.config.top_k]
+        alpha = np.exp((row[top] - row[top].max()) / 0.05)
+        want[i] = (alpha / alpha.sum()) @ keys[top]
+    np.testing.assert_allclose(data.text.double().numpy(), want, atol=1e-5)
+
+
+def test_memory_condition_is_icm_only(registry):
+    with pytest.raises(GenerationError, match="sg reads text"):
+        train_generator(registry, "sg", condition_from="memory", **{**TRAIN, "epochs": 1})
+    with pytest.raises(GenerationError, match="condition_from"):
+        train_generator(registry, "icm", condition_from="keys", **{**TRAIN, "epochs": 1})

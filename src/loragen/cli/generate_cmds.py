@@ -129,8 +129,10 @@ def train_generator_cmd(
                         "instances (by expert name) give in-context task vectors.")] = None,
     train_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="With --examples: the part of each "
                               "task's instances used as examples (the experts' train split).")] = 0.7,
-    temperature: Annotated[float, typer.Option(min=1e-4, help="sg: softmax temperature τ of the prior's "
-                           "neighbour weights.")] = 0.05,
+    temperature: Annotated[float, typer.Option(min=1e-4, help="Softmax temperature τ of the neighbour "
+                           "weights (sg's prior, icm's memory read).")] = 0.05,
+    condition_from: Annotated[str | None, typer.Option(help="icm: condition on the description's 'text' "
+                              "embedding or on its 'memory' read of the registry. Default memory.")] = None,
     prior_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the decode-from-the-prior term "
                             "(GSNN) of the loss. Default: icm 1.0, sg 0.")] = None,
     self_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="sg: share of training conditions "
@@ -159,7 +161,7 @@ def train_generator_cmd(
     train_generator(reg, method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
                     patience=patience, out_dir=out, resume=resume, holdout=names, examples=pairs,
                     temperature=temperature, prior_weight=prior_weight, self_fraction=self_fraction,
-                    description_head=description_head)
+                    description_head=description_head, condition_from=condition_from)
     typer.echo(f"wrote {method} generator to {out}")
 
 

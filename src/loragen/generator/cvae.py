@@ -41,6 +41,9 @@ class CVAEConfig:
     # from a prior sample, as at inference. Without it the decoder learns to read the target from
     # the posterior's z and to ignore the condition, and a prior z gives an average LoRA.
     prior_weight: float = 0.0
+    # icm: "text" reads the description embedding itself; "memory" reads it through the registry,
+    # Σ α_k p_k over the top-K experts' description prototypes (α = softmax(sim / temperature)).
+    condition_from: str = "text"
 
 
 def normalise(groups: list[torch.Tensor], mean: list[torch.Tensor], std: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ with several descriptions per expert says which differences matter. The head W i
 supervised contrastive loss (descriptions of one expert are positives), pulled towards the identity
 by weight decay so that it only bends the space where the registry gives evidence. Defaults chosen
 by leave-one-description-out cross-validation on the demo registry's descriptions (never the
-held-back paraphrases): weight decay 0.1, temperature 0.05.
+held-back paraphrases): weight decay 0.01, temperature 0.1.
 """
 
 from __future__ import annotations

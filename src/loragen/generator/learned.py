@@ -41,6 +41,9 @@ KL_DEFAULTS = {"icm": 0.005, "sg": 1.0}
 # GSNN term (decode from a prior z, as at inference): icm needs it to read its condition at all;
 # sg's strong KL (1.0) already ties its posterior to the conditional prior.
 PRIOR_WEIGHT_DEFAULTS = {"icm": 1.0, "sg": 0.0}
+# icm's condition: the description embedding read through the registry (Σ α_k · expert key), which
+# keeps a paraphrase's condition on the points the decoder was trained at (dev set: 0.51 vs 0.21).
+CONDITION_DEFAULTS = {"icm": "memory", "sg": "text"}
 SELF_FRACTION = 0.5  # sg: share of training conditions with the expert itself retrievable
 Stats = tuple[list[torch.Tensor], list[torch.Tensor]]  # per group (T_g,) mean and std
 
@@ -164,9 +167,33 @@ class LearnedGenerator:
                 w[row, column[h.expert_id]] = a
         return w, neighbours
 
+    @property
+    def reads_memory(self) -> bool:
+        return self.method == "icm" and self.model.config.condition_from == "memory"
+
+    @cached_property
+    def _memory_keys(self) -> torch.Tensor:
+        """(E, dim): each expert's unit mean description, in the head's space."""
+        desc, col = self._described
+        keys = torch.zeros(len(self._column), desc.shape[1]).index_add_(0, col, desc)
+        return torch.nn.functional.normalize(keys, dim=-1)
+
+    def memory_weights(self, query: torch.Tensor) -> torch.Tensor:
+        """(N, E) softmax weights over each row's top-K experts, scored by their best description,
+        with row i's own registry description left out: training's view of a paraphrase that the
+        registry does not hold (rows are the registry's descriptions in `_described` order)."""
+        desc, col = self._described
+        sims = (query @ desc.T).fill_diagonal_(-2.0)
+        best = torch.full((len(query), len(self._column)), -2.0).scatter_reduce(1, col.expand(len(query), -1), sims, "amax")
+        top = best.topk(min(self.model.config.top_k, best.shape[1]), dim=1)
+        alpha = torch.softmax(top.values / self.model.config.temperature, dim=1)
+        return torch.zeros_like(best).scatter_(1, top.indices, alpha)
+
     def conditions(self, vecs: np.ndarray, hits: list[list[Hit]]) -> tuple[Any, ...]:
         w, neighbours = self.weights(hits)
         text = torch.from_numpy(vecs).to(self.device)
+        if self.reads_memory:
+            text = (w @ self._memory_keys).to(self.device)
         if self.method != "sg":
             return text, None, None, neighbours
         mu, sigma = mix(w.to(self.device), *self._prototypes)
@@ -317,7 +344,8 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     temperature: float = 0.05, examples: Mapping[str, Sequence[Example]] | None = None,
                     example_sets: int = 8, examples_per_set: int = 4,
                     task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
-                    prior_weight: float | None = None, description_head: bool = True) -> LearnedGenerator:
+                    prior_weight: float | None = None, description_head: bool = True,
+                    condition_from: str | None = None) -> LearnedGenerator:
     """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
 
     icm with `examples` (expert name -> {input, output} pairs, e.g. its task's training instances)
@@ -327,10 +355,16 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     `description_head` learns a map of description embeddings from the registry's paraphrases
     (`description_head.py`); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
     `self_fraction` of its training conditions with the expert itself retrievable (the rest
-    leave-one-out). `None` takes the per-method defaults above."""
+    leave-one-out). icm's `condition_from="memory"` conditions on Σ α_k key_k over the top-K experts
+    (key = an expert's mean description in the head's space, α = softmax(sim / temperature)), trained
+    with each description's own registry entry left out. `None` takes the per-method defaults above."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
+    condition_from = CONDITION_DEFAULTS[method] if condition_from is None else condition_from
+    if condition_from not in ("text", "memory") or (method == "sg" and condition_from != "text"):
+        raise GenerationError(f"condition_from {condition_from!r}: icm reads text or memory, sg reads text")
     cvae = CVAEConfig(method=method, latent=latent, hidden=hidden, top_k=top_k, temperature=temperature,
+                      condition_from=condition_from,
                       prior_weight=PRIOR_WEIGHT_DEFAULTS[method] if prior_weight is None else prior_weight,
                       kl_weight=KL_DEFAULTS[method] if kl_weight is None else kl_weight)
     layout = TokenLayout(registry.spec)
@@ -377,7 +411,10 @@ def training_set(gen: LearnedGenerator, tokens: RegistryTokens, self_fraction: f
     index = {eid: i for i, eid in enumerate(tokens.ids)}
     query = gen.describe(vecs)
     x, owner = tokens.tokens(gen.stats)  # type: ignore[arg-type]
-    data = TrainingSet(x, owner, torch.from_numpy(query), torch.tensor([index[o] for o in owners.tolist()]))
+    text = torch.from_numpy(query)
+    if gen.reads_memory:
+        text = gen.memory_weights(text) @ gen._memory_keys
+    data = TrainingSet(x, owner, text, torch.tensor([index[o] for o in owners.tolist()]))
     if gen.method == "sg":
         hits = gen.search(vecs, own=owners.tolist(), query=query)
         _, data.mu_star, data.sigma_star, _ = gen.conditions(query, hits)
