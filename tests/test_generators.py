@@ -381,6 +381,7 @@ def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
     col = col.astype(int)
     sims = desc @ desc.T
     np.fill_diagonal(sims, -np.inf)
+    assert np.bincount(col).min() >= 2  # every expert keeps another description to be found by
     experts = col.max() + 1
     best = np.stack([sims[:, col == e].max(axis=1) for e in range(experts)], axis=1)
     keys = np.stack([desc[col == e].sum(axis=0) for e in range(experts)])
@@ -391,6 +392,20 @@ def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
         alpha = np.exp((row[top] - row[top].max()) / 0.05)
         want[i] = (alpha / alpha.sum()) @ keys[top]
     np.testing.assert_allclose(data.text.double().numpy(), want, atol=1e-5)
+
+
+def test_memory_condition_keeps_an_experts_only_description(tmp_path, encoder):
+    from loragen.generator.learned import RegistryTokens, training_set
+
+    reg = _registry(tmp_path / "registry", encoder)
+    spec = reg.spec
+    reg.add_expert("lonely", [{m.name: torch.randn(spec.num_layers, m.out_features, spec.rank) for m in spec.modules}],
+                   ["translate the word into pig latin"])
+    gen = train_generator(reg, "icm", temperature=1e-4, **{**TRAIN, "epochs": 1})
+    data = training_set(gen, RegistryTokens(reg, gen.model.layout, set()))
+    lonely = gen._column[reg.get("lonely").id]
+    row = int((gen._described[1] == lonely).nonzero())
+    torch.testing.assert_close(data.text[row], gen._memory_keys[lonely])
 
 
 def test_memory_condition_is_icm_only(registry):

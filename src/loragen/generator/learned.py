@@ -181,9 +181,12 @@ class LearnedGenerator:
     def memory_weights(self, query: torch.Tensor) -> torch.Tensor:
         """(N, E) softmax weights over each row's top-K experts, scored by their best description,
         with row i's own registry description left out: training's view of a paraphrase that the
-        registry does not hold (rows are the registry's descriptions in `_described` order)."""
+        registry does not hold (rows are the registry's descriptions in `_described` order). An
+        expert's only description stays in, or its own key would never be a training condition."""
         desc, col = self._described
-        sims = (query @ desc.T).fill_diagonal_(-2.0)
+        sims = query @ desc.T
+        alone = torch.bincount(col)[col] == 1
+        sims[torch.arange(len(col)), torch.arange(len(col))] = torch.where(alone, sims.diagonal(), -2.0)
         best = torch.full((len(query), len(self._column)), -2.0).scatter_reduce(1, col.expand(len(query), -1), sims, "amax")
         top = best.topk(min(self.model.config.top_k, best.shape[1]), dim=1)
         alpha = torch.softmax(top.values / self.model.config.temperature, dim=1)
