@@ -408,6 +408,19 @@ def test_memory_condition_keeps_an_experts_only_description(tmp_path, encoder):
     torch.testing.assert_close(data.text[row], gen._memory_keys[lonely])
 
 
+def test_icm_reads_memory_by_default_only_where_experts_have_several_descriptions(registry, tmp_path, encoder):
+    assert train_generator(registry, "icm", **{**TRAIN, "epochs": 1}).reads_memory
+    single = Registry.create(tmp_path / "single", _spec(), encoder=encoder, seed=0)
+    gen = torch.Generator().manual_seed(2)
+    for name, descriptions in TASKS.items():
+        cps = [{m.name: torch.randn(single.spec.num_layers, m.out_features, single.spec.rank, generator=gen)
+                for m in single.spec.modules}]
+        single.add_expert(name, cps, descriptions[:1])
+    icm = train_generator(single, "icm", **{**TRAIN, "epochs": 1})
+    assert not icm.reads_memory and icm.config["cvae"]["condition_from"] == "text"
+    assert train_generator(single, "icm", condition_from="memory", **{**TRAIN, "epochs": 1}).reads_memory
+
+
 def test_memory_condition_is_icm_only(registry):
     with pytest.raises(GenerationError, match="sg reads text"):
         train_generator(registry, "sg", condition_from="memory", **{**TRAIN, "epochs": 1})

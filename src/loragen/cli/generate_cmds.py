@@ -132,7 +132,8 @@ def train_generator_cmd(
     temperature: Annotated[float, typer.Option(min=1e-4, help="Softmax temperature τ of the neighbour "
                            "weights (sg's prior, icm's memory read).")] = 0.05,
     condition_from: Annotated[str | None, typer.Option(help="icm: condition on the description's 'text' "
-                              "embedding or on its 'memory' read of the registry. Default memory.")] = None,
+                              "embedding or on its 'memory' read of the registry. Default: memory where most experts have two "
+                              "descriptions or more, else text.")] = None,
     prior_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the decode-from-the-prior term "
                             "(GSNN) of the loss. Default: icm 1.0, sg 0.")] = None,
     self_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="sg: share of training conditions "
