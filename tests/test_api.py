@@ -255,6 +255,13 @@ def test_learned_method_samples_seeds_and_cache(client: Client) -> None:
 def test_search_and_experts(client: Client) -> None:
     hits = client.search("translate this into french", k=2)
     assert [h.expert for h in hits][:1] == ["translate"] and len(hits) == 2
+    # Ranked as sg ranks: the neighbours and similarities of its generation metadata.
+    ranked = client.search("translate this into french", k=4, method="sg")
+    meta = client.generate("translate this into french", method="sg", seed=0)
+    assert [(h.expert, round(h.similarity, 5)) for h in ranked] == \
+        [(n.expert, round(n.similarity, 5)) for n in meta.neighbours]
+    with pytest.raises(BadRequestError, match="unknown method"):
+        client.search("translate this into french", method="telepathy")
     page = client.experts.list(offset=1, limit=2)
     assert page.total == len(EXPERTS) and [e.name for e in page.data] == list(EXPERTS)[1:3]
     math = client.experts.get("math")

@@ -142,7 +142,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     @app.post("/v1/search", response_model=SearchOut)
     async def search(body: SearchRequest) -> SearchOut:
         description = check_descriptions([body.description])[0]
-        hits = (await service.in_engine(service.reg.search, [description], body.k))[0]
+        hits = (await service.in_engine(service.search, description, body.k, body.method))[0]
         return SearchOut(neighbours=[{"expert": h.name, "expert_id": h.expert_id, "description": h.description,
                                       "similarity": h.similarity} for h in hits])  # type: ignore[misc]
 

@@ -54,6 +54,8 @@ class BatchRequest(Strict):
 class SearchRequest(Strict):
     description: Text = Description
     k: int = Field(default=4, ge=1, le=100)
+    method: str | None = Field(default=None, description="Rank as this generation method does (icm and sg "
+                               "score in their learned description space); omitted: the registry's own similarity.")
 
 
 class CompletionRequest(Strict):

@@ -28,7 +28,8 @@ from ..basemodel import BaseModel, BaseModelError
 from ..embeddings import TextEncoder, resolve_dtype
 from ..errors import LoragenError
 from ..generator import LEARNED_METHODS, METHODS, GenerationError, check_descriptions, load_generator
-from ..registry import Registry
+from ..registry import Hit, Registry
+from ..registry.index import normalised
 from .batching import MicroBatcher
 from .cache import ByteLRU, tensor_bytes
 from .errors import ApiError
@@ -217,6 +218,15 @@ class Service:
             return Job(desc, method, 0, seed, num_samples, ex)
         # Retrieval is deterministic: seed and samples change nothing, so they must not split the cache.
         return Job(desc, method, 1 if method == "nearest" else k or self.settings.top_k, None, 1, ex)
+
+    def search(self, description: str, k: int, method: str | None) -> list[list[Hit]]:
+        """The registry's neighbours; for a learned method, ranked and scored as that generator does."""
+        if method is not None and method not in METHODS:
+            raise ApiError(400, "unknown_method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in LEARNED_METHODS:
+            return self.reg.search([description], k)
+        gen = self._generator(method, 0)
+        return gen.search(normalised(self.reg.encoder.encode([description])), k=k)
 
     def cached(self, job: Job) -> list[Stored] | None:
         if not job.cacheable:

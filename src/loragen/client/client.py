@@ -39,6 +39,10 @@ class _Api:
         self.retries, self.backoff = retries, backoff
 
     @staticmethod
+    def search_body(description: str, k: int, method: str | None) -> dict[str, Any]:
+        return _drop_none({"description": description, "k": k, "method": method})
+
+    @staticmethod
     def generate_call(description: str, method: str, k: int | None, seed: int | None, num_samples: int,
                  examples: list[dict[str, str]] | None) -> Call:
         body = _drop_none({"description": description, "method": method, "k": k, "seed": seed,
@@ -118,8 +122,8 @@ class Client(_Api):
                 response.close()
             return load_zip(path)
 
-    def search(self, description: str, k: int = 4) -> list[SearchHit]:
-        data = self._json(Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
+    def search(self, description: str, k: int = 4, method: str | None = None) -> list[SearchHit]:
+        data = self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
         return [SearchHit(**h) for h in data["neighbours"]]
 
     def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
@@ -192,8 +196,8 @@ class AsyncClient(_Api):
                 await response.aclose()
             return load_zip(path)
 
-    async def search(self, description: str, k: int = 4) -> list[SearchHit]:
-        data = await self._json(Call("POST", "/v1/search", {"json": {"description": description, "k": k}}))
+    async def search(self, description: str, k: int = 4, method: str | None = None) -> list[SearchHit]:
+        data = await self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
         return [SearchHit(**h) for h in data["neighbours"]]
 
     async def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,

@@ -115,11 +115,12 @@ class LearnedGenerator:
         return self.head.project(vecs) if self.head is not None else vecs
 
     def search(self, vecs: np.ndarray, own: list[int | None] | None = None,
-               query: np.ndarray | None = None) -> list[list[Hit]]:
-        """Top-K experts per query, skipping held-out experts and (leave-one-out) `own[i]`. With a
-        description head, FAISS's candidates are re-ranked by similarity in the head's space
-        (`query` = `describe(vecs)`), and that similarity is the one reported and weighted."""
-        k = self.model.config.top_k
+               query: np.ndarray | None = None, k: int | None = None) -> list[list[Hit]]:
+        """Top-K experts per query (K: the model's, unless `k`), skipping held-out experts and
+        (leave-one-out) `own[i]`. With a description head, FAISS's candidates are re-ranked by
+        similarity in the head's space (`query` = `describe(vecs)`), and that similarity is the one
+        reported and weighted."""
+        k = k or self.model.config.top_k
         excluded = self._tokens.excluded
         depth = k + len(excluded) + 1 if self.head is None else max(8 * k, 32) + len(excluded) + 1
         hits = self.registry.search_vectors(vecs, k=depth)
