@@ -44,3 +44,34 @@ def test_max_batch_and_max_wait_close_a_batch() -> None:
         return calls
 
     assert [len(c) for c in asyncio.run(main())] == [4, 4, 2]
+
+
+def test_a_batch_waits_only_until_it_is_as_large_as_recent_ones() -> None:
+    async def main() -> tuple[list[list[int]], float, float]:
+        calls: list[list[int]] = []
+        batcher = _batcher(calls, max_batch=32, max_wait_s=0.3)
+        loop = asyncio.get_running_loop()
+
+        async def later(job: int, delay: float) -> int:
+            await asyncio.sleep(delay)
+            return await batcher.submit(job)
+
+        batcher.start()
+        # No history: the first batch waits the whole max_wait for company.
+        await asyncio.gather(*(later(2 * j, 0.1 * (j == 3)) for j in range(4)))
+        # Four at a time recently: three queued at once wait for the fourth (0.1 s later), not longer.
+        started = loop.time()
+        await asyncio.gather(*(later(2 * j, 0.1 * (j == 3)) for j in range(4)))
+        waited_for_fourth = loop.time() - started
+        # A lone client: batches of one for a while, and then a request is decoded at once.
+        for _ in range(8):
+            await batcher.submit(0)
+        started = loop.time()
+        await batcher.submit(0)
+        alone = loop.time() - started
+        await batcher.stop()
+        return calls, waited_for_fourth, alone
+
+    calls, waited_for_fourth, alone = asyncio.run(main())
+    assert [len(c) for c in calls[:2]] == [4, 4]
+    assert 0.09 <= waited_for_fourth < 0.28 and alone < 0.15

@@ -1,17 +1,23 @@
 """Micro-batching: concurrent generation requests are coalesced into one generator call.
 
-One collector task takes the first waiting request, then keeps taking more until `max_batch` or
-`max_wait` has passed, groups them by what one generator call can share (method, k, seed, samples)
-and runs each group through `run`. While a group runs, new requests queue up, so under load the
+One collector task takes the first waiting request, then keeps taking more until `max_batch`, until
+`max_wait` has passed, or until the batch is as large as the largest of the last few; it groups
+them by what one generator call can share (method, k, seed, samples) and runs each group through
+`run`. While a group runs, new requests queue up, so under load the
 next batch fills without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+# A batch waits (up to max_wait) only until it is as large as the largest of the last few: a lone
+# client is answered at once, while under steady load the requests still in flight are waited for
+# instead of being left for the next cycle.
+RECENT_BATCHES = 8
 J = TypeVar("J")
 R = TypeVar("R")
 
@@ -47,9 +53,11 @@ class MicroBatcher(Generic[J, R]):
     async def _collect(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        recent: deque[int] = deque(maxlen=RECENT_BATCHES)
         while True:
             batch = [await self._queue.get()]
             deadline = loop.time() + self.max_wait_s
+            expected = max(recent, default=self.max_batch)
             while len(batch) < self.max_batch:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -57,12 +65,13 @@ class MicroBatcher(Generic[J, R]):
                 except asyncio.QueueEmpty:
                     pass
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or len(batch) >= expected:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
+            recent.append(len(batch))
             groups: dict[Hashable, list[tuple[J, asyncio.Future[R]]]] = {}
             for item in batch:
                 groups.setdefault(self.key(item[0]), []).append(item)

@@ -17,7 +17,8 @@ class ApiSettings(Settings):
     host: str = Field(default="127.0.0.1", description="Interface to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to bind (0: any free port).")
     max_batch: int = Field(default=32, ge=1, description="Most generation requests decoded together.")
-    max_wait_ms: float = Field(default=2.0, ge=0, description="How long a request waits for others to batch with.")
+    max_wait_ms: float = Field(default=10.0, ge=0, description="Longest a request waits for others to batch with; "
+                               "it waits only while its batch is smaller than the largest of the last few.")
     cache_bytes: int = Field(default=256 * 2**20, ge=0, description="Bytes of generated LoRAs kept in memory.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth.")
     auth_all_routes: bool = Field(default=False, description="Require a key on every route, not only writes.")
