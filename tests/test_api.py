@@ -366,6 +366,8 @@ BAD_REQUESTS = [
     ("POST", "/v1/loras", {"content": b"\xff\xfe\x00garbage", "headers": {"content-type": "application/json"}},
      400, None),
     ("POST", "/v1/loras", {"content": b"x" * (2**20 + 1)}, 413, "payload_too_large"),
+    ("POST", "/v1/search", {"json": {"description": "ok", "method": "icm"}}, 400, "bad_request"),  # not trained
+    ("POST", "/v1/search", {"json": {"description": "ok", "method": 3}}, 422, "invalid_request"),
     ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"] * 257}}, 422, "invalid_request"),
     ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", ""]}}, 422, "invalid_request"),
     ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", " "]}}, 400, "bad_request"),
