@@ -368,10 +368,10 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     `description_head` learns a map of description embeddings from the registry's paraphrases
     (`description_head.py`); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
     `self_fraction` of its training conditions with the expert itself retrievable (the rest
-    leave-one-out). icm's `condition_from="memory"` (default when most experts have two descriptions or
-    more) conditions on Σ α_k key_k over the top-K experts
-    (key = an expert's mean description in the head's space, α = softmax(sim / temperature)), trained
-    with each description's own registry entry left out. `None` takes the per-method defaults above."""
+    leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
+    descriptions) conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description
+    in the head's space, α = softmax(sim / temperature)), trained with each description's own registry
+    entry left out. `None` takes the per-method defaults above."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
     if condition_from not in (None, "text", "memory") or (method == "sg" and condition_from == "memory"):
