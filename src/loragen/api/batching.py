@@ -3,8 +3,8 @@
 One collector task takes the first waiting request, then keeps taking more until `max_batch`, until
 `max_wait` has passed, or until the batch is as large as the largest of the last few; it groups
 them by what one generator call can share (method, k, seed, samples) and runs each group through
-`run`. While a group runs, new requests queue up, so under load the
-next batch fills without waiting.
+`run`. While a group runs, new requests queue up, so under load the next batch fills without
+waiting.
 """
 
 from __future__ import annotations

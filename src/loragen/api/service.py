@@ -64,6 +64,11 @@ class Job:
         return [f"lora-{digest}-{i}" for i in range(samples)]
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ApiError(400, "unknown_method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
 def _config_method(directory: Path) -> str | None:
     try:
         return json.loads((directory / "config.json").read_text()).get("method")
@@ -210,8 +215,7 @@ class Service:
     # ------------------------------------------------------------ generation
     def job(self, description: str, method: str, k: int | None, seed: int | None, num_samples: int = 1,
             examples: list[dict[str, str]] | None = None) -> Job:
-        if method not in METHODS:
-            raise ApiError(400, "unknown_method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        check_method(method)
         desc = check_descriptions([description])[0]
         ex = tuple(tuple(sorted(e.items())) for e in examples) if examples is not None else None
         if method in LEARNED_METHODS:
@@ -221,8 +225,8 @@ class Service:
 
     def search(self, description: str, k: int, method: str | None) -> list[list[Hit]]:
         """The registry's neighbours; for a learned method, ranked and scored as that generator does."""
-        if method is not None and method not in METHODS:
-            raise ApiError(400, "unknown_method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method is not None:
+            check_method(method)
         if method not in LEARNED_METHODS:
             return self.reg.search([description], k)
         gen = self._generator(method, 0)

@@ -140,11 +140,14 @@ class LearnedGenerator:
         vecs, owners = registry_descriptions(self.registry, self._tokens)
         return torch.from_numpy(self.describe(vecs)), torch.tensor([self._column[o] for o in owners.tolist()])
 
+    def _best_per_expert(self, sims: torch.Tensor) -> torch.Tensor:
+        """(N, descriptions) similarities -> (N, E): each expert scored by its best description."""
+        col = self._described[1]
+        best = torch.full((len(sims), len(self._column)), -torch.inf)
+        return best.scatter_reduce(1, col.expand(len(sims), -1), sims, "amax")
+
     def _rerank(self, hits: list[list[Hit]], query: np.ndarray) -> list[list[Hit]]:
-        desc, col = self._described
-        sims = torch.from_numpy(query) @ desc.T
-        best = torch.full((len(hits), len(self._column)), -torch.inf)
-        best = best.scatter_reduce(1, col.expand(len(hits), -1), sims, "amax").tolist()
+        best = self._best_per_expert(torch.from_numpy(query) @ self._described[0].T).tolist()
         column = self._column
         out = []
         for row, row_hits in zip(best, hits):
@@ -184,8 +187,8 @@ class LearnedGenerator:
         desc, col = self._described
         sims = query @ desc.T
         alone = torch.bincount(col)[col] == 1
-        sims[torch.arange(len(col)), torch.arange(len(col))] = torch.where(alone, sims.diagonal(), -2.0)
-        best = torch.full((len(query), len(self._column)), -2.0).scatter_reduce(1, col.expand(len(query), -1), sims, "amax")
+        sims.diagonal().copy_(torch.where(alone, sims.diagonal(), -torch.inf))
+        best = self._best_per_expert(sims)
         top = best.topk(min(self.model.config.top_k, best.shape[1]), dim=1)
         alpha = torch.softmax(top.values / self.model.config.temperature, dim=1)
         return torch.zeros_like(best).scatter_(1, top.indices, alpha)
@@ -346,7 +349,7 @@ def default_condition(method: str, registry: Registry, tokens: RegistryTokens) -
     if method != "icm":
         return "text"
     _, owners = registry_descriptions(registry, tokens)
-    counts = np.bincount(np.unique(owners, return_inverse=True)[1])
+    counts = np.unique(owners, return_counts=True)[1]
     return "memory" if np.median(counts) >= 2 else "text"
 
 
