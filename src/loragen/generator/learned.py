@@ -183,12 +183,18 @@ class LearnedGenerator:
         """(N, E) softmax weights over each row's top-K experts, scored by their best description,
         with row i's own registry description left out: training's view of a paraphrase that the
         registry does not hold (rows are the registry's descriptions in `_described` order). An
-        expert's only description stays in, or its own key would never be a training condition."""
+        expert's only description stays in, or its own key would never be a training condition.
+        A row whose left-out read would rank another expert first reads with its own description in:
+        a condition at expert B's key with expert A's LoRA as target teaches the decoder to average
+        A and B (benchmarks/RESULTS.md, "Twice the registry paraphrases")."""
         desc, col = self._described
         sims = query @ desc.T
         alone = torch.bincount(col)[col] == 1
-        sims.diagonal().copy_(torch.where(alone, sims.diagonal(), -torch.inf))
-        best = self._best_per_expert(sims)
+        left_out = sims.clone()
+        left_out.diagonal().copy_(torch.where(alone, sims.diagonal(), -torch.inf))
+        best = self._best_per_expert(left_out)
+        misread = best.argmax(dim=1) != col
+        best[misread] = self._best_per_expert(sims[misread])
         top = best.topk(min(self.model.config.top_k, best.shape[1]), dim=1)
         alpha = torch.softmax(top.values / self.model.config.temperature, dim=1)
         return torch.zeros_like(best).scatter_(1, top.indices, alpha)

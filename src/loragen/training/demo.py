@@ -31,7 +31,7 @@ from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import Task, read_tasks, write_tasks
 
-DEMO_VERSION = 9
+DEMO_VERSION = 10
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
