@@ -96,3 +96,17 @@ def test_cli_bad_inputs(args, needle):
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+
+
+def test_compiled_decode_matches_eager(tmp_path):
+    """--compile times torch.compile of the same decode (CUDA graphs on cuda) and checks it against eager."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIGS["llama"]))
+    out = tmp_path / "bench.json"
+    res = _cli("--model-config", str(config), "--rank", "4", "--batch", "2", "--repeats", "1", "--hidden", "32",
+               "--latent", "16", "--naive-max", "1", "--no-end-to-end", "--compile", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "compiled ms" in res.stdout
+    row = json.loads(out.read_text())["results"][0]
+    assert row["compiled"]["mode"] == "default" and row["compiled"]["loras_per_s"] > 0
+    assert row["compiled"]["max_abs_diff_vs_eager"] <= 1e-5 * max(1.0, row["agreement"]["max_abs_value"])

@@ -27,6 +27,9 @@ def table(report: dict[str, Any]) -> str:
     if ceil:
         lines.append(f"ceilings: matmul {_si(ceil['matmul_flop_per_s'])}FLOP/s, copy {_si(ceil['copy_bytes_per_s'])}B/s")
     head = f"{'batch':>6} {'fused ms':>10} {'fused LoRA/s':>13} {'naive LoRA/s':>13} {'ratio':>7} {'FLOP/s':>9} {'B/s est':>9}"
+    has_compiled = any("compiled" in r for r in report["results"])
+    if has_compiled:
+        head += f" {'compiled ms':>12} {'vs fused':>9}"
     has_e2e = any("end_to_end" in r for r in report["results"])
     if has_e2e:
         head += f" {'e2e ms':>9} {'e2e LoRA/s':>11}"
@@ -35,6 +38,8 @@ def table(report: dict[str, Any]) -> str:
         f, n = r["fused"], r["naive"]
         line = (f"{r['batch']:>6} {f['ms_per_batch']:>10.2f} {f['loras_per_s']:>13.1f} {n['loras_per_s']:>13.2f}"
                 f" {r['speedup']:>6.1f}x {_si(f['flop_per_s']):>9} {_si(f['bytes_per_s_estimate']):>9}")
+        if "compiled" in r:
+            line += f" {r['compiled']['ms_per_batch']:>12.2f} {r['compiled']['speedup_over_eager']:>8.2f}x"
         if "end_to_end" in r:
             e = r["end_to_end"]
             line += f" {e['ms_per_batch']:>9.2f} {e['loras_per_s']:>11.1f}"
@@ -63,6 +68,8 @@ def decode(
     encoder: Annotated[str | None, typer.Option(help="Text encoder directory for end to end "
                                                 "(default: the packaged all-MiniLM-L6-v2).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's).")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="Also time torch.compile of the fused decoder "
+                                           "(CUDA graphs on cuda).")] = False,
     seed: int = 0,
 ) -> None:
     """Time the fused decoder against a Text-to-LoRA-style loop, per batch size."""
@@ -74,7 +81,7 @@ def decode(
 
     cfg = BenchConfig(batches=parse_batches(batch), device=device, dtype=dtype, repeats=repeats, hidden=hidden,
                       latent=latent, naive_max=naive_max, registry_size=registry_size, end_to_end=end_to_end,
-                      encoder=encoder, seed=seed)
+                      encoder=encoder, compile=compile_, seed=seed)
     check_config(cfg)  # before the (slow) spec, so bad flags fail fast
     if threads is not None:
         torch.set_num_threads(threads)

@@ -50,6 +50,7 @@ class BenchConfig:
     top_k: int = 4
     end_to_end: bool = True
     encoder: str | None = None  # a local sentence-transformers dir; default: packaged MiniLM
+    compile: bool = False  # also time torch.compile of the fused decode (CUDA graphs on cuda)
     seed: int = 0
 
     def torch_dtype(self) -> torch.dtype:
@@ -263,6 +264,7 @@ def run_benchmark(spec: LoraSpec, cfg: BenchConfig, *, model_config: str = "",
         encoder = TextEncoder(cfg.encoder, device=dev)
         index = faiss.IndexFlatIP(encoder.dim)
         index.add(normalised(rng.standard_normal((cfg.registry_size, encoder.dim))))
+    compiled = _compile(gen, noise, dev) if cfg.compile else None
     results = []
     for n in cfg.batches:
         text = torch.from_numpy(normalised(rng.standard_normal((n, CONDITION_DIM))))
@@ -272,6 +274,8 @@ def run_benchmark(spec: LoraSpec, cfg: BenchConfig, *, model_config: str = "",
             fused_times = time_ms(lambda: fused_decode(gen, text, noise), repeats=cfg.repeats,
                                   warmup=cfg.warmup, device=dev)
         row["fused"] = _summary(fused_times, n) | {"cpu_utilisation": clock.utilisation()}
+        if compiled is not None:
+            row["compiled"] = _time_compiled(compiled, gen, text, noise, row["fused"]["ms_per_batch"], cfg)
         flops, traffic = decode_flops(gen, n), decode_bytes(gen, n)
         sec = row["fused"]["ms_per_batch"] / 1000
         row["fused"] |= {"flop": flops, "flop_per_s": flops / sec, "bytes_estimate": traffic["estimate"],
@@ -331,10 +335,31 @@ def run_benchmark(spec: LoraSpec, cfg: BenchConfig, *, model_config: str = "",
             "undo the normalisation and write the adapter dtype directly).",
             "end_to_end = text encoding (MiniLM) + FAISS IndexFlatIP top-k over random unit vectors + softmax "
             "weights + fused decode + safety checks (finite, norm clip); excludes building Lora objects / files.",
+            "compiled (with --compile) = the same decode under torch.compile, mode reduce-overhead "
+            "(CUDA graphs) on cuda and default on cpu; compilation and graph capture are in the untimed warm-up.",
             "cpu_utilisation = process CPU time / wall time over a phase; well below torch_threads on a "
             "CPU-bound phase means other processes took the cores.",
         ],
     }
+
+
+def _compile(gen: LearnedGenerator, noise: torch.Tensor, device: str) -> Callable[[torch.Tensor], Any]:
+    """The fused decode under torch.compile: inductor kernels, and on CUDA replayed as CUDA graphs
+    (mode "reduce-overhead"), one graph per batch size."""
+    mode = "reduce-overhead" if device == "cuda" else "default"
+    return torch.compile(lambda text: fused_decode(gen, text, noise), mode=mode, dynamic=False)
+
+
+def _time_compiled(compiled: Callable[[torch.Tensor], Any], gen: LearnedGenerator, text: torch.Tensor,
+                   noise: torch.Tensor, eager_ms: float, cfg: BenchConfig) -> dict[str, Any]:
+    with torch.no_grad():
+        # The first calls compile and (on CUDA) record the graph; they are not timed.
+        times = time_ms(lambda: compiled(text), repeats=cfg.repeats, warmup=max(cfg.warmup, 3), device=cfg.device)
+        out, ref = compiled(text), fused_decode(gen, text, noise)
+        diff = max(float((out[k].float() - ref[k].float()).abs().max()) for k in ref)
+    summary = _summary(times, len(text))
+    return summary | {"mode": "reduce-overhead" if cfg.device == "cuda" else "default",
+                      "speedup_over_eager": round(eager_ms / summary["ms_per_batch"], 3), "max_abs_diff_vs_eager": diff}
 
 
 def _end_to_end(gen: LearnedGenerator, encoder: Any, index: Any, texts: list[str], noise: torch.Tensor,
