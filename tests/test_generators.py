@@ -319,7 +319,8 @@ def test_trained_generators_keep_their_description_head(trained, registry):
 
 
 def test_prior_weight_adds_the_decode_from_the_prior(registry):
-    from loragen.generator.learned import RegistryTokens, training_set
+    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.training import training_set
 
     gen = train_generator(registry, "sg", **{**TRAIN, "epochs": 1})
     data = training_set(gen, RegistryTokens(registry, gen.model.layout, set()))
@@ -340,7 +341,8 @@ def test_prior_weight_adds_the_decode_from_the_prior(registry):
 
 
 def test_sg_draws_self_conditions_with_their_fraction(registry):
-    from loragen.generator.learned import RegistryTokens, training_set
+    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.training import training_set
 
     gen = train_generator(registry, "sg", **{**TRAIN, "epochs": 1})
     data = training_set(gen, RegistryTokens(registry, gen.model.layout, set()), self_fraction=1.0)
@@ -359,7 +361,8 @@ def test_sg_draws_self_conditions_with_their_fraction(registry):
 def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
     import numpy as np
 
-    from loragen.generator.learned import RegistryTokens, training_set
+    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.training import training_set
 
     gen = train_generator(registry, "icm", out_dir=tmp_path / "icm", temperature=1e-4, **{**TRAIN, "epochs": 1})
     assert gen.reads_memory and gen.config["cvae"]["condition_from"] == "memory"
@@ -401,7 +404,8 @@ def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
 
 
 def test_memory_condition_keeps_an_experts_only_description(tmp_path, encoder):
-    from loragen.generator.learned import RegistryTokens, training_set
+    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.training import training_set
 
     reg = _registry(tmp_path / "registry", encoder)
     spec = reg.spec

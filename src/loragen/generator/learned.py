@@ -2,7 +2,7 @@
 
 One model per registry, trained on every checkpoint of every expert (minus `holdout`). Held-out
 experts are invisible to the generator at inference too (never a neighbour), so a held-out task is
-really unseen. A checkpoint directory holds `config.json` and `model.safetensors`.
+really unseen. A checkpoint directory holds `config.json` and `model.safetensors`; `training.py` trains one.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import json
 import logging
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-import random
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,22 +25,17 @@ from safetensors.torch import load_file, save_file
 from ..adapters import Lora, atomic
 from ..registry import Hit, Registry
 from ..registry.index import normalised
-from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, denormalise, fit, normalise
+from .cvae import CVAEConfig, LoraCVAE, denormalise, normalise
 from .decoder import TokenLayout
 from .description_head import DescriptionHead
 from .retrieval import GenerationError, Neighbour, check_descriptions
-from .safety import Safety, calibrate_ood, norm_range
+from .safety import Safety
 from .task_vector import Example, TaskVectors, check_examples
 
 log = logging.getLogger(__name__)
 FORMAT = "loragen-generator"
 STATE_NAME = "training_state.pt"
 SIGMA_FLOOR = 1e-4  # added to σ*² (normalised space) so log σ* and the residual scale stay finite
-KL_DEFAULTS = {"icm": 0.005, "sg": 1.0}
-# GSNN term (decode from a prior z, as at inference): icm needs it to read its condition at all;
-# sg's strong KL (1.0) already ties its posterior to the conditional prior.
-PRIOR_WEIGHT_DEFAULTS = {"icm": 1.0, "sg": 0.0}
-SELF_FRACTION = 0.5  # sg: share of training conditions with the expert itself retrievable
 Stats = tuple[list[torch.Tensor], list[torch.Tensor]]  # per group (T_g,) mean and std
 
 
@@ -351,99 +345,6 @@ def check_compatible(config: dict[str, Any], registry: Registry, where: str) -> 
 # several descriptions, which keeps a paraphrase's condition on the points the decoder was trained at
 # (demo dev set 0.51 vs 0.21); the embedding itself when they have one each, where the read only
 # blurs neighbouring tasks together (cls-tasks: train-task gain 87 % vs 92 %).
-def default_condition(method: str, registry: Registry, tokens: RegistryTokens) -> str:
-    if method != "icm":
-        return "text"
-    _, owners = registry_descriptions(registry, tokens)
-    counts = np.unique(owners, return_counts=True)[1]
-    return "memory" if np.median(counts) >= 2 else "text"
-
-
-def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: float = 3e-3, batch: int = 8,
-                    latent: int = 256, kl_weight: float | None = None, seed: int = 0, val_fraction: float = 0.1,
-                    patience: int = 15, out_dir: str | Path | None = None, resume: bool = False,
-                    holdout: list[str] | tuple[str, ...] = (), hidden: int = 512, top_k: int = 4,
-                    temperature: float = 0.05, examples: Mapping[str, Sequence[Example]] | None = None,
-                    example_sets: int = 8, examples_per_set: int = 4,
-                    task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
-                    prior_weight: float | None = None, description_head: bool = True,
-                    condition_from: str | None = None) -> LearnedGenerator:
-    """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
-
-    icm with `examples` (expert name -> {input, output} pairs, e.g. its task's training instances)
-    also learns from in-context task vectors: `example_sets` random sets of `examples_per_set`
-    per expert, dropped half of the time so that requests without examples still work.
-
-    `description_head` learns a map of description embeddings from the registry's paraphrases
-    (`description_head.py`); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
-    `self_fraction` of its training conditions with the expert itself retrievable (the rest
-    leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
-    descriptions) conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description
-    in the head's space, α = softmax(sim / temperature)), trained with each description's own registry
-    entry left out. `None` takes the per-method defaults above."""
-    if method not in KL_DEFAULTS:
-        raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
-    if condition_from not in (None, "text", "memory") or (method == "sg" and condition_from == "memory"):
-        raise GenerationError(f"condition_from {condition_from!r}: icm reads text or memory, sg reads text")
-    cvae = CVAEConfig(method=method, latent=latent, hidden=hidden, top_k=top_k, temperature=temperature,
-                      prior_weight=PRIOR_WEIGHT_DEFAULTS[method] if prior_weight is None else prior_weight,
-                      kl_weight=KL_DEFAULTS[method] if kl_weight is None else kl_weight)
-    layout = TokenLayout(registry.spec)
-    tokens = RegistryTokens(registry, layout, set(holdout))
-    cvae.condition_from = condition_from or default_condition(method, registry, tokens)
-    tv = None
-    if examples and method == "icm":
-        source = task_vectors or TaskVectors(registry.spec)
-        tv = expert_task_vectors(source, [e.name for e in tokens.experts], examples, example_sets,
-                                 examples_per_set, seed)
-    tv_dim = tv.shape[-1] - 1 if tv is not None else 0
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LoraCVAE(layout, cvae, registry.dim + (tv_dim + 1 if tv_dim else 0))
-    model.set_stats(*tokens.stats())
-    lo, hi = norm_range([c for cps in tokens.raw for c in cps])
-    safety = Safety(lo, hi, calibrate_ood(registry, tokens.excluded))
-    config = {"format": FORMAT, "version": 1, "method": method, "cvae": asdict(cvae), "spec": registry.spec.to_dict(),
-              "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
-              "embedding_dim": registry.dim, "registry_fingerprint": registry.fingerprint(),
-              "holdout": sorted(holdout), "ood_threshold": safety.ood_threshold, "task_vector_dim": tv_dim}
-    # Trained on the descriptions of the generator's own experts only (held-out ones never).
-    head = DescriptionHead.fit(*registry_descriptions(registry, tokens), seed=seed) if description_head else None
-    config["description_head"] = head.to_dict() if head is not None else None
-    gen = LearnedGenerator(registry, model, safety, config, head=head)
-    gen.__dict__["_tokens"] = tokens
-    data = training_set(gen, tokens, SELF_FRACTION if self_fraction is None else self_fraction)
-    model.set_text_stats(data.text)
-    data.task_vectors = tv
-    state_path = Path(out_dir) / STATE_NAME if out_dir is not None else None
-    if state_path is not None:
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-    fit_config = FitConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, val_fraction=val_fraction, patience=patience)
-    gen.config["training"] = fit(model, data, fit_config, state_path=state_path, resume=resume)
-    if out_dir is not None:
-        gen.save_pretrained(out_dir)
-    return gen
-
-
-def training_set(gen: LearnedGenerator, tokens: RegistryTokens, self_fraction: float = 0.0) -> TrainingSet:
-    """Normalised checkpoints, and every description of every expert as a condition; for SG the
-    condition is leave-one-out: built from the expert's top-K neighbours other than itself (and,
-    with `self_fraction`, also the inclusive condition, drawn that often in training)."""
-    vecs, owners = registry_descriptions(gen.registry, tokens)
-    index = {eid: i for i, eid in enumerate(tokens.ids)}
-    query = gen.describe(vecs)
-    x, owner = tokens.tokens(gen.stats)  # type: ignore[arg-type]
-    text = torch.from_numpy(query)
-    if gen.reads_memory:
-        text = gen.memory_weights(text) @ gen._memory_keys
-    data = TrainingSet(x, owner, text, torch.tensor([index[o] for o in owners.tolist()]))
-    if gen.method == "sg":
-        hits = gen.search(vecs, own=owners.tolist(), query=query)
-        _, data.mu_star, data.sigma_star, _ = gen.conditions(query, hits)
-        if self_fraction > 0:
-            _, data.mu_self, data.sigma_self, _ = gen.conditions(query, gen.search(vecs, query=query))
-            data.self_fraction = self_fraction
-    return data
 
 
 def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[np.ndarray, np.ndarray]:
@@ -452,19 +353,3 @@ def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[n
     known = set(tokens.ids)
     keep = [i for i, o in enumerate(owners.tolist()) if o in known]
     return normalised(vecs[keep]), owners[keep]
-
-
-def expert_task_vectors(source: TaskVectors, experts: list[str], examples: Mapping[str, Sequence[Example]],
-                        sets: int, per_set: int, seed: int) -> torch.Tensor:
-    """(E, sets, dim + 1): random example sets per expert; all zeros for experts without examples."""
-    rng = random.Random(seed)
-    chosen = {name: [rng.sample(list(examples[name]), min(per_set, len(examples[name]))) for _ in range(sets)]
-              for name in experts if examples.get(name)}
-    if not chosen:
-        raise GenerationError("none of the registry's experts has examples to build task vectors from")
-    vecs = source.vectors([s for name in chosen for s in chosen[name]])
-    out = torch.zeros(len(experts), sets, vecs.shape[1] + 1)
-    rows = [i for i, name in enumerate(experts) if name in chosen]
-    out[rows, :, :-1] = vecs.view(len(rows), sets, -1)
-    out[rows, :, -1] = 1.0
-    return out
