@@ -436,3 +436,30 @@ def test_memory_condition_is_icm_only(registry):
         train_generator(registry, "sg", condition_from="memory", **{**TRAIN, "epochs": 1})
     with pytest.raises(GenerationError, match="condition_from"):
         train_generator(registry, "icm", condition_from="keys", **{**TRAIN, "epochs": 1})
+
+
+def test_safety_clips_only_the_rows_out_of_range_and_names_the_non_finite_one():
+    from loragen.generator.safety import Safety
+
+    gen = torch.Generator().manual_seed(0)
+    B = {m: torch.randn(3, 2, 5, 4, generator=gen) for m in ("q", "v")}
+    B["v"][1, 1] *= 10  # request 1, layer 1 of v: far above the range
+    ref = {m: b.double().flatten(2).norm(dim=-1) for m, b in B.items()}  # (N, L), float64
+    lo = {m: torch.full((2,), 0.5) for m in B}
+    hi = {m: ref[m][[0, 2]].max(dim=0).values.float() * 2 for m in B}
+    safety = Safety(lo, hi, -1.0)
+    out, clipped = safety.clip(B, safety.norms(B))
+    assert clipped.tolist() == [False, True, False]
+    for m in B:
+        for i in (0, 2):
+            assert torch.equal(out[m][i], B[m][i])
+    assert torch.equal(out["q"][1], B["q"][1]) and torch.equal(out["v"][1, 0], B["v"][1, 0])
+    want = B["v"][1, 1].double() * float(hi["v"][1]) / ref["v"][1, 1]
+    torch.testing.assert_close(out["v"][1, 1].double(), want, rtol=1e-6, atol=0)
+    same, none = safety.clip({m: b[[0, 2]] for m, b in B.items()})
+    assert not none.any() and all(torch.equal(same[m], B[m][[0, 2]]) for m in B)
+
+    B["v"][2, 0, 1, 1] = float("inf")
+    safety.check_finite({m: b[:2] for m, b in B.items()}, ["a", "b"])
+    with pytest.raises(GenerationError, match=r"in v for description 'c'"):
+        safety.check_finite(B, ["a", "b", "c"])

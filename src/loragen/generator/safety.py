@@ -49,35 +49,38 @@ class Safety:
 
     def check_finite(self, B: dict[str, torch.Tensor], descriptions: list[str],
                      norms: dict[str, torch.Tensor] | None = None) -> None:
+        """One device sync for the whole batch, whatever the number of modules."""
         norms = norms if norms is not None else self.norms(B)
-        for m, norm in norms.items():
-            bad = ~torch.isfinite(norm).all(dim=1)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise GenerationError(
-                    f"the generator produced non-finite weights (NaN/Inf) in {m} for description "
-                    f"{descriptions[i % len(descriptions)]!r}; the generator checkpoint is likely corrupt"
-                )
+        finite = torch.stack([torch.isfinite(n).all(dim=1) for n in norms.values()], dim=1)  # (N, M)
+        if bool(finite.all()):
+            return
+        i, j = (int(x) for x in (~finite).nonzero()[0])
+        raise GenerationError(
+            f"the generator produced non-finite weights (NaN/Inf) in {list(norms)[j]} for description "
+            f"{descriptions[i % len(descriptions)]!r}; the generator checkpoint is likely corrupt"
+        )
 
     def clip(self, B: dict[str, torch.Tensor],
              norms: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Rescale each (request, layer, module) B into the registry's norm range.
 
-        Returns the clipped Bs (same dtype) and a (N,) bool tensor: whether request i was clipped."""
+        Returns the clipped Bs (same dtype) and a (N,) bool tensor: whether request i was clipped.
+        All modules are decided together, so the common case (nothing to clip) costs one device sync
+        and no copy."""
         norms = norms if norms is not None else self.norms(B)
-        out, clipped = {}, None
-        for m, b in B.items():
-            norm = norms[m]
-            lo = self.norm_min[m].to(b.device)
-            hi = self.norm_max[m].to(b.device)
-            target = torch.minimum(torch.maximum(norm, lo), hi)
-            # A relative tolerance, so that values at the edge of the range are not reported.
-            hit = (norm < lo * (1 - 1e-4)) | (norm > hi * (1 + 1e-4))
-            scale = torch.where(hit, target / norm.clamp_min(1e-12), torch.ones_like(norm))
-            out[m] = (b.float() * scale[..., None, None]).to(b.dtype) if bool(hit.any()) else b
-            row = hit.any(dim=1)
-            clipped = row if clipped is None else clipped | row
-        assert clipped is not None
+        names = list(B)
+        norm = torch.stack([norms[m] for m in names], dim=-1)  # (N, L, M)
+        device = norm.device
+        lo = torch.stack([self.norm_min[m] for m in names], dim=-1).to(device)
+        hi = torch.stack([self.norm_max[m] for m in names], dim=-1).to(device)
+        # A relative tolerance, so that values at the edge of the range are not reported.
+        hit = (norm < lo * (1 - 1e-4)) | (norm > hi * (1 + 1e-4))
+        clipped = hit.any(dim=2).any(dim=1)
+        if not bool(clipped.any()):
+            return B, clipped
+        target = torch.minimum(torch.maximum(norm, lo), hi)
+        scale = torch.where(hit, target / norm.clamp_min(1e-12), torch.ones_like(norm))
+        out = {m: (B[m].float() * scale[..., j, None, None]).to(B[m].dtype) for j, m in enumerate(names)}
         return out, clipped
 
     def is_ood(self, nearest_similarity: float) -> bool:
