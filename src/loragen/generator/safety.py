@@ -65,8 +65,8 @@ class Safety:
         """Rescale each (request, layer, module) B into the registry's norm range.
 
         Returns the clipped Bs (same dtype) and a (N,) bool tensor: whether request i was clipped.
-        All modules are decided together, so the common case (nothing to clip) costs one device sync
-        and no copy."""
+        All modules are decided together: one device sync per batch; a batch with nothing to clip
+        is returned as it is."""
         norms = norms if norms is not None else self.norms(B)
         names = list(B)
         norm = torch.stack([norms[m] for m in names], dim=-1)  # (N, L, M)
