@@ -341,12 +341,6 @@ def check_compatible(config: dict[str, Any], registry: Registry, where: str) -> 
         log.warning("generator %s was trained on a different state of the registry", where)
 
 
-# icm's condition by default: read through the registry (Σ α_k · expert key) when most experts have
-# several descriptions, which keeps a paraphrase's condition on the points the decoder was trained at
-# (demo dev set 0.51 vs 0.21); the embedding itself when they have one each, where the read only
-# blurs neighbouring tasks together (cls-tasks: train-task gain 87 % vs 92 %).
-
-
 def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[np.ndarray, np.ndarray]:
     """Unit embeddings of the descriptions of the experts the generator learns from, and their owners."""
     _, owners, vecs = registry.store.embeddings(registry.dim)

@@ -28,6 +28,10 @@ PRIOR_WEIGHT_DEFAULTS = {"icm": 1.0, "sg": 0.0}
 SELF_FRACTION = 0.5  # sg: share of training conditions with the expert itself retrievable
 
 
+# icm's condition by default: read through the registry (Σ α_k · expert key) when most experts have
+# several descriptions, which keeps a paraphrase's condition on the points the decoder was trained at
+# (demo dev set 0.51 vs 0.21); the embedding itself when they have one each, where the read only
+# blurs neighbouring tasks together (cls-tasks: train-task gain 87 % vs 92 %).
 def default_condition(method: str, registry: Registry, tokens: RegistryTokens) -> str:
     if method != "icm":
         return "text"
@@ -57,7 +61,7 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
     descriptions) conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description
     in the head's space, α = softmax(sim / temperature)), trained with each description's own registry
-    entry left out. `None` takes the per-method defaults above."""
+    entry left out unless that makes it read as another expert. `None` takes the per-method defaults above."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
     if condition_from not in (None, "text", "memory") or (method == "sg" and condition_from == "memory"):
