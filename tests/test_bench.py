@@ -110,3 +110,21 @@ def test_compiled_decode_matches_eager(tmp_path):
     row = json.loads(out.read_text())["results"][0]
     assert row["compiled"]["mode"] == "default" and row["compiled"]["loras_per_s"] > 0
     assert row["compiled"]["max_abs_diff_vs_eager"] <= 1e-5 * max(1.0, row["agreement"]["max_abs_value"])
+
+
+def test_a_compiler_failure_is_reported_not_fatal(monkeypatch):
+    from loragen.cli.bench_cmds import table
+    from loragen.generator import bench
+
+    def broken(*args, **kwargs):
+        def fail(text):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(bench.torch, "compile", broken)
+    spec = spec_from_config(TINY_CONFIGS["llama"], targets=["q_proj"], rank=4)
+    cfg = bench.BenchConfig(batches=[1], repeats=1, hidden=16, latent=8, naive_max=1, end_to_end=False, compile=True)
+    report = bench.run_benchmark(spec, cfg)
+    row = report["results"][0]
+    assert row["compiled"] == {"error": "RuntimeError: no compiler here"} and row["fused"]["loras_per_s"] > 0
+    assert "torch.compile failed at batch 1: RuntimeError: no compiler here" in table(report)

@@ -38,12 +38,17 @@ def table(report: dict[str, Any]) -> str:
         f, n = r["fused"], r["naive"]
         line = (f"{r['batch']:>6} {f['ms_per_batch']:>10.2f} {f['loras_per_s']:>13.1f} {n['loras_per_s']:>13.2f}"
                 f" {r['speedup']:>6.1f}x {_si(f['flop_per_s']):>9} {_si(f['bytes_per_s_estimate']):>9}")
-        if "compiled" in r:
+        if "compiled" in r and "error" in r["compiled"]:
+            line += f" {'failed':>12} {'':>9}"
+        elif "compiled" in r:
             line += f" {r['compiled']['ms_per_batch']:>12.2f} {r['compiled']['speedup_over_eager']:>8.2f}x"
         if "end_to_end" in r:
             e = r["end_to_end"]
             line += f" {e['ms_per_batch']:>9.2f} {e['loras_per_s']:>11.1f}"
         lines.append(line)
+    for r in report["results"]:
+        if "error" in r.get("compiled", {}):
+            lines.append(f"torch.compile failed at batch {r['batch']}: {r['compiled']['error']}")
     if any(r["naive"]["extrapolated"] for r in report["results"]):
         lines.append(f"naive timed on at most {report['naive_max_requests']} requests per batch, extrapolated per LoRA")
     return "\n".join(lines)

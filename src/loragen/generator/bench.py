@@ -275,7 +275,10 @@ def run_benchmark(spec: LoraSpec, cfg: BenchConfig, *, model_config: str = "",
                                   warmup=cfg.warmup, device=dev)
         row["fused"] = _summary(fused_times, n) | {"cpu_utilisation": clock.utilisation()}
         if compiled is not None:
-            row["compiled"] = _time_compiled(compiled, gen, text, noise, row["fused"]["ms_per_batch"], cfg)
+            try:
+                row["compiled"] = _time_compiled(compiled, gen, text, noise, row["fused"]["ms_per_batch"], cfg)
+            except Exception as exc:  # a compiler failure is a result to report, not a reason to lose the run
+                row["compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         flops, traffic = decode_flops(gen, n), decode_bytes(gen, n)
         sec = row["fused"]["ms_per_batch"] / 1000
         row["fused"] |= {"flop": flops, "flop_per_s": flops / sec, "bytes_estimate": traffic["estimate"],
