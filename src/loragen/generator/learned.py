@@ -176,16 +176,15 @@ class LearnedGenerator:
     def memory_weights(self, query: torch.Tensor) -> torch.Tensor:
         """(N, E) softmax weights over each row's top-K experts, scored by their best description,
         with row i's own registry description left out: training's view of a paraphrase that the
-        registry does not hold (rows are the registry's descriptions in `_described` order). An
-        expert's only description stays in, or its own key would never be a training condition.
+        registry does not hold (rows are the registry's descriptions in `_described` order).
         A row whose left-out read would rank another expert first reads with its own description in:
         a condition at expert B's key with expert A's LoRA as target teaches the decoder to average
-        A and B (benchmarks/RESULTS.md, "Twice the registry paraphrases")."""
+        A and B (benchmarks/RESULTS.md, "Twice the registry paraphrases"). This also keeps an expert's
+        only description in, so that its key is a training condition too."""
         desc, col = self._described
         sims = query @ desc.T
-        alone = torch.bincount(col)[col] == 1
         left_out = sims.clone()
-        left_out.diagonal().copy_(torch.where(alone, sims.diagonal(), -torch.inf))
+        left_out.diagonal().fill_(-torch.inf)
         best = self._best_per_expert(left_out)
         misread = best.argmax(dim=1) != col
         best[misread] = self._best_per_expert(sims[misread])
