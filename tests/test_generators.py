@@ -308,14 +308,68 @@ def test_description_head_pulls_an_experts_paraphrases_together(registry):
     assert DescriptionHead.fit(vecs[firsts], owners[firsts]) is None
 
 
-def test_trained_generators_keep_their_description_head(trained, registry):
-    gen, out = trained
+def test_a_generator_keeps_its_description_head_where_the_encoder_is_not_tuned(registry, tmp_path):
+    gen = train_generator(registry, "sg", out_dir=tmp_path, description_encoder=False, **{**TRAIN, "epochs": 1})
+    assert gen.encoder is None and gen.config["description_encoder"] is None
     assert gen.head is not None and gen.config["description_head"]["weight_decay"] == HeadConfig().weight_decay
-    loaded = LearnedGenerator.from_pretrained(out, registry)
+    loaded = LearnedGenerator.from_pretrained(tmp_path, registry)
     assert loaded.head is not None and torch.equal(loaded.head.weight, gen.head.weight)
     # Neighbours are ranked and weighted by their similarity in the head's space.
-    sims = [n["similarity"] for n in gen.generate(["put the characters in order"], seed=0)[0].metadata["neighbours"]]
+    neighbours = gen.generate(["put the characters in order"], seed=0)[0].metadata["neighbours"]
+    query = gen.describe(registry.encoder.encode(["put the characters in order"]))
+    desc = gen.describe(registry.encoder.encode(TASKS[neighbours[0]["expert"]]))
+    assert neighbours[0]["similarity"] == pytest.approx(float((query @ desc.T).max()), abs=1e-5)
+    sims = [n["similarity"] for n in neighbours]
     assert sims == sorted(sims, reverse=True)
+
+
+def test_trained_generators_keep_their_tuned_description_encoder(trained, registry):
+    import numpy as np
+
+    gen, out = trained
+    assert gen.head is None and gen.encoder is not None
+    layers = gen.config["description_encoder"]["layers"]
+    assert {k.split(".")[2] for k in gen.encoder.weights} == {str(6 - i) for i in range(1, layers + 1)}
+    # The registry's own encoder (and so its FAISS index) is untouched.
+    probe = ["put the characters in order"]
+    assert not np.allclose(gen.embed(probe), registry.encoder.encode(probe), atol=1e-4)
+    stored = registry.store.embeddings(registry.dim)[2]
+    np.testing.assert_allclose(registry.encoder.encode([t for ts in TASKS.values() for t in ts]), stored, atol=1e-5)
+    loaded = LearnedGenerator.from_pretrained(out, registry)
+    assert loaded.encoder is not None and loaded.head is None
+    np.testing.assert_allclose(loaded.embed(probe), gen.embed(probe), atol=1e-6)
+    assert _same(loaded.generate(probe, seed=1)[0], gen.generate(probe, seed=1)[0], atol=1e-6)
+    # Neighbours are ranked and weighted by their similarity in the tuned space.
+    neighbours = gen.generate(probe, seed=0)[0].metadata["neighbours"]
+    desc = gen.embed(TASKS[neighbours[0]["expert"]])
+    assert neighbours[0]["expert"] == "sort"
+    assert neighbours[0]["similarity"] == pytest.approx(float((gen.embed(probe) @ desc.T).max()), abs=1e-5)
+
+
+def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):
+    import numpy as np
+
+    from loragen.generator.description_encoder import DescriptionEncoder, TuningConfig, fine_tune
+
+    texts = [t for ts in TASKS.values() for t in ts]
+    owners = np.array([i for i, ts in enumerate(TASKS.values()) for _ in ts])
+    weights = fine_tune(registry.encoder, texts, owners, seed=0)
+    assert weights is not None and fine_tune(registry.encoder, texts, owners, seed=0).keys() == weights.keys()
+    assert all(torch.equal(a, b) for a, b in zip(weights.values(), fine_tune(registry.encoder, texts, owners,
+                                                                               seed=0).values()))
+    tuned = DescriptionEncoder(registry.encoder, weights, TuningConfig()).encode(texts)
+    raw = registry.encoder.encode(texts)
+    same = (owners[:, None] == owners[None, :]) & ~np.eye(len(texts), dtype=bool)
+    other = owners[:, None] != owners[None, :]
+
+    def margin(x):  # mean similarity to the expert's other descriptions minus to other experts'
+        sims = x @ x.T
+        return sims[same].mean() - sims[other].mean()
+
+    assert margin(tuned) > margin(raw) + 0.1
+    # One description per expert: nothing to learn from.
+    firsts = np.unique(owners, return_index=True)[1]
+    assert fine_tune(registry.encoder, [texts[i] for i in firsts], owners[firsts]) is None
 
 
 def test_prior_weight_adds_the_decode_from_the_prior(registry):
@@ -374,14 +428,16 @@ def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
     c, d = text.generate(["write the letters backwards", "reverse the string"], seed=5)
     assert not text.reads_memory and not _same(c, d, atol=1e-6)
     loaded = LearnedGenerator.from_pretrained(tmp_path / "icm", registry)
-    assert loaded.reads_memory and _same(loaded.generate(["reverse the string"], seed=5)[0], b, atol=1e-6)
+    again = loaded.generate(["write the letters backwards", "reverse the string"], seed=5)[1]
+    assert loaded.reads_memory and _same(again, b, atol=1e-6)
 
     # Training conditions, against float64 reference math: each description's own registry entry is
     # left out, the rest scored per expert by its best description, softmax over the top K; a row
     # whose left-out read ranks another expert first keeps its own entry.
-    gen = train_generator(registry, "icm", temperature=0.05, description_head=False, **{**TRAIN, "epochs": 1})
+    gen = train_generator(registry, "icm", temperature=0.05, description_encoder=False, description_head=False,
+                          **{**TRAIN, "epochs": 1})
     data = training_set(gen, RegistryTokens(registry, gen.model.layout, set()))
-    desc, col = (t.double().numpy() for t in gen._described)
+    desc, col = (t.double().numpy() for t in gen._described[:2])
     col = col.astype(int)
     sims = desc @ desc.T
     assert np.bincount(col).min() >= 2  # every expert keeps another description to be found by

@@ -29,7 +29,6 @@ from ..embeddings import TextEncoder, resolve_dtype
 from ..errors import LoragenError
 from ..generator import LEARNED_METHODS, METHODS, GenerationError, check_descriptions, load_generator
 from ..registry import Hit, Registry
-from ..registry.index import normalised
 from .batching import MicroBatcher
 from .cache import ByteLRU, tensor_bytes
 from .errors import ApiError
@@ -230,7 +229,7 @@ class Service:
         if method not in LEARNED_METHODS:
             return self.reg.search([description], k)
         gen = self._generator(method, 0)
-        return gen.search(normalised(self.reg.encoder.encode([description])), k=k)
+        return gen.search(gen.embed([description]), k=k)
 
     def cached(self, job: Job) -> list[Stored] | None:
         if not job.cacheable:

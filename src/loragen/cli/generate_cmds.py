@@ -138,8 +138,10 @@ def train_generator_cmd(
                             "(GSNN) of the loss. Default: icm 1.0, sg 0.")] = None,
     self_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="sg: share of training conditions "
                              "built with the expert itself retrievable. Default 0.5.")] = None,
-    description_head: Annotated[bool, typer.Option(help="Learn a map of description embeddings from the "
-                                "registry's paraphrases.")] = True,
+    description_encoder: Annotated[bool, typer.Option(help="Fine-tune the text encoder's top layers on the "
+                                   "registry's paraphrases (BERT encoders such as MiniLM).")] = True,
+    description_head: Annotated[bool, typer.Option(help="Where the encoder is not fine-tuned: learn a linear map "
+                                "of description embeddings from the registry's paraphrases.")] = True,
     seed: int = 0,
 ) -> None:
     """Train an ICM-LoRA or SG-LoRA generator on every checkpoint of the registry's experts."""
@@ -162,7 +164,8 @@ def train_generator_cmd(
     train_generator(reg, method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
                     patience=patience, out_dir=out, resume=resume, holdout=names, examples=pairs,
                     temperature=temperature, prior_weight=prior_weight, self_fraction=self_fraction,
-                    description_head=description_head, condition_from=condition_from)
+                    description_head=description_head, condition_from=condition_from,
+                    description_encoder=description_encoder, progress=True)
     typer.echo(f"wrote {method} generator to {out}")
 
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -102,6 +102,24 @@ class TextEncoder:
         other.compute_dtype = compute_dtype or self.compute_dtype
         other.workers = max(1, int(workers)) if workers is not None else self.workers
         other._pool = None
+        return other
+
+    @property
+    def transformer(self) -> Any:
+        """The loaded sentence-transformers model."""
+        return self._model
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> TextEncoder:
+        """A separate encoder, same options, whose transformer has `weights` (names as in its Hugging
+        Face model's `state_dict`, e.g. `encoder.layer.5.output.dense.weight`) in place of its own."""
+        model = copy.deepcopy(self._model)
+        missing = set(weights) - set(model[0].auto_model.state_dict())
+        if missing:
+            raise ValueError(f"{self.model_id} has no parameters {sorted(missing)[:3]}")
+        model[0].auto_model.load_state_dict(weights, strict=False)
+        other = copy.copy(self)
+        other.__dict__["_model"] = model
+        other._pool, other._packed_models, other._packing = None, {}, threading.Lock()
         return other
 
     def _workers(self) -> ThreadPoolExecutor:

@@ -68,7 +68,7 @@ class DescriptionHead:
         opt = torch.optim.Adam([weight], lr=config.lr)
         for _ in range(config.steps):
             rows = torch.randperm(len(x), generator=gen)[: config.batch] if len(x) > config.batch else slice(None)
-            loss = _contrastive(F.normalize(x[rows] @ weight, dim=1), inverse[rows], config.temperature)
+            loss = contrastive_loss(F.normalize(x[rows] @ weight, dim=1), inverse[rows], config.temperature)
             loss = loss + config.weight_decay * ((weight - eye) ** 2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -76,7 +76,7 @@ class DescriptionHead:
         return cls(weight, config)
 
 
-def _contrastive(z: torch.Tensor, label: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(z: torch.Tensor, label: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over anchors with a positive of −mean log p(positive | anchor), p a softmax over the others."""
     sims = (z @ z.T) / temperature
     self_mask = torch.eye(len(z), dtype=torch.bool)

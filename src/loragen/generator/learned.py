@@ -27,6 +27,8 @@ from ..registry import Hit, Registry
 from ..registry.index import normalised
 from .cvae import CVAEConfig, LoraCVAE, denormalise, normalise
 from .decoder import TokenLayout
+from .description_encoder import PREFIX as ENCODER_PREFIX
+from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .retrieval import GenerationError, Neighbour, check_descriptions
 from .safety import Safety
@@ -84,8 +86,8 @@ def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tens
 class LearnedGenerator:
     def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: dict[str, Any], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 head: DescriptionHead | None = None) -> None:
-        self.registry, self.safety, self.config, self.head = registry, safety, config, head
+                 head: DescriptionHead | None = None, encoder: DescriptionEncoder | None = None) -> None:
+        self.registry, self.safety, self.config, self.head, self.encoder = registry, safety, config, head, encoder
         self.method = model.config.method
         self.holdout = set(config.get("holdout", []))
         self.task_vector_dim = int(config.get("task_vector_dim", 0))  # 0: trained without examples
@@ -104,24 +106,40 @@ class LearnedGenerator:
         mean, second = self._tokens.prototypes(self.stats)  # type: ignore[arg-type]
         return [m.to(self.device) for m in mean], [s.to(self.device) for s in second]
 
+    def embed(self, descriptions: list[str]) -> np.ndarray:
+        """Descriptions as the generator reads them: unit rows in its description space (the tuned
+        encoder's, else the registry encoder's through the learned head, if any)."""
+        if self.encoder is not None:
+            return normalised(self.encoder.encode(descriptions))
+        return self.describe(normalised(self.registry.encoder.encode(descriptions)))
+
     def describe(self, vecs: np.ndarray) -> np.ndarray:
-        """Description embeddings as the generator reads them: through the learned head, if any."""
+        """Registry-encoder embeddings through the learned head, if any."""
         return self.head.project(vecs) if self.head is not None else vecs
 
-    def search(self, vecs: np.ndarray, own: list[int | None] | None = None,
-               query: np.ndarray | None = None, k: int | None = None) -> list[list[Hit]]:
-        """Top-K experts per query (K: the model's, unless `k`), skipping held-out experts and
-        (leave-one-out) `own[i]`. With a description head, FAISS's candidates are re-ranked by
-        similarity in the head's space (`query` = `describe(vecs)`), and that similarity is the one
-        reported and weighted."""
-        k = k or self.model.config.top_k
-        excluded = self._tokens.excluded
-        depth = k + len(excluded) + 1 if self.head is None else max(8 * k, 32) + len(excluded) + 1
-        hits = self.registry.search_vectors(vecs, k=depth)
-        if self.head is not None:
-            hits = self._rerank(hits, self.describe(vecs) if query is None else query)
-        own = own or [None] * len(hits)
-        return [[h for h in row if h.expert_id not in excluded and h.expert_id != o][:k] for row, o in zip(hits, own)]
+    def search(self, query: np.ndarray, own: list[int | None] | None = None, k: int | None = None) -> list[list[Hit]]:
+        """Top-K experts (K: the model's, unless `k`) for each `query` row (from `embed`), each scored
+        by its best registry description in the generator's space; `own[i]` (leave-one-out) skipped.
+        Exact, over every description of the generator's experts: held-out ones are never candidates."""
+        k = min(k or self.model.config.top_k, len(self._column))
+        desc, desc_owner, texts = self._described
+        sims = torch.from_numpy(np.ascontiguousarray(query)) @ desc.T
+        best = self._best_per_expert(sims)
+        for row, o in enumerate(own or []):
+            if o is not None and o in self._column:
+                best[row, self._column[o]] = -torch.inf
+        top = best.topk(k, dim=1)
+        experts = self._tokens.experts
+        hits = []
+        for row, (values, columns) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            row_hits = []
+            for sim, col in zip(values, columns):
+                if sim == -torch.inf:
+                    continue
+                text = texts[int(sims[row].masked_fill(desc_owner != col, -torch.inf).argmax())]
+                row_hits.append(Hit(experts[col].id, experts[col].name, text, sim))
+            hits.append(row_hits)
+        return hits
 
     @cached_property
     def _column(self) -> dict[int, int]:
@@ -129,26 +147,17 @@ class LearnedGenerator:
         return {eid: i for i, eid in enumerate(self._tokens.ids)}
 
     @cached_property
-    def _described(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The registry's descriptions in the head's space, and each one's expert column."""
-        vecs, owners = registry_descriptions(self.registry, self._tokens)
-        return torch.from_numpy(self.describe(vecs)), torch.tensor([self._column[o] for o in owners.tolist()])
+    def _described(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The registry's descriptions in the generator's space, each one's expert column, and texts."""
+        texts, vecs, owners = registry_descriptions(self.registry, self._tokens)
+        vecs = normalised(self.encoder.encode(texts)) if self.encoder is not None else self.describe(vecs)
+        return torch.from_numpy(vecs), torch.tensor([self._column[o] for o in owners.tolist()]), texts
 
     def _best_per_expert(self, sims: torch.Tensor) -> torch.Tensor:
         """(N, descriptions) similarities -> (N, E): each expert scored by its best description."""
         col = self._described[1]
         best = torch.full((len(sims), len(self._column)), -torch.inf)
         return best.scatter_reduce(1, col.expand(len(sims), -1), sims, "amax")
-
-    def _rerank(self, hits: list[list[Hit]], query: np.ndarray) -> list[list[Hit]]:
-        best = self._best_per_expert(torch.from_numpy(query) @ self._described[0].T).tolist()
-        column = self._column
-        out = []
-        for row, row_hits in zip(best, hits):
-            scored = [Hit(h.expert_id, h.name, h.description, row[column[h.expert_id]])
-                      for h in row_hits if h.expert_id in column]
-            out.append(sorted(scored, key=lambda h: -h.similarity))
-        return out
 
     def weights(self, hits: list[list[Hit]]) -> tuple[torch.Tensor, list[list[Neighbour]]]:
         column = self._column
@@ -168,8 +177,8 @@ class LearnedGenerator:
 
     @cached_property
     def _memory_keys(self) -> torch.Tensor:
-        """(E, dim): each expert's unit mean description, in the head's space."""
-        desc, col = self._described
+        """(E, dim): each expert's unit mean description, in the generator's space."""
+        desc, col, _ = self._described
         keys = torch.zeros(len(self._column), desc.shape[1]).index_add_(0, col, desc)
         return torch.nn.functional.normalize(keys, dim=-1)
 
@@ -181,7 +190,7 @@ class LearnedGenerator:
         a condition at expert B's key with expert A's LoRA as target teaches the decoder to average
         A and B (benchmarks/RESULTS.md, "Twice the registry paraphrases"). This also keeps an expert's
         only description in, so that its key is a training condition too."""
-        desc, col = self._described
+        desc, col, _ = self._described
         sims = query @ desc.T
         left_out = sims.clone()
         left_out.diagonal().fill_(-torch.inf)
@@ -232,9 +241,8 @@ class LearnedGenerator:
         if num_samples < 1:
             raise GenerationError("num_samples must be at least 1")
         seed = secrets.randbits(31) if seed is None else int(seed)
-        vecs = normalised(self.registry.encoder.encode(descriptions))
-        query = self.describe(vecs)
-        hits = self.search(vecs, query=query)
+        query = self.embed(descriptions)
+        hits = self.search(query)
         text, mu, sigma, neighbours = self.conditions(query, hits)
         if self.task_vector_dim:
             text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
@@ -286,8 +294,9 @@ class LearnedGenerator:
         directory = Path(directory)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
         state.update({k: v.contiguous() for k, v in self.safety.state_dict().items()})
-        if self.head is not None:
-            state.update(self.head.state_dict())
+        for extra in (self.head, self.encoder):
+            if extra is not None:
+                state.update(extra.state_dict())
         with atomic.directory(directory) as tmp:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
@@ -310,7 +319,7 @@ class LearnedGenerator:
         layout = TokenLayout(registry.spec)
         tv = int(config.get("task_vector_dim", 0))
         model = LoraCVAE(layout, CVAEConfig(**config["cvae"]), int(config["embedding_dim"]) + (tv + 1 if tv else 0))
-        model_state = {k: v for k, v in tensors.items() if not k.startswith(("safety.", "description_head."))}
+        model_state = {k: v for k, v in tensors.items() if not k.startswith(("safety.", "description_head.", ENCODER_PREFIX))}
         for name, buffer in model.named_buffers():  # checkpoints from before condition centring
             if name.startswith("text_") and name not in model_state:
                 model_state[name] = buffer
@@ -320,7 +329,8 @@ class LearnedGenerator:
             raise GenerationError(f"{directory}: weights do not fit the registry's spec: {exc}") from exc
         safety = Safety.from_state_dict(tensors, float(config["ood_threshold"]))
         head = DescriptionHead.from_state_dict(tensors, config.get("description_head"))
-        return cls(registry, model, safety, config, device=device, dtype=dtype, head=head)
+        encoder = DescriptionEncoder.from_state_dict(registry.encoder, tensors, config.get("description_encoder"))
+        return cls(registry, model, safety, config, device=device, dtype=dtype, head=head, encoder=encoder)
 
 
 def check_compatible(config: dict[str, Any], registry: Registry, where: str) -> None:
@@ -340,9 +350,11 @@ def check_compatible(config: dict[str, Any], registry: Registry, where: str) -> 
         log.warning("generator %s was trained on a different state of the registry", where)
 
 
-def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[np.ndarray, np.ndarray]:
-    """Unit embeddings of the descriptions of the experts the generator learns from, and their owners."""
-    _, owners, vecs = registry.store.embeddings(registry.dim)
+def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The descriptions of the experts the generator learns from: texts, unit registry-encoder
+    embeddings and owners (expert ids)."""
+    ids, owners, vecs = registry.store.embeddings(registry.dim)
+    texts = dict(registry.store.descriptions())
     known = set(tokens.ids)
     keep = [i for i, o in enumerate(owners.tolist()) if o in known]
-    return normalised(vecs[keep]), owners[keep]
+    return [texts[int(ids[i])] for i in keep], normalised(vecs[keep]), owners[keep]

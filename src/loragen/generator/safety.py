@@ -4,10 +4,10 @@
 - Each (layer, module) B is rescaled into [min, max] of ‖B‖ over every training checkpoint of that
   (layer, module). The basis A has orthonormal rows, so ‖ΔW‖ = scaling · ‖B‖ and clipping ‖B‖
   clips ‖ΔW‖.
-- OOD threshold, calibrated leave-one-out: for every registry description, its best similarity to
-  a description of *another* expert; the threshold is the 5th percentile of those. A request whose
-  nearest expert is less similar than that is further from the registry than 95 % of the registry's
-  own tasks are from each other.
+- OOD threshold, calibrated leave-one-out in the generator's description space: for every registry
+  description, its best similarity to a description of *another* expert; the threshold is the 5th
+  percentile of those. A request whose nearest expert is less similar than that is further from the
+  registry than 95 % of the registry's own tasks are from each other.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from einops import reduce
 
-from ..registry import Registry
 from .retrieval import GenerationError
 
 OOD_PERCENTILE = 5.0
@@ -96,17 +95,10 @@ def norm_range(checkpoints: list[dict[str, torch.Tensor]]) -> tuple[dict[str, to
     return lo, hi
 
 
-def calibrate_ood(registry: Registry, exclude: set[int]) -> float:
-    """The 5th percentile of each description's best similarity to another expert's description."""
-    _, experts, vecs = registry.store.embeddings(registry.dim)
-    keep = ~np.isin(experts, list(exclude))
-    experts, vecs = experts[keep], vecs[keep]
-    if len(set(experts.tolist())) < 2:
+def calibrate_ood(vecs: torch.Tensor, owners: torch.Tensor) -> float:
+    """The 5th percentile of each description's best similarity to another expert's description;
+    `vecs` are unit rows in the space requests are scored in, `owners` each row's expert."""
+    if len(torch.unique(owners)) < 2:
         return -1.0  # nothing to compare with: never flag
-    hits = registry.search_vectors(vecs, k=2 + len(exclude))
-    best = []
-    for own, row in zip(experts.tolist(), hits):
-        others = [h.similarity for h in row if h.expert_id != own and h.expert_id not in exclude]
-        if others:
-            best.append(max(others))
-    return float(np.percentile(best, OOD_PERCENTILE)) if best else -1.0
+    sims = (vecs @ vecs.T).masked_fill(owners[:, None] == owners[None, :], -torch.inf)
+    return float(np.percentile(sims.max(dim=1).values.numpy(), OOD_PERCENTILE))

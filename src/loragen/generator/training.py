@@ -15,6 +15,7 @@ import torch
 from ..registry import Registry
 from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, fit
 from .decoder import TokenLayout
+from .description_encoder import DescriptionEncoder, TuningConfig, fine_tune
 from .description_head import DescriptionHead
 from .learned import FORMAT, STATE_NAME, LearnedGenerator, RegistryTokens, registry_descriptions
 from .retrieval import GenerationError
@@ -35,7 +36,7 @@ SELF_FRACTION = 0.5  # sg: share of training conditions with the expert itself r
 def default_condition(method: str, registry: Registry, tokens: RegistryTokens) -> str:
     if method != "icm":
         return "text"
-    _, owners = registry_descriptions(registry, tokens)
+    owners = registry_descriptions(registry, tokens)[2]
     counts = np.unique(owners, return_counts=True)[1]
     return "memory" if np.median(counts) >= 2 else "text"
 
@@ -48,14 +49,17 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     example_sets: int = 8, examples_per_set: int = 4,
                     task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
                     prior_weight: float | None = None, description_head: bool = True,
-                    condition_from: str | None = None) -> LearnedGenerator:
+                    condition_from: str | None = None, description_encoder: bool | DescriptionEncoder = True,
+                    progress: bool = False) -> LearnedGenerator:
     """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
 
     icm with `examples` (expert name -> {input, output} pairs, e.g. its task's training instances)
     also learns from in-context task vectors: `example_sets` random sets of `examples_per_set`
     per expert, dropped half of the time so that requests without examples still work.
 
-    `description_head` learns a map of description embeddings from the registry's paraphrases
+    `description_encoder` fine-tunes the text encoder's top layers on the registry's paraphrases
+    (`description_encoder.py`; pass a trained one to share it between generators of one registry);
+    where the encoder cannot be tuned, `description_head` learns a linear map of its embeddings
     (`description_head.py`); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
     `self_fraction` of its training conditions with the expert itself retrievable (the rest
     leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
@@ -83,16 +87,23 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
         model = LoraCVAE(layout, cvae, registry.dim + (tv_dim + 1 if tv_dim else 0))
     model.set_stats(*tokens.stats())
     lo, hi = norm_range([c for cps in tokens.raw for c in cps])
-    safety = Safety(lo, hi, calibrate_ood(registry, tokens.excluded))
+    safety = Safety(lo, hi, -1.0)
     config = {"format": FORMAT, "version": 1, "method": method, "cvae": asdict(cvae), "spec": registry.spec.to_dict(),
               "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
               "embedding_dim": registry.dim, "registry_fingerprint": registry.fingerprint(),
-              "holdout": sorted(holdout), "ood_threshold": safety.ood_threshold, "task_vector_dim": tv_dim}
+              "holdout": sorted(holdout), "task_vector_dim": tv_dim}
     # Trained on the descriptions of the generator's own experts only (held-out ones never).
-    head = DescriptionHead.fit(*registry_descriptions(registry, tokens), seed=seed) if description_head else None
+    texts, vecs, owners = registry_descriptions(registry, tokens)
+    encoder = description_encoder if isinstance(description_encoder, DescriptionEncoder) else None
+    if description_encoder is True:
+        weights = fine_tune(registry.encoder, texts, owners, seed=seed, progress=progress)
+        encoder = DescriptionEncoder(registry.encoder, weights, TuningConfig()) if weights is not None else None
+    head = DescriptionHead.fit(vecs, owners, seed=seed) if description_head and encoder is None else None
     config["description_head"] = head.to_dict() if head is not None else None
-    gen = LearnedGenerator(registry, model, safety, config, head=head)
+    config["description_encoder"] = encoder.to_dict() if encoder is not None else None
+    gen = LearnedGenerator(registry, model, safety, config, head=head, encoder=encoder)
     gen.__dict__["_tokens"] = tokens
+    safety.ood_threshold = config["ood_threshold"] = calibrate_ood(*gen._described[:2])
     data = training_set(gen, tokens, SELF_FRACTION if self_fraction is None else self_fraction)
     model.set_text_stats(data.text)
     data.task_vectors = tv
@@ -110,19 +121,19 @@ def training_set(gen: LearnedGenerator, tokens: RegistryTokens, self_fraction: f
     """Normalised checkpoints, and every description of every expert as a condition; for SG the
     condition is leave-one-out: built from the expert's top-K neighbours other than itself (and,
     with `self_fraction`, also the inclusive condition, drawn that often in training)."""
-    vecs, owners = registry_descriptions(gen.registry, tokens)
+    query = gen._described[0].numpy()
+    owners = registry_descriptions(gen.registry, tokens)[2]
     index = {eid: i for i, eid in enumerate(tokens.ids)}
-    query = gen.describe(vecs)
     x, owner = tokens.tokens(gen.stats)  # type: ignore[arg-type]
     text = torch.from_numpy(query)
     if gen.reads_memory:
         text = gen.memory_weights(text) @ gen._memory_keys
     data = TrainingSet(x, owner, text, torch.tensor([index[o] for o in owners.tolist()]))
     if gen.method == "sg":
-        hits = gen.search(vecs, own=owners.tolist(), query=query)
+        hits = gen.search(query, own=owners.tolist())
         _, data.mu_star, data.sigma_star, _ = gen.conditions(query, hits)
         if self_fraction > 0:
-            _, data.mu_self, data.sigma_self, _ = gen.conditions(query, gen.search(vecs, query=query))
+            _, data.mu_self, data.sigma_self, _ = gen.conditions(query, gen.search(query))
             data.self_fraction = self_fraction
     return data
 
