@@ -308,11 +308,11 @@ def test_description_head_pulls_an_experts_paraphrases_together(registry):
     assert DescriptionHead.fit(vecs[firsts], owners[firsts]) is None
 
 
-def test_a_generator_keeps_its_description_head_where_the_encoder_is_not_tuned(registry, tmp_path):
-    gen = train_generator(registry, "sg", out_dir=tmp_path, description_encoder=False, **{**TRAIN, "epochs": 1})
+def test_trained_generators_keep_their_description_head(trained, registry):
+    gen, out = trained
     assert gen.encoder is None and gen.config["description_encoder"] is None
     assert gen.head is not None and gen.config["description_head"]["weight_decay"] == HeadConfig().weight_decay
-    loaded = LearnedGenerator.from_pretrained(tmp_path, registry)
+    loaded = LearnedGenerator.from_pretrained(out, registry)
     assert loaded.head is not None and torch.equal(loaded.head.weight, gen.head.weight)
     # Neighbours are ranked and weighted by their similarity in the head's space.
     neighbours = gen.generate(["put the characters in order"], seed=0)[0].metadata["neighbours"]
@@ -323,10 +323,10 @@ def test_a_generator_keeps_its_description_head_where_the_encoder_is_not_tuned(r
     assert sims == sorted(sims, reverse=True)
 
 
-def test_trained_generators_keep_their_tuned_description_encoder(trained, registry):
+def test_a_generator_keeps_its_tuned_description_encoder(registry, tmp_path):
     import numpy as np
 
-    gen, out = trained
+    gen = train_generator(registry, "sg", out_dir=tmp_path, description_encoder=True, **{**TRAIN, "epochs": 1})
     assert gen.head is None and gen.encoder is not None
     layers = gen.config["description_encoder"]["layers"]
     assert {k.split(".")[2] for k in gen.encoder.weights} == {str(6 - i) for i in range(1, layers + 1)}
@@ -335,7 +335,7 @@ def test_trained_generators_keep_their_tuned_description_encoder(trained, regist
     assert not np.allclose(gen.embed(probe), registry.encoder.encode(probe), atol=1e-4)
     stored = registry.store.embeddings(registry.dim)[2]
     np.testing.assert_allclose(registry.encoder.encode([t for ts in TASKS.values() for t in ts]), stored, atol=1e-5)
-    loaded = LearnedGenerator.from_pretrained(out, registry)
+    loaded = LearnedGenerator.from_pretrained(tmp_path, registry)
     assert loaded.encoder is not None and loaded.head is None
     np.testing.assert_allclose(loaded.embed(probe), gen.embed(probe), atol=1e-6)
     assert _same(loaded.generate(probe, seed=1)[0], gen.generate(probe, seed=1)[0], atol=1e-6)
@@ -344,6 +344,9 @@ def test_trained_generators_keep_their_tuned_description_encoder(trained, regist
     desc = gen.embed(TASKS[neighbours[0]["expert"]])
     assert neighbours[0]["expert"] == "sort"
     assert neighbours[0]["similarity"] == pytest.approx(float((gen.embed(probe) @ desc.T).max()), abs=1e-5)
+    # Generators of one registry can share one tuned encoder.
+    icm = train_generator(registry, "icm", description_encoder=gen.encoder, **{**TRAIN, "epochs": 1})
+    assert icm.encoder is gen.encoder and icm.config["description_encoder"] == gen.config["description_encoder"]
 
 
 def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):
@@ -353,10 +356,9 @@ def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):
 
     texts = [t for ts in TASKS.values() for t in ts]
     owners = np.array([i for i, ts in enumerate(TASKS.values()) for _ in ts])
-    weights = fine_tune(registry.encoder, texts, owners, seed=0)
-    assert weights is not None and fine_tune(registry.encoder, texts, owners, seed=0).keys() == weights.keys()
-    assert all(torch.equal(a, b) for a, b in zip(weights.values(), fine_tune(registry.encoder, texts, owners,
-                                                                               seed=0).values()))
+    weights, again = (fine_tune(registry.encoder, texts, owners, seed=0) for _ in range(2))
+    assert weights is not None and again is not None and weights.keys() == again.keys()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)  # deterministic for a seed
     tuned = DescriptionEncoder(registry.encoder, weights, TuningConfig()).encode(texts)
     raw = registry.encoder.encode(texts)
     same = (owners[:, None] == owners[None, :]) & ~np.eye(len(texts), dtype=bool)

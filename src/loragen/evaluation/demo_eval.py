@@ -1,8 +1,12 @@
 """`loragen eval demo`: exact match of every method on the demo world's tasks.
 
-Three description sets:
+Four description sets:
 - `registry`: each task's first description (one the registry holds);
 - `unseen`: each task's held-back paraphrase (never in the registry or generator training);
+- `dev`: ~11 more paraphrases per task, also never in the registry, but used to choose the
+  description encoder's defaults (`training/demo_dev_paraphrases.py`): many more descriptions than
+  `unseen`, so a steadier figure, for nearest, icm and sg. Their oracle is each task's expert
+  (the same LoRA on the same test inputs as in `registry`, so scored once there);
 - `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
   (the generators evaluated there are the `*-holdout` ones built by the demo).
 The random-description control replaces the description by unrelated text: a generator that
@@ -21,6 +25,7 @@ from ..basemodel import BaseModel
 from ..generator import RetrievalGenerator, load_generator
 from ..registry import Registry
 from ..training.demo import HELD_OUT, DemoWorld
+from ..training.demo_dev_paraphrases import DEV_PARAPHRASES
 from ..training.tasks import Task, read_tasks
 from .metrics import exact_match
 
@@ -34,6 +39,8 @@ UNRELATED = (
 )
 METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "icm+examples", "sg", "random(icm)", "random(sg)",
                 "oracle")
+SPLITS = ("registry", "unseen", "dev", "heldout")
+DEV_METHODS = ("nearest", "icm", "sg")
 EXAMPLES_PER_REQUEST = 4  # icm+examples: pairs from the task's training split, as a user would paste
 
 
@@ -47,25 +54,31 @@ class Cell:
 
 
 def _generate(world: DemoWorld, registry: Registry, split: str, tasks: list[Task], descs: list[str],
-              seed: int) -> list[Cell]:
+              seed: int, methods: tuple[str, ...] = METHOD_ORDER) -> list[Cell]:
     exclude = HELD_OUT if split == "heldout" else ()
     suffix = "-holdout" if split == "heldout" else ""
     experts = {e.name: e for e in registry.experts()}
-    cells = [Cell("base", split, t.name, d, None) for t, d in zip(tasks, descs)]
-    cells += [Cell("oracle", split, t.name, d, registry.lora(experts[t.name])) for t, d in zip(tasks, descs)]
+    cells = [Cell("base", split, t.name, d, None) for t, d in zip(tasks, descs) if "base" in methods]
+    cells += [Cell("oracle", split, t.name, d, registry.lora(experts[t.name]))
+              for t, d in zip(tasks, descs) if "oracle" in methods]
     for method in ("uniform", "nearest", "weighted"):
-        gen = RetrievalGenerator(registry, method, exclude=exclude)
-        cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, gen.generate(descs))]
+        if method in methods:
+            gen = RetrievalGenerator(registry, method, exclude=exclude)
+            cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, gen.generate(descs))]
     rng = random.Random(seed)
     unrelated = [rng.choice(UNRELATED) for _ in descs]
     for method in ("icm", "sg"):
+        if method not in methods:
+            continue
         gen = load_generator(method, registry, generator_dir=world.generators / f"{method}{suffix}")
         loras = gen.generate(descs, seed=seed)
         cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
-        if getattr(gen, "task_vector_dim", 0):
+        if f"{method}+examples" in methods and getattr(gen, "task_vector_dim", 0):
             examples = [t.example_pairs(0.9, seed, EXAMPLES_PER_REQUEST) for t in tasks]
             loras = gen.generate(descs, examples=examples, seed=seed)
             cells += [Cell(f"{method}+examples", split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
+        if f"random({method})" not in methods:
+            continue
         controls = gen.generate(unrelated, seed=seed)
         cells += [Cell(f"random({method})", split, t.name, u, lo) for t, u, lo in zip(tasks, unrelated, controls)]
     return cells
@@ -79,6 +92,8 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     held = [t for t in tasks if t.name in HELD_OUT]
     cells = _generate(world, registry, "registry", seen, [t.descriptions[0] for t in seen], seed)
     cells += _generate(world, registry, "unseen", seen, [t.descriptions[-1] for t in seen], seed)
+    dev = [(t, d) for t in seen for d in DEV_PARAPHRASES.get(t.name, ())]
+    cells += _generate(world, registry, "dev", [t for t, _ in dev], [d for _, d in dev], seed, DEV_METHODS)
     cells += _generate(world, registry, "heldout", held, [t.descriptions[0] for t in held], seed)
     by_name = {t.name: t for t in tasks}
     tests = {t.name: t.split_instances(0.9, seed)[1][:test_per_task] for t in tasks}
@@ -86,9 +101,12 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     rows = [{"method": c.method, "split": c.split, "task": c.task, "description": c.description,
              "exact_match": s, "neighbours": (c.lora.metadata.get("neighbours") if c.lora else None)}
             for c, s in zip(cells, scores)]
+    oracle = {r["task"]: r["exact_match"] for r in rows if r["method"] == "oracle" and r["split"] == "registry"}
+    rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], "neighbours": None}
+             for r in rows if r["split"] == "dev" and r["method"] == DEV_METHODS[0]]
     table: dict[str, dict[str, float]] = {}
     for m in METHOD_ORDER:
-        for split in ("registry", "unseen", "heldout"):
+        for split in SPLITS:
             vals = [r["exact_match"] for r in rows if r["method"] == m and r["split"] == split]
             if vals:
                 table.setdefault(m, {})[split] = sum(vals) / len(vals)
@@ -99,10 +117,11 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
 def markdown_table(report: dict[str, Any]) -> str:
     table = report["table"]
     oracle = table.get("oracle", {})
-    lines = ["| method | registry descriptions | unseen paraphrases | held-out tasks |", "|---|---|---|---|"]
+    lines = ["| method | registry descriptions | unseen paraphrases | dev paraphrases | held-out tasks |",
+             "|---|---|---|---|---|"]
     for m, cols in table.items():
         cells = []
-        for split in ("registry", "unseen", "heldout"):
+        for split in SPLITS:
             v = cols.get(split)
             o = oracle.get(split)
             cells.append("" if v is None else f"{v:.3f}" + (f" ({v / o:.0%} of oracle)" if o else ""))

@@ -60,7 +60,8 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
     bert = model[0].auto_model
     first = len(bert.encoder.layer) - config.layers
     top = bert.encoder.layer[first:]
-    features = model.tokenize(list(texts))
+    tokenize = getattr(model, "preprocess", None) or model.tokenize  # `tokenize` is deprecated since 5.x
+    features = tokenize(list(texts))
     mask = features["attention_mask"]
     additive = ((1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min)
     with torch.no_grad():

@@ -49,7 +49,7 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     example_sets: int = 8, examples_per_set: int = 4,
                     task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
                     prior_weight: float | None = None, description_head: bool = True,
-                    condition_from: str | None = None, description_encoder: bool | DescriptionEncoder = True,
+                    condition_from: str | None = None, description_encoder: bool | DescriptionEncoder = False,
                     progress: bool = False) -> LearnedGenerator:
     """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
 
@@ -57,10 +57,10 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     also learns from in-context task vectors: `example_sets` random sets of `examples_per_set`
     per expert, dropped half of the time so that requests without examples still work.
 
-    `description_encoder` fine-tunes the text encoder's top layers on the registry's paraphrases
-    (`description_encoder.py`; pass a trained one to share it between generators of one registry);
-    where the encoder cannot be tuned, `description_head` learns a linear map of its embeddings
-    (`description_head.py`); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
+    `description_head` learns a linear map of the encoder's embeddings from the registry's
+    paraphrases (`description_head.py`); `description_encoder` instead fine-tunes the encoder's top
+    layers on them (`description_encoder.py`; pass a trained one to share it between generators of
+    one registry; opt-in: better on paraphrases worded like the registry's, worse on others); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
     `self_fraction` of its training conditions with the expert itself retrievable (the rest
     leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
     descriptions) conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description
