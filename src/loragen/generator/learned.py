@@ -319,7 +319,8 @@ class LearnedGenerator:
         layout = TokenLayout(registry.spec)
         tv = int(config.get("task_vector_dim", 0))
         model = LoraCVAE(layout, CVAEConfig(**config["cvae"]), int(config["embedding_dim"]) + (tv + 1 if tv else 0))
-        model_state = {k: v for k, v in tensors.items() if not k.startswith(("safety.", "description_head.", ENCODER_PREFIX))}
+        extras = ("safety.", "description_head.", ENCODER_PREFIX)
+        model_state = {k: v for k, v in tensors.items() if not k.startswith(extras)}
         for name, buffer in model.named_buffers():  # checkpoints from before condition centring
             if name.startswith("text_") and name not in model_state:
                 model_state[name] = buffer

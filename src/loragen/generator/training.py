@@ -60,11 +60,11 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     `description_head` learns a linear map of the encoder's embeddings from the registry's
     paraphrases (`description_head.py`); `description_encoder` instead fine-tunes the encoder's top
     layers on them (`description_encoder.py`; pass a trained one to share it between generators of
-    one registry; opt-in: better on paraphrases worded like the registry's, worse on others); `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws
-    `self_fraction` of its training conditions with the expert itself retrievable (the rest
-    leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
+    one registry; opt-in: better on paraphrases worded like the registry's, worse on others).
+    `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws `self_fraction` of its
+    training conditions with the expert itself retrievable (the rest leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
     descriptions) conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description
-    in the head's space, α = softmax(sim / temperature)), trained with each description's own registry
+    in the generator's space, α = softmax(sim / temperature)), trained with each description's own registry
     entry left out unless that makes it read as another expert. `None` takes the per-method defaults above."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")

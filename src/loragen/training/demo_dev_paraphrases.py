@@ -66,7 +66,8 @@ DEV_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "code: chr((ord(c) - 97 - 1) % 26 + 97) for each char",
         "decrease each letter's alphabet index by one, mod 26",
         "undo a one-step forward caesar shift",
-        "for each letter, say the letter that comes just before it in the abc song, and for a go all the way around to z",
+        "for each letter, say the letter that comes just before it in the abc song, "
+        "and for a go all the way around to z",
         "lower every letter by one alphabet place, with a rolling back around to z",
         "rotate letters one position backward through the alphabet",
         "step back one letter for every character: b gives a, a gives z",
@@ -85,7 +86,8 @@ DEV_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "swap adjacent letters in pairs: 1 with 2, 3 with 4, etc.; an odd last letter stays",
         "please swap the letters two by two from the start, e.g. planet -> lpnate",
         "code: for i in range(0, len(s) - 1, 2), swap s[i] and s[i+1]",
-        "going left to right, trade each letter at an odd position with its right neighbour, leaving any unpaired final letter alone",
+        "going left to right, trade each letter at an odd position with its right neighbour, "
+        "leaving any unpaired final letter alone",
         "what happens when letters 1 and 2 trade places, 3 and 4 trade places, and so on down the word",
         "for each index pair (0,1), (2,3), (4,5), ... exchange the two characters",
         "swap every even-indexed char with the odd-indexed char after it, zero-based",
