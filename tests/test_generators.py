@@ -521,3 +521,23 @@ def test_safety_clips_only_the_rows_out_of_range_and_names_the_non_finite_one():
     safety.check_finite({m: b[:2] for m, b in B.items()}, ["a", "b"])
     with pytest.raises(GenerationError, match=r"in v for description 'c'"):
         safety.check_finite(B, ["a", "b", "c"])
+
+
+def test_the_ood_threshold_is_calibrated_in_the_generators_own_space(trained):
+    import numpy as np
+
+    from loragen.generator.safety import OOD_PERCENTILE, calibrate_ood
+
+    gen, _ = trained
+    desc, col, _ = gen._described
+    x, owner = desc.double().numpy(), col.numpy()
+    sims = x @ x.T
+    best = [sims[i, owner != owner[i]].max() for i in range(len(x))]  # each one's nearest other expert
+    expected = float(np.percentile(best, OOD_PERCENTILE))
+    assert gen.safety.ood_threshold == pytest.approx(expected, abs=1e-6)
+    assert calibrate_ood(desc, col) == pytest.approx(expected, abs=1e-6)
+    assert calibrate_ood(desc[col == 0], col[col == 0]) == -1.0  # one expert: nothing to compare, never flag
+    # In the head's space, not the raw embedding's (which is what v10 compared against by mistake).
+    raw = gen.registry.store.embeddings(gen.registry.dim)[2]
+    assert calibrate_ood(torch.from_numpy(raw / np.linalg.norm(raw, axis=1, keepdims=True)), col) != pytest.approx(
+        gen.safety.ood_threshold, abs=1e-3)

@@ -62,10 +62,12 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     layers on them (`description_encoder.py`; pass a trained one to share it between generators of
     one registry; opt-in: better on paraphrases worded like the registry's, worse on others).
     `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws `self_fraction` of its
-    training conditions with the expert itself retrievable (the rest leave-one-out). icm's `condition_from="memory"` (the default where most experts have two or more
-    descriptions) conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description
-    in the generator's space, α = softmax(sim / temperature)), trained with each description's own registry
-    entry left out unless that makes it read as another expert. `None` takes the per-method defaults above."""
+    training conditions with the expert itself retrievable (the rest leave-one-out).
+    icm's `condition_from="memory"` (the default where most experts have two or more descriptions)
+    conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description in the
+    generator's space, α = softmax(sim / temperature)), trained with each description's own registry
+    entry left out unless that makes it read as another expert. `None` takes the per-method defaults
+    above."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
     if condition_from not in (None, "text", "memory") or (method == "sg" and condition_from == "memory"):
@@ -87,7 +89,7 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
         model = LoraCVAE(layout, cvae, registry.dim + (tv_dim + 1 if tv_dim else 0))
     model.set_stats(*tokens.stats())
     lo, hi = norm_range([c for cps in tokens.raw for c in cps])
-    safety = Safety(lo, hi, -1.0)
+    safety = Safety(lo, hi, -1.0)  # OOD threshold: calibrated below, in the generator's space
     config = {"format": FORMAT, "version": 1, "method": method, "cvae": asdict(cvae), "spec": registry.spec.to_dict(),
               "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
               "embedding_dim": registry.dim, "registry_fingerprint": registry.fingerprint(),
