@@ -308,8 +308,9 @@ def test_description_head_pulls_an_experts_paraphrases_together(registry):
     assert DescriptionHead.fit(vecs[firsts], owners[firsts]) is None
 
 
-def test_trained_generators_keep_their_description_head(trained, registry):
-    gen, out = trained
+def test_a_generator_without_a_tuned_encoder_keeps_its_description_head(registry, tmp_path):
+    gen = train_generator(registry, "sg", out_dir=tmp_path, description_encoder=False, **{**TRAIN, "epochs": 1})
+    out = tmp_path
     assert gen.encoder is None and gen.config["description_encoder"] is None
     assert gen.head is not None and gen.config["description_head"]["weight_decay"] == HeadConfig().weight_decay
     loaded = LearnedGenerator.from_pretrained(out, registry)
@@ -323,11 +324,11 @@ def test_trained_generators_keep_their_description_head(trained, registry):
     assert sims == sorted(sims, reverse=True)
 
 
-def test_a_generator_keeps_its_tuned_description_encoder(registry, tmp_path):
+def test_trained_generators_keep_their_tuned_encoder_and_its_head(trained, registry):
     import numpy as np
 
-    gen = train_generator(registry, "sg", out_dir=tmp_path, description_encoder=True, **{**TRAIN, "epochs": 1})
-    assert gen.head is None and gen.encoder is not None
+    gen, out = trained
+    assert gen.head is not None and gen.encoder is not None
     layers = gen.config["description_encoder"]["layers"]
     assert {k.split(".")[2] for k in gen.encoder.weights} == {str(6 - i) for i in range(1, layers + 1)}
     # The registry's own encoder (and so its FAISS index) is untouched.
@@ -335,18 +336,21 @@ def test_a_generator_keeps_its_tuned_description_encoder(registry, tmp_path):
     assert not np.allclose(gen.embed(probe), registry.encoder.encode(probe), atol=1e-4)
     stored = registry.store.embeddings(registry.dim)[2]
     np.testing.assert_allclose(registry.encoder.encode([t for ts in TASKS.values() for t in ts]), stored, atol=1e-5)
-    loaded = LearnedGenerator.from_pretrained(tmp_path, registry)
-    assert loaded.encoder is not None and loaded.head is None
+    loaded = LearnedGenerator.from_pretrained(out, registry)
+    assert loaded.encoder is not None and torch.equal(loaded.head.weight, gen.head.weight)
     np.testing.assert_allclose(loaded.embed(probe), gen.embed(probe), atol=1e-6)
     assert _same(loaded.generate(probe, seed=1)[0], gen.generate(probe, seed=1)[0], atol=1e-6)
-    # Neighbours are ranked and weighted by their similarity in the tuned space.
+    # Neighbours are ranked and weighted by their similarity in the tuned space, through the head.
+    raw = gen.encoder.encode(probe)
+    np.testing.assert_allclose(gen.embed(probe), gen.head.project(raw / np.linalg.norm(raw)), atol=1e-6)
     neighbours = gen.generate(probe, seed=0)[0].metadata["neighbours"]
     desc = gen.embed(TASKS[neighbours[0]["expert"]])
     assert neighbours[0]["expert"] == "sort"
     assert neighbours[0]["similarity"] == pytest.approx(float((gen.embed(probe) @ desc.T).max()), abs=1e-5)
     # Generators of one registry can share one tuned encoder.
-    icm = train_generator(registry, "icm", description_encoder=gen.encoder, **{**TRAIN, "epochs": 1})
-    assert icm.encoder is gen.encoder and icm.config["description_encoder"] == gen.config["description_encoder"]
+    other = "icm" if gen.method == "sg" else "sg"
+    shared = train_generator(registry, other, description_encoder=gen.encoder, **{**TRAIN, "epochs": 1})
+    assert shared.encoder is gen.encoder and shared.config["description_encoder"] == gen.config["description_encoder"]
 
 
 def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):

@@ -139,11 +139,9 @@ def train_generator_cmd(
     self_fraction: Annotated[float | None, typer.Option(min=0, max=1, help="sg: share of training conditions "
                              "built with the expert itself retrievable. Default 0.5.")] = None,
     description_encoder: Annotated[bool, typer.Option(help="Fine-tune the text encoder's top layers on the "
-                                   "registry's paraphrases (BERT encoders such as MiniLM) instead of a linear head: "
-                                   "better on paraphrases worded like the registry's, worse on others "
-                                   "(benchmarks/RESULTS.md).")] = False,
-    description_head: Annotated[bool, typer.Option(help="Learn a linear map of description embeddings from the "
-                                "registry's paraphrases.")] = True,
+                                   "registry's paraphrases (BERT encoders such as MiniLM).")] = True,
+    description_head: Annotated[bool, typer.Option(help="Learn a linear map of the (tuned) encoder's description "
+                                "embeddings from the registry's paraphrases.")] = True,
     seed: int = 0,
 ) -> None:
     """Train an ICM-LoRA or SG-LoRA generator on every checkpoint of the registry's experts."""

@@ -108,13 +108,12 @@ class LearnedGenerator:
 
     def embed(self, descriptions: list[str]) -> np.ndarray:
         """Descriptions as the generator reads them: unit rows in its description space (the tuned
-        encoder's, else the registry encoder's through the learned head, if any)."""
-        if self.encoder is not None:
-            return normalised(self.encoder.encode(descriptions))
-        return self.describe(normalised(self.registry.encoder.encode(descriptions)))
+        encoder's, if any, else the registry's; then through the learned head, if any)."""
+        encoder = self.encoder if self.encoder is not None else self.registry.encoder
+        return self.describe(normalised(encoder.encode(descriptions)))
 
     def describe(self, vecs: np.ndarray) -> np.ndarray:
-        """Registry-encoder embeddings through the learned head, if any."""
+        """Encoder embeddings through the learned head, if any."""
         return self.head.project(vecs) if self.head is not None else vecs
 
     def search(self, query: np.ndarray, own: list[int | None] | None = None, k: int | None = None) -> list[list[Hit]]:
@@ -150,8 +149,9 @@ class LearnedGenerator:
     def _described(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """The registry's descriptions in the generator's space, each one's expert column, and texts."""
         texts, vecs, owners = registry_descriptions(self.registry, self._tokens)
-        vecs = normalised(self.encoder.encode(texts)) if self.encoder is not None else self.describe(vecs)
-        return torch.from_numpy(vecs), torch.tensor([self._column[o] for o in owners.tolist()]), texts
+        if self.encoder is not None:
+            vecs = normalised(self.encoder.encode(texts))
+        return torch.from_numpy(self.describe(vecs)), torch.tensor([self._column[o] for o in owners.tolist()]), texts
 
     def _best_per_expert(self, sims: torch.Tensor) -> torch.Tensor:
         """(N, descriptions) similarities -> (N, E): each expert scored by its best description."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..registry import Registry
+from ..registry.index import normalised
 from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, fit
 from .decoder import TokenLayout
 from .description_encoder import DescriptionEncoder, TuningConfig, fine_tune
@@ -49,7 +50,7 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     example_sets: int = 8, examples_per_set: int = 4,
                     task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
                     prior_weight: float | None = None, description_head: bool = True,
-                    condition_from: str | None = None, description_encoder: bool | DescriptionEncoder = False,
+                    condition_from: str | None = None, description_encoder: bool | DescriptionEncoder = True,
                     progress: bool = False) -> LearnedGenerator:
     """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
 
@@ -57,10 +58,10 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     also learns from in-context task vectors: `example_sets` random sets of `examples_per_set`
     per expert, dropped half of the time so that requests without examples still work.
 
-    `description_head` learns a linear map of the encoder's embeddings from the registry's
-    paraphrases (`description_head.py`); `description_encoder` instead fine-tunes the encoder's top
-    layers on them (`description_encoder.py`; pass a trained one to share it between generators of
-    one registry; opt-in: better on paraphrases worded like the registry's, worse on others).
+    `description_encoder` fine-tunes the text encoder's top layers on the registry's paraphrases
+    (`description_encoder.py`; pass a trained one to share it between generators of one registry);
+    `description_head` learns a linear map of the (tuned) encoder's embeddings from them
+    (`description_head.py`). Both on: best on the demo world's new paraphrases (RESULTS.md).
     `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws `self_fraction` of its
     training conditions with the expert itself retrievable (the rest leave-one-out).
     icm's `condition_from="memory"` (the default where most experts have two or more descriptions)
@@ -100,7 +101,9 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     if description_encoder is True:
         weights = fine_tune(registry.encoder, texts, owners, seed=seed, progress=progress)
         encoder = DescriptionEncoder(registry.encoder, weights, TuningConfig()) if weights is not None else None
-    head = DescriptionHead.fit(vecs, owners, seed=seed) if description_head and encoder is None else None
+    if encoder is not None:
+        vecs = normalised(encoder.encode(texts))
+    head = DescriptionHead.fit(vecs, owners, seed=seed) if description_head else None
     config["description_head"] = head.to_dict() if head is not None else None
     config["description_encoder"] = encoder.to_dict() if encoder is not None else None
     gen = LearnedGenerator(registry, model, safety, config, head=head, encoder=encoder)

@@ -24,6 +24,7 @@ from ..adapters import atomic, spec_from_config
 from ..basemodel import BaseModel
 from ..embeddings import TextEncoder
 from ..generator import train_generator
+from ..generator.description_encoder import DescriptionEncoder
 from ..generator.task_vector import TaskVectors
 from ..registry import Registry
 from .causal import train_causal_experts
@@ -31,7 +32,7 @@ from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import Task, read_tasks, write_tasks
 
-DEMO_VERSION = 11
+DEMO_VERSION = 12
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -181,10 +182,13 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
                 metrics=run.metrics, tags=["demo"],
             )
         experts_done = time.perf_counter()
+        shared: bool | DescriptionEncoder = True  # icm and sg read descriptions through one tuned encoder
         for method in ("icm", "sg"):
-            train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed,
-                            examples=demo_examples(tasks, config) if method == "icm" else None,
-                            task_vectors=TaskVectors(spec, loaded=base), **GENERATOR_OPTIONS[method])
+            gen = train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed,
+                                  examples=demo_examples(tasks, config) if method == "icm" else None,
+                                  task_vectors=TaskVectors(spec, loaded=base), description_encoder=shared,
+                                  **GENERATOR_OPTIONS[method])
+            shared = gen.encoder or False
         summary = {
             "version": DEMO_VERSION,
             "seconds": round(time.perf_counter() - started, 1),
@@ -207,7 +211,9 @@ def ensure_holdout_generators(world: DemoWorld, seed: int = 0) -> None:
         return
     registry = Registry.open(world.registry)
     examples = demo_examples(read_tasks(world.tasks), DemoConfig(seed=seed))
+    shared: bool | DescriptionEncoder = True  # tuned without the held-out tasks' descriptions
     for method in missing:
-        train_generator(registry, method, out_dir=world.generators / f"{method}-holdout",
-                        holdout=HELD_OUT, seed=seed, examples=examples if method == "icm" else None,
-                        **GENERATOR_OPTIONS[method])
+        gen = train_generator(registry, method, out_dir=world.generators / f"{method}-holdout",
+                              holdout=HELD_OUT, seed=seed, examples=examples if method == "icm" else None,
+                              description_encoder=shared, **GENERATOR_OPTIONS[method])
+        shared = gen.encoder or False
