@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from loragen.training.demo_dev_paraphrases import DEV_PARAPHRASES
 from loragen.training.demo_tasks import DEMO_TASKS, demo_tasks
 from loragen.training.tasks import TaskFileError, read_tasks, write_tasks
 
@@ -72,3 +73,12 @@ def test_extra_paraphrases_are_unique_and_keep_the_unseen_one_last():
         assert task.descriptions[-1] == unseen == plain[name].descriptions[-1]
         assert task.descriptions.count(unseen) == 1
         assert len(set(task.descriptions)) == len(task.descriptions) >= len(plain[name].descriptions) + 10
+
+
+def test_no_registry_description_is_a_dev_or_held_back_paraphrase():
+    tasks = demo_tasks(instances_per_task=5)
+    registry = {d.lower() for t in tasks for d in t.descriptions[:-1]}
+    unseen = {t.descriptions[-1].lower() for t in tasks}
+    dev = {d.lower() for ds in DEV_PARAPHRASES.values() for d in ds}
+    assert not registry & unseen and not registry & dev
+    assert all(t.descriptions.count(t.descriptions[-1]) == 1 for t in tasks)

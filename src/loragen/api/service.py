@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError
 from ..embeddings import TextEncoder, resolve_dtype
-from ..errors import LoragenError
 from ..generator import LEARNED_METHODS, METHODS, GenerationError, check_descriptions, load_generator
 from ..registry import Hit, Registry
 from .batching import MicroBatcher

@@ -64,6 +64,7 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
     tokenize = getattr(model, "preprocess", None) or model.tokenize  # `tokenize` is deprecated since 5.x
     features = tokenize(list(texts))
     mask = features["attention_mask"]
+    lengths = mask.sum(1)
     additive = ((1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min)
     with torch.no_grad():
         bert.eval()
@@ -72,16 +73,17 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
             hidden = layer(hidden, additive)
     bert.requires_grad_(False)
     top.requires_grad_(True).train()
-    opt = torch.optim.AdamW(top.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(top.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # dropout draws from the global generator
         torch.manual_seed(seed)
         for _ in tqdm(range(config.epochs), desc="description encoder", unit="epoch", disable=not progress):
-            for rows in torch.randperm(len(texts), generator=gen).split(config.batch):
-                h = hidden[rows]
+            for rows in length_batches(lengths, config.batch, gen):
+                width = int(lengths[rows].max())
+                h = hidden[rows, :width]
                 for layer in top:
-                    h = layer(h, additive[rows])
-                m = mask[rows, :, None].float()
+                    h = layer(h, additive[rows, ..., :width])
+                m = mask[rows, :width, None].float()
                 pooled = F.normalize((h * m).sum(1) / m.sum(1), dim=1)
                 loss = contrastive_loss(pooled, labels[rows], config.temperature)
                 opt.zero_grad(set_to_none=True)
@@ -89,6 +91,17 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
                 opt.step()
     return {f"encoder.layer.{first + i}.{name}": p.detach().clone().contiguous()
             for i, layer in enumerate(top) for name, p in layer.named_parameters()}
+
+
+def length_batches(lengths: torch.Tensor, batch: int, gen: torch.Generator, pool: int = 8) -> list[torch.Tensor]:
+    """Random batches of texts of similar length, so that each runs at its own longest text's width
+    rather than the whole set's (half the compute on the demo registry). Texts are shuffled, cut into
+    pools of `pool` batches, sorted by length within a pool, and the batches shuffled again."""
+    order = torch.randperm(len(lengths), generator=gen)
+    batches = []
+    for chunk in order.split(batch * pool):
+        batches += list(chunk[torch.argsort(lengths[chunk], stable=True)].split(batch))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 class DescriptionEncoder:

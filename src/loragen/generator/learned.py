@@ -151,6 +151,11 @@ class LearnedGenerator:
         texts, vecs, owners = registry_descriptions(self.registry, self._tokens)
         if self.encoder is not None:
             vecs = normalised(self.encoder.encode(texts))
+        return self.described(texts, vecs, owners)
+
+    def described(self, texts: list[str], vecs: np.ndarray,
+                  owners: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """`_described` from the registry's descriptions already encoded (by `encoder` if it has one)."""
         return torch.from_numpy(self.describe(vecs)), torch.tensor([self._column[o] for o in owners.tolist()]), texts
 
     def _best_per_expert(self, sims: torch.Tensor) -> torch.Tensor:

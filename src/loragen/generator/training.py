@@ -49,7 +49,7 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     temperature: float = 0.05, examples: Mapping[str, Sequence[Example]] | None = None,
                     example_sets: int = 8, examples_per_set: int = 4,
                     task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
-                    prior_weight: float | None = None, description_head: bool = True,
+                    prior_weight: float | None = None, description_head: bool | DescriptionHead = True,
                     condition_from: str | None = None, description_encoder: bool | DescriptionEncoder = True,
                     progress: bool = False) -> LearnedGenerator:
     """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
@@ -59,9 +59,10 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     per expert, dropped half of the time so that requests without examples still work.
 
     `description_encoder` fine-tunes the text encoder's top layers on the registry's paraphrases
-    (`description_encoder.py`; pass a trained one to share it between generators of one registry);
-    `description_head` learns a linear map of the (tuned) encoder's embeddings from them
-    (`description_head.py`). Both on: best on the demo world's new paraphrases (RESULTS.md).
+    (`description_encoder.py`); `description_head` learns a linear map of the (tuned) encoder's
+    embeddings from them (`description_head.py`). Both on: best on the demo world's new paraphrases
+    (RESULTS.md). Pass a trained generator's `encoder` and `head` to share them between generators of
+    one registry and holdout.
     `prior_weight` is the GSNN term of the hybrid CVAE loss; sg draws `self_fraction` of its
     training conditions with the expert itself retrievable (the rest leave-one-out).
     icm's `condition_from="memory"` (the default where most experts have two or more descriptions)
@@ -103,11 +104,14 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
         encoder = DescriptionEncoder(registry.encoder, weights, TuningConfig()) if weights is not None else None
     if encoder is not None:
         vecs = normalised(encoder.encode(texts))
-    head = DescriptionHead.fit(vecs, owners, seed=seed) if description_head else None
+    head = description_head if isinstance(description_head, DescriptionHead) else None
+    if description_head is True:
+        head = DescriptionHead.fit(vecs, owners, seed=seed)
     config["description_head"] = head.to_dict() if head is not None else None
     config["description_encoder"] = encoder.to_dict() if encoder is not None else None
     gen = LearnedGenerator(registry, model, safety, config, head=head, encoder=encoder)
     gen.__dict__["_tokens"] = tokens
+    gen.__dict__["_described"] = gen.described(texts, vecs, owners)  # the (tuned) encoding done above
     safety.ood_threshold = config["ood_threshold"] = calibrate_ood(*gen._described[:2])
     data = training_set(gen, tokens, SELF_FRACTION if self_fraction is None else self_fraction)
     model.set_text_stats(data.text)

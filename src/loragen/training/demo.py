@@ -25,6 +25,7 @@ from ..basemodel import BaseModel
 from ..embeddings import TextEncoder
 from ..generator import train_generator
 from ..generator.description_encoder import DescriptionEncoder
+from ..generator.description_head import DescriptionHead
 from ..generator.task_vector import TaskVectors
 from ..registry import Registry
 from .causal import train_causal_experts
@@ -32,7 +33,7 @@ from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import Task, read_tasks, write_tasks
 
-DEMO_VERSION = 12
+DEMO_VERSION = 13
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -182,13 +183,15 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
                 metrics=run.metrics, tags=["demo"],
             )
         experts_done = time.perf_counter()
-        shared: bool | DescriptionEncoder = True  # icm and sg read descriptions through one tuned encoder
+        # icm and sg read descriptions through one tuned encoder and head
+        encoder: bool | DescriptionEncoder = True
+        head: bool | DescriptionHead = True
         for method in ("icm", "sg"):
             gen = train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed,
                                   examples=demo_examples(tasks, config) if method == "icm" else None,
-                                  task_vectors=TaskVectors(spec, loaded=base), description_encoder=shared,
-                                  **GENERATOR_OPTIONS[method])
-            shared = gen.encoder or False
+                                  task_vectors=TaskVectors(spec, loaded=base), description_encoder=encoder,
+                                  description_head=head, **GENERATOR_OPTIONS[method])
+            encoder, head = gen.encoder or False, gen.head or False
         summary = {
             "version": DEMO_VERSION,
             "seconds": round(time.perf_counter() - started, 1),
@@ -211,9 +214,11 @@ def ensure_holdout_generators(world: DemoWorld, seed: int = 0) -> None:
         return
     registry = Registry.open(world.registry)
     examples = demo_examples(read_tasks(world.tasks), DemoConfig(seed=seed))
-    shared: bool | DescriptionEncoder = True  # tuned without the held-out tasks' descriptions
+    # one tuned encoder and head, learned without the held-out tasks' descriptions
+    encoder: bool | DescriptionEncoder = True
+    head: bool | DescriptionHead = True
     for method in missing:
         gen = train_generator(registry, method, out_dir=world.generators / f"{method}-holdout",
                               holdout=HELD_OUT, seed=seed, examples=examples if method == "icm" else None,
-                              description_encoder=shared, **GENERATOR_OPTIONS[method])
-        shared = gen.encoder or False
+                              description_encoder=encoder, description_head=head, **GENERATOR_OPTIONS[method])
+        encoder, head = gen.encoder or False, gen.head or False

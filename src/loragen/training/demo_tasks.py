@@ -2,7 +2,7 @@
 
 The last description of each task is kept out of the registry: it is the unseen paraphrase that
 evaluation uses to check that generation follows meaning, not wording. The registry gets the others
-plus the extra paraphrases of `demo_paraphrases`.
+plus the extra paraphrases of `demo_paraphrases` and `demo_styled_paraphrases`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .demo_paraphrases import EXTRA_DESCRIPTIONS
+from .demo_styled_paraphrases import STYLED_DESCRIPTIONS
 from .tasks import Instance, Task
 
 VOWELS = set("aeiou")
@@ -158,7 +159,7 @@ def demo_tasks(instances_per_task: int = 300, seed: int = 0, *, extra_descriptio
     for i, t in enumerate(DEMO_TASKS):
         rng = random.Random(seed * 1000 + i)
         words = [random_word(rng) for _ in range(instances_per_task)]
-        extra = list(EXTRA_DESCRIPTIONS[t.name]) if extra_descriptions else []
+        extra = [*EXTRA_DESCRIPTIONS[t.name], *STYLED_DESCRIPTIONS[t.name]] if extra_descriptions else []
         tasks.append(Task(
             name=t.name,
             descriptions=[*t.descriptions[:-1], *extra, t.descriptions[-1]],
