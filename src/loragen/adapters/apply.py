@@ -97,8 +97,9 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
             xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
             b = stack.B[name][groups, layer].to(x.dtype)  # (groups, out, r)
             flat = xa.reshape(len(groups), -1, xa.shape[-1])
-            delta = torch.bmm(flat, b.transpose(1, 2)).reshape(*x.shape[:-1], -1)
-            return output + scaling * delta
+            # output + scaling · delta in one op: fewer full-size temporaries forward and backward
+            out = output.reshape(len(groups), -1, output.shape[-1])
+            return torch.baddbmm(out, flat, b.transpose(1, 2), alpha=scaling).reshape(output.shape)
         safe = idx.clamp(min=0)
         if a.ndim == 3:
             xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")

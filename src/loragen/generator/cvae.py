@@ -227,7 +227,7 @@ def fit(model: LoraCVAE, data: TrainingSet, config: FitConfig, *, state_path: Pa
     n_val = min(n - 1, round(n * config.val_fraction)) if config.val_fraction > 0 else 0
     val, train = order[:n_val], order[n_val:]
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch))
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, fused=True)
     total = config.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     state = {"epoch": 0, "best": math.inf, "bad": 0, "history": []}

@@ -73,7 +73,7 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
             hidden = layer(hidden, additive)
     bert.requires_grad_(False)
     top.requires_grad_(True).train()
-    opt = torch.optim.AdamW(top.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    opt = torch.optim.AdamW(top.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # dropout draws from the global generator
         torch.manual_seed(seed)

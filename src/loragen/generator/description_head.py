@@ -65,7 +65,7 @@ class DescriptionHead:
         eye = torch.eye(x.shape[1])
         gen = torch.Generator().manual_seed(seed)
         weight = torch.nn.Parameter(eye.clone())
-        opt = torch.optim.Adam([weight], lr=config.lr)
+        opt = torch.optim.Adam([weight], lr=config.lr, fused=True)
         for _ in range(config.steps):
             rows = torch.randperm(len(x), generator=gen)[: config.batch] if len(x) > config.batch else slice(None)
             loss = contrastive_loss(F.normalize(x[rows] @ weight, dim=1), inverse[rows], config.temperature)

@@ -139,7 +139,8 @@ def build_base_model(directory: Path, config: DemoConfig) -> BaseModel:
     )
     base = BaseModel(LlamaForCausalLM(cfg), tok, str(directory))
     model = base.model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    optim = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0,
+                              fused=True)
     warmup, steps = 50, config.pretrain_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))

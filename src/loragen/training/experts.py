@@ -67,7 +67,7 @@ def train_in_basis(
         for m in spec.modules
     }
     stack = LoraStack(spec, {m: a.to(device) for m, a in basis.A.items()}, params)
-    optim = torch.optim.Adam(params.values(), lr=config.lr)
+    optim = torch.optim.Adam(params.values(), lr=config.lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / config.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     # Extra blocks go after one block per task, so every block has the same size (the bmm path).
