@@ -37,6 +37,20 @@ def test_bench_serve_reports_every_case_and_level(server: str, tmp_path: Path) -
     assert "loras-json" in run.stdout and "completions" in run.stdout
 
 
+def test_bench_serve_loads_a_learned_method_and_rejects_an_unknown_one(server: str) -> None:  # noqa: F811
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "loragen.cli", "bench", "serve", "--url", server, "--cases", "loras-json",
+            "--concurrency", "2", "--seconds", "0.3", "--warmup", "0"]
+    run = subprocess.run([*base, "--method", "sg"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "0 errors" in run.stderr and "req/s" in run.stdout  # a 4xx for the method would count as errors
+    bad = subprocess.run([*base, "--method", "magic"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "unknown method 'magic'" in bad.stderr
+    body = cases("t", method="icm")
+    assert body["loras-json"].body(0)["method"] == "icm" and body["completions"].body(0)["method"] == "icm"
+    assert "method" not in cases("t")["loras-json"].body(0)
+
+
 def test_descriptions_are_unique_and_levels_parse() -> None:
     table = cases("t1")
     bodies = [table["loras-json"].body(i)["description"] for i in range(1000)]

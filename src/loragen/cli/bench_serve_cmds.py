@@ -76,6 +76,8 @@ def serve_bench(
                                                                "servers (default auto).")] = None,
     encoder_workers: Annotated[int | None, typer.Option(min=1, max=64, help="Text encoder workers of the started "
                                                         "servers (default 2).")] = None,
+    method: Annotated[str | None, typer.Option(help="Generation method of every request (default: the "
+                                               "server's, weighted).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
 ) -> None:
     """Load servers on loopback: req/s, p50/p99 latency and errors per case, micro-batching on and off."""
@@ -85,6 +87,7 @@ def serve_bench(
     import sys
 
     from ..client.loadtest import CASE_NAMES, bench_server, machine, parse_levels
+    from ..generator import METHODS
     from .local_server import local_server
 
     try:
@@ -96,6 +99,9 @@ def serve_bench(
     if unknown or not names:
         raise typer.BadParameter(f"unknown case(s) {', '.join(unknown) or '(none given)'}; choose from "
                                  f"{', '.join(CASE_NAMES)}", param_hint="--cases")
+    if method is not None and method not in METHODS:
+        raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(METHODS)}",
+                                 param_hint="--method")
     log = lambda s: typer.echo(s, err=True)  # noqa: E731
     results: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
@@ -105,7 +111,8 @@ def serve_bench(
         label = _label(hint, info, [s["label"] for s in servers])
         servers.append({"label": label, "url": target, **info})
         rows = asyncio.run(bench_server(target, concurrency=levels, seconds=seconds, case_names=names,
-                                        warmup_s=warmup, max_tokens=max_tokens, server_cpu=cpu, log=log))
+                                        warmup_s=warmup, max_tokens=max_tokens, server_cpu=cpu, method=method,
+                                        log=log))
         results.extend({"server": label, **r.model_dump()} for r in rows)
 
     if url or url_unbatched:
@@ -124,7 +131,7 @@ def serve_bench(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["loragen", *sys.argv[1:]]),
         "machine": machine(), "concurrency": levels, "seconds": seconds, "warmup_s": warmup, "cases": names,
-        "max_tokens": max_tokens, "servers": servers, "results": results,
+        "max_tokens": max_tokens, "method": method, "servers": servers, "results": results,
         "note": "the load generator runs on the same machine as the servers; client_cpu and server_cpu are "
                 "CPU seconds per wall second (1.0 = one core busy)",
     }

@@ -53,20 +53,21 @@ class Case:
     params: dict[str, str] | None = None
 
 
-def cases(tag: str, max_tokens: int = 8) -> dict[str, Case]:
-    """The benchmarked requests; `tag` keeps descriptions of different runs apart."""
+def cases(tag: str, max_tokens: int = 8, method: str | None = None) -> dict[str, Case]:
+    """The benchmarked requests; `tag` keeps descriptions of different runs apart; `method` (else
+    the server's default) generates them."""
 
-    def description(i: int) -> str:
-        return f"{PHRASES[i % len(PHRASES)]} (request {tag}-{i})"
+    def described(i: int, **body: Any) -> dict[str, Any]:
+        body["description"] = f"{PHRASES[i % len(PHRASES)]} (request {tag}-{i})"
+        return body if method is None else {**body, "method": method}
 
     json_accept = {"accept": "application/json"}
     return {
-        "loras-json": Case("loras-json", "/v1/loras", lambda i: {"description": description(i)}, json_accept),
-        "loras-zip": Case("loras-zip", "/v1/loras", lambda i: {"description": description(i)},
-                          {"accept": "application/zip"}),
+        "loras-json": Case("loras-json", "/v1/loras", lambda i: described(i), json_accept),
+        "loras-zip": Case("loras-zip", "/v1/loras", lambda i: described(i), {"accept": "application/zip"}),
         "completions": Case("completions", "/v1/completions",
-                            lambda i: {"prompt": PROMPTS[i % len(PROMPTS)], "description": description(i),
-                                       "max_tokens": max_tokens}, json_accept),
+                            lambda i: described(i, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens),
+                            json_accept),
     }
 
 
@@ -224,14 +225,14 @@ async def run_level(http: httpx.AsyncClient, case: Case, concurrency: int, secon
 
 async def bench_server(url: str, *, concurrency: list[int], seconds: float, case_names: list[str],
                        warmup_s: float = 1.0, max_tokens: int = 8, server_cpu: Callable[[], float] | None = None,
-                       log: Callable[[str], None] = lambda _: None) -> list[LevelResult]:
+                       method: str | None = None, log: Callable[[str], None] = lambda _: None) -> list[LevelResult]:
     """Every case at every concurrency level against one server, each level after a short warm-up."""
     # This process holds torch (through loragen.adapters); a full collection of its objects would
     # stall the clients for a few hundred ms and show up as server latency.
     gc.collect()
     gc.freeze()
     tag = secrets.token_hex(4)
-    table = cases(tag, max_tokens)
+    table = cases(tag, max_tokens, method)
     unknown = [n for n in case_names if n not in table]
     if unknown:
         raise ValueError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(table)}")
