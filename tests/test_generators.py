@@ -336,6 +336,10 @@ def test_trained_generators_keep_their_tuned_encoder_and_its_head(trained, regis
     assert not np.allclose(gen.embed(probe), registry.encoder.encode(probe), atol=1e-4)
     stored = registry.store.embeddings(registry.dim)[2]
     np.testing.assert_allclose(registry.encoder.encode([t for ts in TASKS.values() for t in ts]), stored, atol=1e-5)
+    # The tuned copy holds only its tuned tensors; the rest are the registry encoder's own.
+    base = registry.encoder.transformer[0].auto_model.state_dict()
+    for name, tensor in gen.encoder.encoder.transformer[0].auto_model.state_dict().items():
+        assert (tensor.data_ptr() == base[name].data_ptr()) == (name not in gen.encoder.weights), name
     loaded = LearnedGenerator.from_pretrained(out, registry)
     assert loaded.encoder is not None and torch.equal(loaded.head.weight, gen.head.weight)
     np.testing.assert_allclose(loaded.embed(probe), gen.embed(probe), atol=1e-6)

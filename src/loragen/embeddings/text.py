@@ -112,10 +112,13 @@ class TextEncoder:
     def with_weights(self, weights: dict[str, torch.Tensor]) -> TextEncoder:
         """A separate encoder, same options, whose transformer has `weights` (names as in its Hugging
         Face model's `state_dict`, e.g. `encoder.layer.5.output.dense.weight`) in place of its own."""
-        model = copy.deepcopy(self._model)
-        missing = set(weights) - set(model[0].auto_model.state_dict())
+        names = self._model[0].auto_model.state_dict(keep_vars=True)
+        missing = set(weights) - set(names)
         if missing:
             raise ValueError(f"{self.model_id} has no parameters {sorted(missing)[:3]}")
+        # The copy shares every tensor it does not replace (a tuned encoder differs in its top layers).
+        memo = {id(t): t for name, t in names.items() if name not in weights}
+        model = copy.deepcopy(self._model, memo)
         model[0].auto_model.load_state_dict(weights, strict=False)
         other = copy.copy(self)
         other.__dict__["_model"] = model
