@@ -99,7 +99,8 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
             flat = xa.reshape(len(groups), -1, xa.shape[-1])
             # output + scaling · delta in one op: fewer full-size temporaries forward and backward
             out = output.reshape(len(groups), -1, output.shape[-1])
-            return torch.baddbmm(out, flat, b.transpose(1, 2), alpha=scaling).reshape(output.shape)
+            return torch.baddbmm(out, flat.to(out.dtype), b.transpose(1, 2).to(out.dtype),
+                                 alpha=scaling).reshape(output.shape)
         safe = idx.clamp(min=0)
         if a.ndim == 3:
             xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
