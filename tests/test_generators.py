@@ -549,3 +549,24 @@ def test_the_ood_threshold_is_calibrated_in_the_generators_own_space(trained):
     raw = gen.registry.store.embeddings(gen.registry.dim)[2]
     assert calibrate_ood(torch.from_numpy(raw / np.linalg.norm(raw, axis=1, keepdims=True)), col) != pytest.approx(
         gen.safety.ood_threshold, abs=1e-3)
+
+
+def test_prior_mixture_matches_the_formula_in_float64_dense_or_gathered():
+    from loragen.generator.learned import SIGMA_FLOOR, mix
+
+    g = torch.Generator().manual_seed(0)
+    for n, experts in ((3, 5), (2, 40)):  # 3·4 ≥ 5 reads every expert; 2·4 < 40 gathers each row's four
+        mean = [torch.randn(experts, 3, 6, generator=g, dtype=torch.float64)]
+        second = [m * m + torch.rand(experts, 3, 6, generator=g, dtype=torch.float64) for m in mean]
+        weights = torch.zeros(n, experts, dtype=torch.float64)
+        for row in range(n):
+            cols = torch.randperm(experts, generator=g)[:4]
+            weights[row, cols] = torch.softmax(torch.randn(4, generator=g, dtype=torch.float64), 0)
+        mu, sigma = mix(weights, mean, second)
+        for row in range(n):
+            cols = weights[row].nonzero().flatten()
+            a = weights[row, cols][:, None, None]
+            mu_ref = (a * mean[0][cols]).sum(0)
+            var_ref = (a * (second[0][cols] - mean[0][cols] ** 2)).sum(0) + (a * (mean[0][cols] - mu_ref) ** 2).sum(0)
+            torch.testing.assert_close(mu[0][row], mu_ref)
+            torch.testing.assert_close(sigma[0][row], (var_ref.clamp_min(0) + SIGMA_FLOOR).sqrt())

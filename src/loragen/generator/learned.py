@@ -77,9 +77,18 @@ class RegistryTokens:
 
 
 def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """μ* = Σ α μ_k, σ*² = Σ α σ_k² + Σ α (μ_k − μ*)² = Σ α (σ_k² + μ_k²) − μ*²; returns (μ*, σ*)."""
-    mu = [einsum(weights, m, "n e, e t w -> n t w") for m in mean]
-    var = [einsum(weights, s, "n e, e t w -> n t w") - u * u for s, u in zip(second, mu)]
+    """μ* = Σ α μ_k, σ*² = Σ α σ_k² + Σ α (μ_k − μ*)² = Σ α (σ_k² + μ_k²) − μ*²; returns (μ*, σ*).
+
+    `weights` (N, E) has at most K non-zeros a row. With fewer rows × K than experts, each row's K
+    prototypes are gathered rather than every expert's read."""
+    k = int((weights > 0).sum(1).max()) if weights.numel() else 0
+    if 0 < k and weights.shape[0] * k < weights.shape[1]:
+        w, idx = weights.topk(k, dim=1)
+        mu = [einsum(w, m[idx], "n k, n k t w -> n t w") for m in mean]
+        var = [einsum(w, s[idx], "n k, n k t w -> n t w") - u * u for s, u in zip(second, mu)]
+    else:
+        mu = [einsum(weights, m, "n e, e t w -> n t w") for m in mean]
+        var = [einsum(weights, s, "n e, e t w -> n t w") - u * u for s, u in zip(second, mu)]
     return mu, [(v.clamp_min(0) + SIGMA_FLOOR).sqrt() for v in var]
 
 
