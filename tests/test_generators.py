@@ -555,14 +555,16 @@ def test_prior_mixture_matches_the_formula_in_float64_dense_or_gathered():
     from loragen.generator.learned import SIGMA_FLOOR, mix
 
     g = torch.Generator().manual_seed(0)
-    for n, experts in ((3, 5), (2, 40)):  # 3·4 ≥ 5 reads every expert; 2·4 < 40 gathers each row's four
+    for n, experts in ((3, 5), (3, 40)):  # 5 experts: read them all; 40 > 8·4: gather each row's four
         mean = [torch.randn(experts, 3, 6, generator=g, dtype=torch.float64)]
         second = [m * m + torch.rand(experts, 3, 6, generator=g, dtype=torch.float64) for m in mean]
         weights = torch.zeros(n, experts, dtype=torch.float64)
         for row in range(n):
             cols = torch.randperm(experts, generator=g)[:4]
             weights[row, cols] = torch.softmax(torch.randn(4, generator=g, dtype=torch.float64), 0)
-        mu, sigma = mix(weights, mean, second)
+        mu, sigma = mix(weights, mean, second, k=4)
+        single = mix(weights[1:2], mean, second, k=4)
+        assert torch.equal(single[0][0][0], mu[0][1]) and torch.equal(single[1][0][0], sigma[0][1])
         for row in range(n):
             cols = weights[row].nonzero().flatten()
             a = weights[row, cols][:, None, None]

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 FORMAT = "loragen-generator"
 STATE_NAME = "training_state.pt"
 SIGMA_FLOOR = 1e-4  # added to σ*² (normalised space) so log σ* and the residual scale stay finite
+# On the 2-core CPU, 32 requests at K = 4: dense 12 ms vs gathered 25 ms at 18 experts; 186 vs 16 ms at 1,000.
+GATHER_EXPERTS_PER_K = 8
 Stats = tuple[list[torch.Tensor], list[torch.Tensor]]  # per group (T_g,) mean and std
 
 
@@ -76,13 +78,14 @@ class RegistryTokens:
         return mean, second
 
 
-def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tensor],
+        k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """μ* = Σ α μ_k, σ*² = Σ α σ_k² + Σ α (μ_k − μ*)² = Σ α (σ_k² + μ_k²) − μ*²; returns (μ*, σ*).
 
-    `weights` (N, E) has at most K non-zeros a row. With fewer rows × K than experts, each row's K
-    prototypes are gathered rather than every expert's read."""
-    k = int((weights > 0).sum(1).max()) if weights.numel() else 0
-    if 0 < k and weights.shape[0] * k < weights.shape[1]:
+    `weights` (N, E) has at most `k` non-zeros a row. Past GATHER_EXPERTS_PER_K · k experts each row
+    mixes its own k gathered prototypes instead of reading all E (the rule ignores N, so a batch
+    equals single calls)."""
+    if 0 < k and weights.shape[1] > GATHER_EXPERTS_PER_K * k:
         w, idx = weights.topk(k, dim=1)
         mu = [einsum(w, m[idx], "n k, n k t w -> n t w") for m in mean]
         var = [einsum(w, s[idx], "n k, n k t w -> n t w") - u * u for s, u in zip(second, mu)]
@@ -222,7 +225,7 @@ class LearnedGenerator:
             text = (w @ self._memory_keys).to(self.device)
         if self.method != "sg":
             return text, None, None, neighbours
-        mu, sigma = mix(w.to(self.device), *self._prototypes)
+        mu, sigma = mix(w.to(self.device), *self._prototypes, k=min(self.model.config.top_k, w.shape[1]))
         return text, mu, sigma, neighbours
 
     @cached_property
