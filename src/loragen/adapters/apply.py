@@ -95,12 +95,11 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
         if a.ndim == 3 and rows.blocks is not None:  # shared A, equal blocks: one bmm
             groups = rows.blocks.to(x.device)
             xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
-            b = stack.B[name][groups, layer].to(x.dtype)  # (groups, out, r)
-            flat = xa.reshape(len(groups), -1, xa.shape[-1])
+            b = stack.B[name][groups, layer].to(output.dtype)  # (groups, out, r)
+            flat = xa.reshape(len(groups), -1, xa.shape[-1]).to(output.dtype)
             # output + scaling · delta in one op: fewer full-size temporaries forward and backward
             out = output.reshape(len(groups), -1, output.shape[-1])
-            return torch.baddbmm(out, flat.to(out.dtype), b.transpose(1, 2).to(out.dtype),
-                                 alpha=scaling).reshape(output.shape)
+            return torch.baddbmm(out, flat, b.transpose(1, 2), alpha=scaling).reshape(output.shape)
         safe = idx.clamp(min=0)
         if a.ndim == 3:
             xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")

@@ -87,11 +87,11 @@ def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tens
     equals single calls)."""
     if 0 < k and weights.shape[1] > GATHER_EXPERTS_PER_K * k:
         w, idx = weights.topk(k, dim=1)
-        mu = [einsum(w, m[idx], "n k, n k t w -> n t w") for m in mean]
-        var = [einsum(w, s[idx], "n k, n k t w -> n t w") - u * u for s, u in zip(second, mu)]
+        combine = lambda t: einsum(w, t[idx], "n k, n k t w -> n t w")  # noqa: E731
     else:
-        mu = [einsum(weights, m, "n e, e t w -> n t w") for m in mean]
-        var = [einsum(weights, s, "n e, e t w -> n t w") - u * u for s, u in zip(second, mu)]
+        combine = lambda t: einsum(weights, t, "n e, e t w -> n t w")  # noqa: E731
+    mu = [combine(m) for m in mean]
+    var = [combine(s) - u * u for s, u in zip(second, mu)]
     return mu, [(v.clamp_min(0) + SIGMA_FLOOR).sqrt() for v in var]
 
 
