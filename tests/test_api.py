@@ -218,8 +218,10 @@ def test_concurrent_generation_is_micro_batched(server: str, world: Path, encode
         expected = gen.generate([d])[0]
         assert r.lora is not None
         assert [n.expert for n in r.neighbours] == [n["expert"] for n in expected.metadata["neighbours"]]
+        # encoded in a batch, a description's embedding differs from its single encoding in float32
+        # rounding, which softmax(sim / 0.05) amplifies to ~1e-6 in B on some CPUs
         for m in expected.spec.module_names:
-            torch.testing.assert_close(r.lora.B[m], expected.B[m], rtol=0, atol=1e-6)
+            torch.testing.assert_close(r.lora.B[m], expected.B[m], rtol=0, atol=1e-5)
     reg.close()
     text = httpx.get(f"{server}/metrics").text
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line[:1] != "#"}

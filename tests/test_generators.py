@@ -198,6 +198,21 @@ def test_topk_is_the_equal_mean_of_the_top_k_experts(registry):
     assert not all(torch.allclose(lora.B[m], weighted.B[m]) for m in lora.B)
 
 
+@pytest.mark.parametrize("method", ["weighted", "topk", "nearest", "uniform"])
+def test_retrieval_mix_is_the_weighted_sum_and_batch_invariant(registry, method):
+    from loragen.generator import RetrievalGenerator
+
+    gen = RetrievalGenerator(registry, method, k=3)
+    w, _ = gen.weights(gen._search(["write the letters backwards", "count them", "sort the letters"]))
+    stacked = gen._experts[2]
+    for m, b in stacked.items():
+        mixed = gen.mix(w, b)
+        want = torch.einsum("ne,elor->nlor", w, b.double())
+        torch.testing.assert_close(mixed.double(), want, rtol=0, atol=1e-6)
+        for i in range(len(w)):  # a row of a batch is bitwise its single call
+            assert torch.equal(mixed[i], gen.mix(w[i : i + 1], b)[0])
+
+
 # ------------------------------------------------------------------ ICM-LoRA's in-context task vector
 
 EXAMPLE_FNS = {
@@ -274,10 +289,79 @@ def test_bad_examples_are_clear_errors(icm_world):
         gen.generate(["reverse it"], examples=[[{"input": "abc"}]])
 
 
-def test_a_generator_trained_without_examples_says_it_ignored_them(trained):
-    gen, _ = trained
-    lora = gen.generate(["sort the letters"], examples=[_examples("sort")], seed=0)[0]
-    assert lora.metadata["examples_used"] is False
+def test_examples_without_a_local_base_model_are_a_clear_error(trained):
+    gen, _ = trained  # its registry's base model, "tiny-llama", is not a local directory
+    with pytest.raises(GenerationError, match="examples need the base model"):
+        gen.generate(["sort the letters"], examples=[_examples("sort")], seed=0)
+    assert gen.generate(["sort the letters"], examples=[[]], seed=0)[0].metadata["examples_used"] is False
+
+
+# ------------------------------------------------------------------ examples as evidence for the top-K experts
+
+@pytest.fixture(scope="module")
+def sg_on_base(icm_world):
+    reg, _, root = icm_world
+    return train_generator(reg, "sg", seed=0, out_dir=root / "sg", **TRAIN)
+
+
+def _peft_logprob(base_dir, lora, tmp_path, examples) -> float:
+    """Σ log p(output tokens + eos | prompt) under PEFT's own LoRA, one unpadded pass per example, float64."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loragen.basemodel import BaseModel
+
+    lora.save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir).double(), tmp_path).double().eval()
+    fmt = BaseModel.load(base_dir)
+    total = 0.0
+    with torch.no_grad():
+        for ex in examples:
+            enc = fmt.encode_pairs([ex["input"]], [ex["output"]])
+            logp = torch.log_softmax(model(input_ids=enc["input_ids"]).logits[0, :-1], dim=-1)
+            labels = enc["labels"][0, 1:]
+            keep = labels != -100
+            total += float(logp[keep].gather(1, labels[keep, None]).sum())
+    return total
+
+
+def test_example_logprobs_match_peft(icm_world, tmp_path):
+    from loragen.generator.example_evidence import example_logprobs
+
+    reg, gen, root = icm_world
+    sets = [_examples("reverse", 3), [], _examples("count", 2)]
+    candidates = [[0, 2], [1], [3, 0, 5]]
+    got = example_logprobs(gen.task_vectors.base, gen._expert_stack, sets, candidates)
+    assert got[1] == [0.0]
+    experts = gen._tokens.experts
+    for row, (examples, cands) in enumerate(zip(sets, candidates)):
+        for k, col in enumerate(cands if examples else []):
+            ref = _peft_logprob(root / "base", reg.lora(experts[col]), tmp_path / f"{row}-{k}", examples)
+            assert got[row][k] == pytest.approx(ref, abs=1e-3)
+
+
+def test_examples_move_the_weight_to_the_expert_that_explains_them(icm_world, sg_on_base):
+    reg, icm, _ = icm_world
+    desc = ["change the letters of the word"]  # close to several experts' descriptions
+    for gen in (icm, sg_on_base):
+        plain = gen.generate(desc, seed=0)[0]
+        first, second = plain.metadata["neighbours"][:2]
+        # examples only the second neighbour's expert would produce: its own greedy completions
+        base = gen.task_vectors.base
+        outputs = base.complete(WORDS, loras=[reg.lora(second["expert"])] * len(WORDS), max_new_tokens=6)
+        examples = [{"input": w, "output": o} for w, o in zip(WORDS, outputs)]
+        lora = gen.generate(desc, examples=[examples], seed=0)[0]
+        meta = lora.metadata
+        assert meta["examples_used"] is True
+        assert max(meta["neighbours"], key=lambda n: n["weight"])["expert"] == second["expert"], meta["neighbours"]
+        sims = torch.tensor([n["similarity"] for n in meta["neighbours"]], dtype=torch.float64)
+        logp = torch.tensor([n["example_logprob"] for n in meta["neighbours"]], dtype=torch.float64)
+        alpha = torch.softmax(sims / gen.model.config.temperature + logp, dim=0)
+        assert [n["weight"] for n in meta["neighbours"]] == pytest.approx(alpha.tolist(), abs=1e-6)
+        assert not _same(lora, plain)
+        # a batch mixing rows with and without examples equals the single calls
+        batch = gen.generate(desc * 2, examples=[[], examples], seed=0)
+        assert _same(batch[0], plain, atol=1e-5) and _same(batch[1], lora, atol=1e-5)
 
 
 # ------------------------------------------------------------------ description head, GSNN term, self conditions

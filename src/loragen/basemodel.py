@@ -74,6 +74,29 @@ class BaseModel:
         return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
     @torch.no_grad()
+    def output_logprobs(self, inputs: list[str], outputs: list[str], *, stack: LoraStack | None = None,
+                        rows: list[int] | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pair: the summed log-probability of the output's tokens (eos included) after the
+        prompt, and their count. Row i uses LoRA `rows[i]` of `stack` (-1 or no stack: none)."""
+        total, count = torch.zeros(len(inputs), dtype=torch.float64), torch.zeros(len(inputs), dtype=torch.long)
+        for start in range(0, len(inputs), batch_size):
+            part = slice(start, start + batch_size)
+            enc = {k: v.to(self.device) for k, v in self.encode_pairs(inputs[part], outputs[part]).items()}
+            forward = lambda: self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # noqa: E731
+            if stack is None or rows is None:
+                logits = forward()
+            else:
+                with applied(self.model, stack) as r:
+                    r.set(rows[part])
+                    logits = forward()
+            labels = enc["labels"][:, 1:]
+            mask = labels != -100
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            total[part], count[part] = token.sum(1).double().cpu(), mask.sum(1).cpu()
+        return total, count
+
+    @torch.no_grad()
     def complete(
         self,
         inputs: list[str],

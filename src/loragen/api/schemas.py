@@ -89,6 +89,8 @@ class NeighbourOut(BaseModel):
     expert_id: int
     similarity: float
     weight: float
+    example_logprob: float | None = Field(
+        default=None, description="log p(the request's examples | this expert's LoRA); null without examples.")
 
 
 class LoraOut(BaseModel):

@@ -93,6 +93,7 @@ class Neighbour:
     expert_id: int
     similarity: float
     weight: float
+    example_logprob: float | None = None
 
 
 @dataclass

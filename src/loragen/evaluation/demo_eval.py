@@ -5,10 +5,14 @@ Four description sets:
 - `unseen`: each task's held-back paraphrase (never in the registry or generator training);
 - `dev`: ~11 more paraphrases per task, also never in the registry, but used to choose the
   description encoder's defaults (`training/demo_dev_paraphrases.py`): many more descriptions than
-  `unseen`, so a steadier figure, for nearest, icm and sg. Their oracle is each task's expert
-  (the same LoRA on the same test inputs as in `registry`, so scored once there);
+  `unseen`, so a steadier figure, for nearest, icm and sg (with and without examples). Their
+  oracle is each task's expert (the same LoRA on the same test inputs as in `registry`, so scored
+  once there);
 - `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
   (the generators evaluated there are the `*-holdout` ones built by the demo).
+`icm+examples` and `sg+examples` give the same description with 4 input/output pairs from the
+task's training split, as a user would paste them: they re-weigh the top-K experts by how well each
+explains them (`generator/example_evidence.py`) and add icm's task vector.
 The random-description control replaces the description by unrelated text: a generator that
 ignores its input (Text-to-LoRA's trap) scores as well with it as with the real description.
 """
@@ -37,10 +41,10 @@ UNRELATED = (
     "describe the migration patterns of arctic terns",
     "write a polite email declining a meeting invitation",
 )
-METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "icm+examples", "sg", "random(icm)", "random(sg)",
-                "oracle")
+METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "icm+examples", "sg", "sg+examples", "random(icm)",
+                "random(sg)", "oracle")
 SPLITS = ("registry", "unseen", "dev", "heldout")
-DEV_METHODS = ("nearest", "icm", "sg")
+DEV_METHODS = ("nearest", "icm", "icm+examples", "sg", "sg+examples")
 EXAMPLES_PER_REQUEST = 4  # icm+examples: pairs from the task's training split, as a user would paste
 
 
@@ -73,7 +77,7 @@ def _generate(world: DemoWorld, registry: Registry, split: str, tasks: list[Task
         gen = load_generator(method, registry, generator_dir=world.generators / f"{method}{suffix}")
         loras = gen.generate(descs, seed=seed)
         cells += [Cell(method, split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]
-        if f"{method}+examples" in methods and getattr(gen, "task_vector_dim", 0):
+        if f"{method}+examples" in methods:
             examples = [t.example_pairs(0.9, seed, EXAMPLES_PER_REQUEST) for t in tasks]
             loras = gen.generate(descs, examples=examples, seed=seed)
             cells += [Cell(f"{method}+examples", split, t.name, d, lo) for t, d, lo in zip(tasks, descs, loras)]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import Lora, LoraStack, applied
+from ..adapters import Lora, LoraStack
 from ..basemodel import BaseModel
 from ..training.tasks import Instance
 
@@ -39,7 +39,6 @@ def exact_match(
     return [h / max(1, len(group)) for h, group in zip(hits, instances)]
 
 
-@torch.no_grad()
 def output_nll(
     base: BaseModel,
     loras: Sequence[Lora | None],
@@ -49,27 +48,13 @@ def output_nll(
 ) -> list[float]:
     """Per group: mean negative log-likelihood per output token (eos included)."""
     pairs = _flatten(instances)
-    total = [0.0] * len(loras)
-    count = [0] * len(loras)
     present = [lo for lo in loras if lo is not None]
     index_of = {id(lo): n for n, lo in enumerate(present)}
     stack = LoraStack.from_loras(present) if present else None
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        enc = base.encode_pairs([p.input for _, p in chunk], [p.output for _, p in chunk])
-        enc = {k: v.to(base.device) for k, v in enc.items()}
-        rows = [-1 if loras[g] is None else index_of[id(loras[g])] for g, _ in chunk]
-        if stack is not None:
-            with applied(base.model, stack) as r:
-                r.set(rows)
-                logits = base.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-        else:
-            logits = base.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-        labels = enc["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        mask = labels != -100
-        tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        for (g, _), nll, n in zip(chunk, tok_nll.sum(1).tolist(), mask.sum(1).tolist()):
-            total[g] += nll
-            count[g] += n
-    return [t / max(1, c) for t, c in zip(total, count)]
+    rows = [-1 if loras[g] is None else index_of[id(loras[g])] for g, _ in pairs]
+    logp, count = base.output_logprobs([p.input for _, p in pairs], [p.output for _, p in pairs],
+                                       stack=stack, rows=rows, batch_size=batch_size)
+    owner = torch.tensor([g for g, _ in pairs], dtype=torch.long)
+    total = torch.zeros(len(loras), dtype=torch.float64).index_add_(0, owner, -logp)
+    tokens = torch.zeros(len(loras), dtype=torch.long).index_add_(0, owner, count)
+    return (total / tokens.clamp(min=1)).tolist()

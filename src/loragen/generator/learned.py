@@ -22,7 +22,7 @@ import torch
 from einops import einsum, reduce, repeat
 from safetensors.torch import load_file, save_file
 
-from ..adapters import Lora, atomic
+from ..adapters import Lora, LoraStack, atomic
 from ..registry import Hit, Registry
 from ..registry.index import normalised
 from .cvae import CVAEConfig, LoraCVAE, denormalise, normalise
@@ -30,6 +30,7 @@ from .decoder import TokenLayout
 from .description_encoder import PREFIX as ENCODER_PREFIX
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
+from .example_evidence import example_logprobs
 from .retrieval import GenerationError, Neighbour, check_descriptions
 from .safety import Safety
 from .task_vector import Example, TaskVectors, check_examples
@@ -176,17 +177,42 @@ class LearnedGenerator:
         best = torch.full((len(sims), len(self._column)), -torch.inf)
         return best.scatter_reduce(1, col.expand(len(sims), -1), sims, "amax")
 
-    def weights(self, hits: list[list[Hit]]) -> tuple[torch.Tensor, list[list[Neighbour]]]:
+    def weights(self, hits: list[list[Hit]],
+                evidence: list[list[float]] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
+        """α = softmax(sim/τ) over each row's hits, plus the examples' log-likelihood under each
+        hit's expert when there is `evidence` (`example_evidence.py`)."""
         column = self._column
         w = torch.zeros(len(hits), len(column))
         neighbours = []
         for row, row_hits in enumerate(hits):
-            sims = torch.tensor([h.similarity for h in row_hits])
-            alpha = torch.softmax(sims / self.model.config.temperature, dim=0).tolist()
-            neighbours.append([Neighbour(h.name, h.expert_id, h.similarity, a) for h, a in zip(row_hits, alpha)])
+            logits = torch.tensor([h.similarity for h in row_hits], dtype=torch.float64) / self.model.config.temperature
+            row_evidence = evidence[row] if evidence is not None and evidence[row] else None
+            if row_evidence is not None:
+                logits = logits + torch.tensor(row_evidence, dtype=torch.float64)
+            alpha = torch.softmax(logits, dim=0).tolist()
+            neighbours.append([Neighbour(h.name, h.expert_id, h.similarity, a,
+                                         row_evidence[k] if row_evidence is not None else None)
+                               for k, (h, a) in enumerate(zip(row_hits, alpha))])
             for h, a in zip(row_hits, alpha):
                 w[row, column[h.expert_id]] = a
         return w, neighbours
+
+    @cached_property
+    def _expert_stack(self) -> LoraStack:
+        """The generator's experts' final LoRAs, in column order, on the generator's device."""
+        finals = [self.registry.final_b(e) for e in self._tokens.experts]
+        basis = self.registry.basis
+        return LoraStack(self.registry.spec, {m: a.to(self.device) for m, a in basis.A.items()},
+                         {m: torch.stack([f[m] for f in finals]).to(self.device) for m in basis.A})
+
+    def example_evidence(self, example_sets: Sequence[Sequence[Example]],
+                         hits: list[list[Hit]]) -> list[list[float]] | None:
+        """Per row and hit: log p(the row's examples | that hit's expert); None without examples
+        or for a base model that is not a causal LM."""
+        if not any(example_sets) or self.registry.spec.task_type != "CAUSAL_LM":
+            return None
+        columns = [[self._column[h.expert_id] for h in row] for row in hits]
+        return example_logprobs(self.task_vectors.base, self._expert_stack, example_sets, columns)
 
     @property
     def reads_memory(self) -> bool:
@@ -218,8 +244,9 @@ class LearnedGenerator:
         alpha = torch.softmax(top.values / self.model.config.temperature, dim=1)
         return torch.zeros_like(best).scatter_(1, top.indices, alpha)
 
-    def conditions(self, vecs: np.ndarray, hits: list[list[Hit]]) -> tuple[Any, ...]:
-        w, neighbours = self.weights(hits)
+    def conditions(self, vecs: np.ndarray, hits: list[list[Hit]],
+                   evidence: list[list[float]] | None = None) -> tuple[Any, ...]:
+        w, neighbours = self.weights(hits, evidence)
         text = torch.from_numpy(vecs).to(self.device)
         if self.reads_memory:
             text = (w @ self._memory_keys).to(self.device)
@@ -250,9 +277,10 @@ class LearnedGenerator:
         """`num_samples` LoRAs per description, in order. The noise depends only on `seed` and the
         sample index, so a batch gives the same LoRAs as one call per description.
 
-        `examples` (one list of {input, output} per description, possibly empty) add ICM-LoRA's
-        in-context task vector when the generator was trained with examples; `examples_used` in
-        the metadata says whether they were."""
+        `examples` (one list of {input, output} per description, possibly empty) re-weigh the
+        top-K experts by how well each explains them (causal LMs, `example_evidence.py`) and add
+        ICM-LoRA's in-context task vector when the generator was trained with examples;
+        `examples_used` in the metadata says whether they were used."""
         descriptions = check_descriptions(descriptions)
         example_sets = check_examples(examples, len(descriptions))
         if num_samples < 1:
@@ -260,7 +288,8 @@ class LearnedGenerator:
         seed = secrets.randbits(31) if seed is None else int(seed)
         query = self.embed(descriptions)
         hits = self.search(query)
-        text, mu, sigma, neighbours = self.conditions(query, hits)
+        evidence = self.example_evidence(example_sets, hits)
+        text, mu, sigma, neighbours = self.conditions(query, hits, evidence)
         if self.task_vector_dim:
             text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
         noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
@@ -275,7 +304,7 @@ class LearnedGenerator:
             meta = {"method": self.method, "description": descriptions[d], "seed": seed, "sample": s,
                     "neighbours": [asdict(n) for n in neighbours[d]], "nearest_similarity": nearest,
                     "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i]),
-                    "examples_used": bool(example_sets[d]) and self.task_vector_dim > 0}
+                    "examples_used": bool(example_sets[d]) and (evidence is not None or self.task_vector_dim > 0)}
             loras.append(self.registry.basis.lora({m: b[i] for m, b in B.items()}, meta))
         return loras
 

@@ -1,9 +1,9 @@
 """Non-generative methods: nearest expert, top-K softmax-weighted mean, top-K equal mean, uniform
 mean of all.
 
-All four are one weighted sum over the registry's expert Bs: a (requests × experts) weight matrix
-times the stacked Bs, for every layer and module in one einsum per module type. Because every
-expert shares the basis A, a weighted mean of Bs is the weighted mean of the ΔWs.
+All four are one weighted sum over the registry's expert Bs, for every layer and module of every
+request at once. Because every expert shares the basis A, a weighted mean of Bs is the weighted
+mean of the ΔWs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Neighbour:
     expert_id: int
     similarity: float
     weight: float
+    example_logprob: float | None = None  # log p(the request's examples | this expert), when given
 
 
 def check_descriptions(descriptions: list[str], max_chars: int = 4000) -> list[str]:
@@ -98,6 +99,20 @@ class RetrievalGenerator:
             ])
         return w, neighbours
 
+    def mix(self, w: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        """(requests, experts) weights × (experts, L, out, r) Bs -> (requests, L, out, r). Each row
+        adds its nonzero terms in a fixed order with elementwise ops, so a request's LoRA does not
+        depend on the batch it came in (a GEMM over the batch rounds differently with its size);
+        `uniform`, the same row for all, is computed once."""
+        w = w.to(stacked.dtype)
+        if self.method == "uniform":
+            return einsum(w[:1], stacked, "n e, e l o r -> n l o r").expand(len(w), *stacked.shape[1:]).clone()
+        values, columns = w.topk(min(self.k, w.shape[1]), dim=1)
+        out = stacked[columns[:, 0]] * values[:, 0, None, None, None]
+        for j in range(1, values.shape[1]):
+            out.add_(stacked[columns[:, j]] * values[:, j, None, None, None])
+        return out
+
     def generate(
         self,
         descriptions: list[str],
@@ -111,7 +126,7 @@ class RetrievalGenerator:
         hits = self._search(descriptions)
         w, neighbours = self.weights(hits)
         _, _, stacked = self._experts
-        mixed = {m: einsum(w.to(b.dtype), b, "n e, e l o r -> n l o r") for m, b in stacked.items()}
+        mixed = {m: self.mix(w, b) for m, b in stacked.items()}
         loras = []
         for i, desc in enumerate(descriptions):
             meta = {"method": self.method, "description": desc,

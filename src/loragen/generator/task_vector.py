@@ -51,10 +51,11 @@ class TaskVectors:
         self.path = str(base_model or spec.base_model)
         self.device = device
         if loaded is not None:
-            self.__dict__["_model"] = loaded
+            self.__dict__["base"] = loaded
 
     @cached_property
-    def _model(self) -> Any:
+    def base(self) -> Any:
+        """The base model (`BaseModel` or `EncoderModel`), loaded on first use."""
         if not Path(self.path).exists():
             raise GenerationError(f"examples need the base model, and there is none at {self.path}")
         if self.spec.task_type == "CAUSAL_LM":
@@ -67,7 +68,7 @@ class TaskVectors:
 
     @property
     def dim(self) -> int:
-        return int(self._model.model.config.hidden_size)
+        return int(self.base.model.config.hidden_size)
 
     @torch.no_grad()
     def vectors(self, example_sets: Sequence[Sequence[Example]]) -> torch.Tensor:
@@ -80,7 +81,7 @@ class TaskVectors:
         return F.normalize(sums / torch.bincount(owner, minlength=len(example_sets))[:, None], dim=-1)
 
     def _rows(self, flat: list[Example]) -> torch.Tensor:
-        model = self._model
+        model = self.base
         if self.spec.task_type != "CAUSAL_LM":
             return model.embed([f"{ex['input']} => {ex['output']}" for ex in flat])
         enc = model.encode_pairs([ex["input"] for ex in flat], [ex["output"] for ex in flat])

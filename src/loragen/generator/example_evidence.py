@@ -1,0 +1,45 @@
+"""A request's examples as evidence for which of its top-K experts the description means.
+
+Both generators read a description as α = softmax(sim/τ) over its top-K experts: a belief about
+which expert it asks for. When the request brings input/output examples, the base model can check
+that belief: each candidate expert's LoRA gives the examples a likelihood. Bayes' rule with the
+description's softmax as the prior gives
+
+    α_k ∝ exp(sim_k / τ + log p(examples | expert k)),
+
+log p summed over the examples' output tokens (eos included) after their prompts. Examples every
+candidate explains equally leave α as it was; examples one candidate explains far better move the
+weight to it, even when the description read another expert first. ICM-LoRA's task vector cannot do
+this on the demo world: its base model's task vectors identify the task 36-40 % of the time
+(benchmarks/RESULTS.md), while the experts' own likelihoods tell them apart.
+
+Causal LMs only: an encoder's examples are classification labels, and there this module is not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..adapters import LoraStack
+from ..basemodel import BaseModel
+from .task_vector import Example
+
+
+@torch.no_grad()
+def example_logprobs(base: BaseModel, experts: LoraStack, example_sets: Sequence[Sequence[Example]],
+                     candidates: Sequence[Sequence[int]]) -> list[list[float]]:
+    """log p(examples of request i | expert `candidates[i][k]`) for every i and k, all in batched
+    forward passes (row r of a pass uses its own expert's LoRA). Requests without examples get 0.0."""
+    owner = [(i, k) for i, (s, cands) in enumerate(zip(example_sets, candidates)) for k in range(len(cands)) for _ in s]
+    flat = [ex for s, cands in zip(example_sets, candidates) for _ in cands for ex in s]
+    out = [[0.0] * len(c) for c in candidates]
+    if not flat:
+        return out
+    rows = [candidates[i][k] for i, k in owner]
+    logp, _ = base.output_logprobs([ex["input"] for ex in flat], [ex["output"] for ex in flat],
+                                   stack=experts, rows=rows)
+    for (i, k), value in zip(owner, logp.tolist()):
+        out[i][k] += value
+    return out
