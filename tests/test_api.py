@@ -229,6 +229,21 @@ def test_concurrent_generation_is_micro_batched(server: str, world: Path, encode
     assert values['loragen_generation_batch_size_bucket{le="1.0"}'] < values["loragen_generation_batch_size_count"]
 
 
+def test_examples_reweigh_a_learned_method_s_neighbours(client: Client) -> None:
+    examples = [{"input": "abc", "output": "cba"}, {"input": "hello", "output": "olleh"}]
+    plain = client.generate("judge how positive a movie review is", method="sg", seed=1, download=False)
+    assert all(n.example_logprob is None for n in plain.neighbours)
+    result = client.generate("judge how positive a movie review is", method="sg", seed=1, examples=examples)
+    assert result.lora is not None and result.lora.metadata["examples_used"] is True
+    logprobs = [n.example_logprob for n in result.neighbours]
+    assert all(isinstance(x, float) and x < 0 for x in logprobs)
+    # the same hits; each weight is the plain one times p(examples | expert), renormalised
+    assert [n.expert for n in result.neighbours] == [n.expert for n in plain.neighbours]
+    prior = torch.tensor([n.weight for n in plain.neighbours], dtype=torch.float64)
+    alpha = torch.softmax(prior.log() + torch.tensor(logprobs, dtype=torch.float64), dim=0)
+    assert [n.weight for n in result.neighbours] == pytest.approx(alpha.tolist(), abs=1e-4)
+
+
 def test_learned_method_samples_seeds_and_cache(client: Client) -> None:
     description = "judge how positive a movie review is"
     result = client.generate(description, method="sg", seed=3, num_samples=2, download=False)

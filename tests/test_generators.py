@@ -294,6 +294,10 @@ def test_examples_without_a_local_base_model_are_a_clear_error(trained):
     with pytest.raises(GenerationError, match="examples need the base model"):
         gen.generate(["sort the letters"], examples=[_examples("sort")], seed=0)
     assert gen.generate(["sort the letters"], examples=[[]], seed=0)[0].metadata["examples_used"] is False
+    from loragen.generator import RetrievalGenerator
+
+    with pytest.raises(GenerationError, match="examples need the base model"):
+        RetrievalGenerator(gen.registry, "weighted").generate(["sort the letters"], examples=[_examples("sort")])
 
 
 # ------------------------------------------------------------------ examples as evidence for the top-K experts
@@ -341,9 +345,13 @@ def test_example_logprobs_match_peft(icm_world, tmp_path):
 
 
 def test_examples_move_the_weight_to_the_expert_that_explains_them(icm_world, sg_on_base):
+    from loragen.generator import RetrievalGenerator
+
     reg, icm, _ = icm_world
+    weighted = RetrievalGenerator(reg, "weighted", k=4)
     desc = ["change the letters of the word"]  # close to several experts' descriptions
-    for gen in (icm, sg_on_base):
+    for gen, tau in ((icm, icm.model.config.temperature), (sg_on_base, sg_on_base.model.config.temperature),
+                     (weighted, weighted.temperature)):
         plain = gen.generate(desc, seed=0)[0]
         first, second = plain.metadata["neighbours"][:2]
         # examples only the second neighbour's expert would produce: its own greedy completions
@@ -356,12 +364,15 @@ def test_examples_move_the_weight_to_the_expert_that_explains_them(icm_world, sg
         assert max(meta["neighbours"], key=lambda n: n["weight"])["expert"] == second["expert"], meta["neighbours"]
         sims = torch.tensor([n["similarity"] for n in meta["neighbours"]], dtype=torch.float64)
         logp = torch.tensor([n["example_logprob"] for n in meta["neighbours"]], dtype=torch.float64)
-        alpha = torch.softmax(sims / gen.model.config.temperature + logp, dim=0)
+        alpha = torch.softmax(sims / tau + logp, dim=0)
         assert [n["weight"] for n in meta["neighbours"]] == pytest.approx(alpha.tolist(), abs=1e-6)
         assert not _same(lora, plain)
         # a batch mixing rows with and without examples equals the single calls
         batch = gen.generate(desc * 2, examples=[[], examples], seed=0)
         assert _same(batch[0], plain, atol=1e-5) and _same(batch[1], lora, atol=1e-5)
+    # nearest, topk and uniform have no weights to re-weigh, and say they ignored the examples
+    nearest = RetrievalGenerator(reg, "nearest").generate(desc, examples=[examples])[0]
+    assert nearest.metadata["examples_used"] is False and nearest.metadata["neighbours"][0]["example_logprob"] is None
 
 
 # ------------------------------------------------------------------ description head, GSNN term, self conditions

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from ..registry import Registry
+from .errors import GenerationError
 from .learned import LearnedGenerator
 from .retrieval import METHODS as RETRIEVAL_METHODS
-from .retrieval import GenerationError, Neighbour, RetrievalGenerator, check_descriptions
+from .retrieval import Neighbour, RetrievalGenerator, check_descriptions
 from .training import train_generator
 
 LEARNED_METHODS = ("icm", "sg")

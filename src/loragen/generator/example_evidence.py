@@ -13,7 +13,8 @@ weight to it, even when the description read another expert first. ICM-LoRA's ta
 this on the demo world: its base model's task vectors identify the task 36-40 % of the time
 (benchmarks/RESULTS.md), while the experts' own likelihoods tell them apart.
 
-Causal LMs only: an encoder's examples are classification labels, and there this module is not used.
+Used by `icm`, `sg` and `weighted`. Causal LMs only: an encoder's examples are classification
+labels, and there this module is not used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ import torch
 from ..adapters import LoraStack
 from ..basemodel import BaseModel
 from .task_vector import Example
+
+
+def reweigh(similarities: Sequence[float], temperature: float, logprobs: Sequence[float] | None) -> list[float]:
+    """α = softmax(sim/τ + log p(examples | expert)) over one request's hits, in float64 (no
+    examples: softmax(sim/τ))."""
+    logits = torch.tensor(list(similarities), dtype=torch.float64) / temperature
+    if logprobs:
+        logits = logits + torch.tensor(list(logprobs), dtype=torch.float64)
+    return torch.softmax(logits, dim=0).tolist()
 
 
 @torch.no_grad()

@@ -30,8 +30,9 @@ from .decoder import TokenLayout
 from .description_encoder import PREFIX as ENCODER_PREFIX
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
-from .example_evidence import example_logprobs
-from .retrieval import GenerationError, Neighbour, check_descriptions
+from .errors import GenerationError
+from .example_evidence import example_logprobs, reweigh
+from .retrieval import Neighbour, check_descriptions
 from .safety import Safety
 from .task_vector import Example, TaskVectors, check_examples
 
@@ -185,11 +186,8 @@ class LearnedGenerator:
         w = torch.zeros(len(hits), len(column))
         neighbours = []
         for row, row_hits in enumerate(hits):
-            logits = torch.tensor([h.similarity for h in row_hits], dtype=torch.float64) / self.model.config.temperature
             row_evidence = evidence[row] if evidence is not None and evidence[row] else None
-            if row_evidence is not None:
-                logits = logits + torch.tensor(row_evidence, dtype=torch.float64)
-            alpha = torch.softmax(logits, dim=0).tolist()
+            alpha = reweigh([h.similarity for h in row_hits], self.model.config.temperature, row_evidence)
             neighbours.append([Neighbour(h.name, h.expert_id, h.similarity, a,
                                          row_evidence[k] if row_evidence is not None else None)
                                for k, (h, a) in enumerate(zip(row_hits, alpha))])

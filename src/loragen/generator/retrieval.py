@@ -15,15 +15,13 @@ from functools import cached_property
 import torch
 from einops import einsum
 
-from ..adapters import Lora
-from ..errors import LoragenError
+from ..adapters import Lora, LoraStack
 from ..registry import Hit, Registry
+from .errors import GenerationError
+from .example_evidence import example_logprobs, reweigh
+from .task_vector import Example, TaskVectors, check_examples
 
 METHODS = ("nearest", "weighted", "topk", "uniform")
-
-
-class GenerationError(LoragenError, ValueError):
-    """A generation request cannot be served."""
 
 
 @dataclass
@@ -78,7 +76,8 @@ class RetrievalGenerator:
         stacked = {m: torch.stack([f[m] for f in finals]) for m in self.registry.spec.module_names}
         return [e.id for e in experts], [e.name for e in experts], stacked
 
-    def weights(self, hits: list[list[Hit]]) -> tuple[torch.Tensor, list[list[Neighbour]]]:
+    def weights(self, hits: list[list[Hit]],
+                evidence: list[list[float]] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
         ids, names, _ = self._experts
         column = {eid: i for i, eid in enumerate(ids)}
         w = torch.zeros(len(hits), len(ids), dtype=torch.float64)
@@ -90,14 +89,28 @@ class RetrievalGenerator:
                 for h in row_hits:
                     w[row, column[h.expert_id]] = 1.0 / len(row_hits)
             else:
-                sims = torch.tensor([h.similarity for h in row_hits], dtype=torch.float64)
-                alpha = torch.softmax(sims / self.temperature, dim=0)
-                for h, a in zip(row_hits, alpha.tolist()):
+                alpha = reweigh([h.similarity for h in row_hits], self.temperature, evidence and evidence[row])
+                for h, a in zip(row_hits, alpha):
                     w[row, column[h.expert_id]] = a
-            neighbours.append([
-                Neighbour(h.name, h.expert_id, h.similarity, float(w[row, column[h.expert_id]])) for h in row_hits
-            ])
+            row_evidence = evidence[row] if evidence and evidence[row] else [None] * len(row_hits)
+            neighbours.append([Neighbour(h.name, h.expert_id, h.similarity, float(w[row, column[h.expert_id]]), e)
+                               for h, e in zip(row_hits, row_evidence)])
         return w, neighbours
+
+    @cached_property
+    def task_vectors(self) -> TaskVectors:
+        """Holds the base model, loaded on first use (only requests with examples need it)."""
+        return TaskVectors(self.registry.spec)
+
+    def example_evidence(self, example_sets: list[list[Example]], hits: list[list[Hit]]) -> list[list[float]] | None:
+        """`weighted` only: per row and hit, log p(the row's examples | that hit's expert)."""
+        if self.method != "weighted" or not any(example_sets) or self.registry.spec.task_type != "CAUSAL_LM":
+            return None
+        ids, _, stacked = self._experts
+        column = {eid: i for i, eid in enumerate(ids)}
+        experts = LoraStack(self.registry.spec, self.registry.basis.A, stacked)
+        return example_logprobs(self.task_vectors.base, experts, example_sets,
+                                [[column[h.expert_id] for h in row] for row in hits])
 
     def mix(self, w: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
         """(requests, experts) weights × (experts, L, out, r) Bs -> (requests, L, out, r). Each row
@@ -121,15 +134,19 @@ class RetrievalGenerator:
         seed: int | None = None,
         num_samples: int = 1,
     ) -> list[Lora]:
-        """One LoRA per description (deterministic: `seed` and `num_samples` change nothing)."""
+        """One LoRA per description (deterministic: `seed` and `num_samples` change nothing).
+        For `weighted`, `examples` re-weigh the top-K experts as in the learned generators
+        (`example_evidence.py`); the other methods ignore them (`examples_used` says which)."""
         descriptions = check_descriptions(descriptions)
+        example_sets = check_examples(examples, len(descriptions))
         hits = self._search(descriptions)
-        w, neighbours = self.weights(hits)
+        evidence = self.example_evidence(example_sets, hits)
+        w, neighbours = self.weights(hits, evidence)
         _, _, stacked = self._experts
         mixed = {m: self.mix(w, b) for m, b in stacked.items()}
         loras = []
         for i, desc in enumerate(descriptions):
-            meta = {"method": self.method, "description": desc,
-                    "neighbours": [asdict(n) for n in neighbours[i]]}
+            meta = {"method": self.method, "description": desc, "neighbours": [asdict(n) for n in neighbours[i]],
+                    "examples_used": evidence is not None and bool(example_sets[i])}
             loras.append(self.registry.basis.lora({m: b[i] for m, b in mixed.items()}, meta))
         return loras

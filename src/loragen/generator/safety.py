@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from einops import reduce
 
-from .retrieval import GenerationError
+from .errors import GenerationError
 
 OOD_PERCENTILE = 5.0
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import LoraSpec
-from .retrieval import GenerationError
+from .errors import GenerationError
 
 Example = dict[str, str]
 MAX_EXAMPLES = 64

@@ -18,8 +18,8 @@ from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, fit
 from .decoder import TokenLayout
 from .description_encoder import DescriptionEncoder, TuningConfig, fine_tune
 from .description_head import DescriptionHead
+from .errors import GenerationError
 from .learned import FORMAT, STATE_NAME, LearnedGenerator, RegistryTokens, registry_descriptions
-from .retrieval import GenerationError
 from .safety import Safety, calibrate_ood, norm_range
 from .task_vector import Example, TaskVectors
 
