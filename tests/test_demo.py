@@ -72,6 +72,27 @@ def test_generate_nearest_loads_in_peft_and_reverses(world, tmp_path):
     assert done.stdout.strip() == "edcba"
 
 
+def test_examples_correct_a_misread_description(world, tmp_path):
+    """The held-back paraphrase sg misreads as sort; three caesar_back_1 pairs move the weight."""
+    description = "decode each character to its alphabetical predecessor"
+    args = ["generate", description, "--method", "sg", "--generator", str(world.generators / "sg"), "--seed", "0",
+            "--registry", str(world.registry)]
+    plain = cli(*args, "--out", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    with_examples = cli(*args, "--out", str(tmp_path / "ex"), "--example", "bcd=>abc", "--example", "hello=>gdkkn",
+                        "--example", "zebra=>ydaqz")
+    assert with_examples.returncode == 0, with_examples.stderr
+
+    def heaviest(stdout: str) -> str:
+        rows = [ln.split() for ln in stdout.splitlines() if "weight" in ln and "similarity" in ln]
+        return max(rows, key=lambda r: float(r[r.index("weight") + 1]))[0]
+
+    assert heaviest(plain.stdout) == "sort" and "examples log p" not in plain.stdout
+    assert heaviest(with_examples.stdout) == "caesar_back_1" and "examples log p" in with_examples.stdout
+    done = cli("complete", "--adapter", str(tmp_path / "ex"), "lemon")
+    assert done.returncode == 0 and done.stdout.strip() == "kdlnm", done.stdout
+
+
 def test_generated_adapter_through_peft_matches_our_merge(world, tmp_path):
     from peft import PeftModel
 
@@ -112,6 +133,7 @@ def test_batched_completion_with_mixed_loras_equals_single_calls(world):
     (["generate", "reverse", "--out", "OUT", "--method", "magic"], "unknown method"),
     (["generate", "reverse", "--out", "OUT", "--registry", "/nonexistent/reg"], "no registry"),
     (["complete", "--adapter", "/nonexistent/adapter", "abc"], "no adapter directory"),
+    (["generate", "reverse", "--out", "OUT", "--example", "abc"], "is not INPUT=>OUTPUT"),
 ])
 def test_bad_input_is_one_line_and_non_zero(world, tmp_path, args, message):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]

@@ -28,8 +28,9 @@ def generate(
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature τ.")] = 0.05,
     generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator (icm/sg).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for icm/sg sampling.")] = None,
-    example: Annotated[list[str] | None, typer.Option("--example", help="icm: an input/output pair as "
-                       "INPUT=>OUTPUT (repeatable); adds the in-context task vector.")] = None,
+    example: Annotated[list[str] | None, typer.Option("--example", help="An input/output pair as INPUT=>OUTPUT "
+                       "(repeatable): weighted, icm and sg re-weigh their top-K experts by how well each explains "
+                       "the examples; icm also adds its in-context task vector.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Generate a LoRA for DESCRIPTION and write it as a PEFT adapter."""
@@ -52,7 +53,8 @@ def generate(
     flags = "".join(f", {f}" for f in ("ood", "clipped") if lora.metadata.get(f))
     typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model}{flags})")
     for n in lora.metadata["neighbours"]:
-        typer.echo(f"  {n['expert']:<24} similarity {n['similarity']:.3f}  weight {n['weight']:.3f}")
+        evidence = f"  examples log p {n['example_logprob']:.1f}" if n.get("example_logprob") is not None else ""
+        typer.echo(f"  {n['expert']:<24} similarity {n['similarity']:.3f}  weight {n['weight']:.3f}{evidence}")
 
 
 def complete(
