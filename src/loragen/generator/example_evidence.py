@@ -1,9 +1,9 @@
 """A request's examples as evidence for which of its top-K experts the description means.
 
-Both generators read a description as α = softmax(sim/τ) over its top-K experts: a belief about
-which expert it asks for. When the request brings input/output examples, the base model can check
-that belief: each candidate expert's LoRA gives the examples a likelihood. Bayes' rule with the
-description's softmax as the prior gives
+`weighted`, `icm` and `sg` read a description as α = softmax(sim/τ) over its top-K experts: a
+belief about which expert it asks for. When the request brings input/output examples, the base
+model can check that belief: each candidate expert's LoRA gives the examples a likelihood. Bayes'
+rule with the description's softmax as the prior gives
 
     α_k ∝ exp(sim_k / τ + log p(examples | expert k)),
 
@@ -13,8 +13,9 @@ weight to it, even when the description read another expert first. ICM-LoRA's ta
 this on the demo world: its base model's task vectors identify the task 36-40 % of the time
 (benchmarks/RESULTS.md), while the experts' own likelihoods tell them apart.
 
-Used by `icm`, `sg` and `weighted`. Causal LMs only: an encoder's examples are classification
-labels, and there this module is not used.
+Causal LMs only: an encoder's examples are classification labels, and there this module is not
+used. The examples only choose among the K candidates: a task outside a description's top K stays
+out of reach.
 """
 
 from __future__ import annotations
