@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import random
 import threading
 import time
@@ -237,10 +238,14 @@ def test_examples_reweigh_a_learned_method_s_neighbours(client: Client) -> None:
     assert result.lora is not None and result.lora.metadata["examples_used"] is True
     logprobs = [n.example_logprob for n in result.neighbours]
     assert all(isinstance(x, float) and x < 0 for x in logprobs)
-    # the same hits; each weight is the plain one times p(examples | expert), renormalised
-    assert [n.expert for n in result.neighbours] == [n.expert for n in plain.neighbours]
-    prior = torch.tensor([n.weight for n in plain.neighbours], dtype=torch.float64)
-    alpha = torch.softmax(prior.log() + torch.tensor(logprobs, dtype=torch.float64), dim=0)
+    # more candidates than the plain top K, which they extend
+    assert len(result.neighbours) > len(plain.neighbours)
+    assert [n.expert for n in result.neighbours[: len(plain.neighbours)]] == [n.expert for n in plain.neighbours]
+    # weights softmax(sim/τ + log p(examples | expert)), τ read off the plain weights softmax(sim/τ)
+    (a, b), sims = plain.neighbours[:2], [n.similarity for n in result.neighbours]
+    tau = (a.similarity - b.similarity) / math.log(a.weight / b.weight)
+    logits = torch.tensor(sims, dtype=torch.float64) / tau + torch.tensor(logprobs, dtype=torch.float64)
+    alpha = torch.softmax(logits, 0)
     assert [n.weight for n in result.neighbours] == pytest.approx(alpha.tolist(), abs=1e-4)
 
 

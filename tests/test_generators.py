@@ -336,7 +336,7 @@ def test_example_logprobs_match_peft(icm_world, tmp_path):
     sets = [_examples("reverse", 3), [], _examples("count", 2)]
     candidates = [[0, 2], [1], [3, 0, 5]]
     got = example_logprobs(gen.task_vectors.base, gen._expert_stack, sets, candidates)
-    assert got[1] == [0.0]
+    assert got[1] is None
     experts = gen._tokens.experts
     for row, (examples, cands) in enumerate(zip(sets, candidates)):
         for k, col in enumerate(cands if examples else []):
@@ -346,6 +346,7 @@ def test_example_logprobs_match_peft(icm_world, tmp_path):
 
 def test_examples_move_the_weight_to_the_expert_that_explains_them(icm_world, sg_on_base):
     from loragen.generator import RetrievalGenerator
+    from loragen.generator.example_evidence import EXAMPLE_CANDIDATES
 
     reg, icm, _ = icm_world
     weighted = RetrievalGenerator(reg, "weighted", k=4)
@@ -361,6 +362,8 @@ def test_examples_move_the_weight_to_the_expert_that_explains_them(icm_world, sg
         lora = gen.generate(desc, examples=[examples], seed=0)[0]
         meta = lora.metadata
         assert meta["examples_used"] is True
+        # the examples weigh more candidates than the description's K (here every expert)
+        assert len(meta["neighbours"]) == min(EXAMPLE_CANDIDATES, len(TASKS)) > len(plain.metadata["neighbours"])
         assert max(meta["neighbours"], key=lambda n: n["weight"])["expert"] == second["expert"], meta["neighbours"]
         sims = torch.tensor([n["similarity"] for n in meta["neighbours"]], dtype=torch.float64)
         logp = torch.tensor([n["example_logprob"] for n in meta["neighbours"]], dtype=torch.float64)
@@ -370,6 +373,8 @@ def test_examples_move_the_weight_to_the_expert_that_explains_them(icm_world, sg
         # a batch mixing rows with and without examples equals the single calls
         batch = gen.generate(desc * 2, examples=[[], examples], seed=0)
         assert _same(batch[0], plain, atol=1e-5) and _same(batch[1], lora, atol=1e-5)
+        assert [(n["expert"], n["example_logprob"]) for n in batch[0].metadata["neighbours"]] == \
+            [(n["expert"], None) for n in plain.metadata["neighbours"]]
     # nearest, topk and uniform have no weights to re-weigh, and say they ignored the examples
     nearest = RetrievalGenerator(reg, "nearest").generate(desc, examples=[examples])[0]
     assert nearest.metadata["examples_used"] is False and nearest.metadata["neighbours"][0]["example_logprob"] is None

@@ -13,9 +13,11 @@ weight to it, even when the description read another expert first. ICM-LoRA's ta
 this on the demo world: its base model's task vectors identify the task 36-40 % of the time
 (benchmarks/RESULTS.md), while the experts' own likelihoods tell them apart.
 
-Causal LMs only: an encoder's examples are classification labels, and there this module is not
-used. The examples only choose among the K candidates: a task outside a description's top K stays
-out of reach.
+The examples only choose among the candidates, so a request with examples has its description's
+top EXAMPLE_CANDIDATES experts scored (more than the K = 4 a description alone is mixed from):
+on the demo world two dev paraphrases have their task 5th or lower. Requests without examples
+keep their K. Causal LMs only: an encoder's examples are classification labels, and there this
+module is not used.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from ..adapters import LoraStack
 from ..basemodel import BaseModel
 from .task_vector import Example
+
+EXAMPLE_CANDIDATES = 8
 
 
 def reweigh(similarities: Sequence[float], temperature: float, logprobs: Sequence[float] | None) -> list[float]:
@@ -40,17 +44,17 @@ def reweigh(similarities: Sequence[float], temperature: float, logprobs: Sequenc
 
 @torch.no_grad()
 def example_logprobs(base: BaseModel, experts: LoraStack, example_sets: Sequence[Sequence[Example]],
-                     candidates: Sequence[Sequence[int]]) -> list[list[float]]:
+                     candidates: Sequence[Sequence[int]]) -> list[list[float] | None]:
     """log p(examples of request i | expert `candidates[i][k]`) for every i and k, all in batched
-    forward passes (row r of a pass uses its own expert's LoRA). Requests without examples get 0.0."""
+    forward passes (row r of a pass uses its own expert's LoRA). None for requests without examples."""
     owner = [(i, k) for i, (s, cands) in enumerate(zip(example_sets, candidates)) for k in range(len(cands)) for _ in s]
     flat = [ex for s, cands in zip(example_sets, candidates) for _ in cands for ex in s]
-    out = [[0.0] * len(c) for c in candidates]
+    out: list[list[float] | None] = [[0.0] * len(c) if s else None for s, c in zip(example_sets, candidates)]
     if not flat:
         return out
     rows = [candidates[i][k] for i, k in owner]
     logp, _ = base.output_logprobs([ex["input"] for ex in flat], [ex["output"] for ex in flat],
                                    stack=experts, rows=rows)
     for (i, k), value in zip(owner, logp.tolist()):
-        out[i][k] += value
+        out[i][k] += value  # type: ignore[index]
     return out

@@ -31,7 +31,7 @@ from .description_encoder import PREFIX as ENCODER_PREFIX
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
-from .example_evidence import example_logprobs, reweigh
+from .example_evidence import EXAMPLE_CANDIDATES, example_logprobs, reweigh
 from .retrieval import Neighbour, check_descriptions
 from .safety import Safety
 from .task_vector import Example, TaskVectors, check_examples
@@ -179,7 +179,7 @@ class LearnedGenerator:
         return best.scatter_reduce(1, col.expand(len(sims), -1), sims, "amax")
 
     def weights(self, hits: list[list[Hit]],
-                evidence: list[list[float]] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
+                evidence: list[list[float] | None] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
         """α = softmax(sim/τ) over each row's hits, plus the examples' log-likelihood under each
         hit's expert when there is `evidence` (`example_evidence.py`)."""
         column = self._column
@@ -203,11 +203,22 @@ class LearnedGenerator:
         return LoraStack(self.registry.spec, {m: a.to(self.device) for m, a in basis.A.items()},
                          {m: torch.stack([f[m] for f in finals]).to(self.device) for m in basis.A})
 
+    def uses_evidence(self, example_sets: Sequence[Sequence[Example]]) -> bool:
+        return any(example_sets) and self.registry.spec.task_type == "CAUSAL_LM"
+
+    def candidates(self, query: np.ndarray, example_sets: Sequence[Sequence[Example]]) -> list[list[Hit]]:
+        """Each row's top-K experts; the top EXAMPLE_CANDIDATES for rows whose examples will weigh them."""
+        if not self.uses_evidence(example_sets):
+            return self.search(query)
+        k = self.model.config.top_k
+        hits = self.search(query, k=max(k, EXAMPLE_CANDIDATES))
+        return [row if examples else row[:k] for row, examples in zip(hits, example_sets)]
+
     def example_evidence(self, example_sets: Sequence[Sequence[Example]],
-                         hits: list[list[Hit]]) -> list[list[float]] | None:
+                         hits: list[list[Hit]]) -> list[list[float] | None] | None:
         """Per row and hit: log p(the row's examples | that hit's expert); None without examples
         or for a base model that is not a causal LM."""
-        if not any(example_sets) or self.registry.spec.task_type != "CAUSAL_LM":
+        if not self.uses_evidence(example_sets):
             return None
         columns = [[self._column[h.expert_id] for h in row] for row in hits]
         return example_logprobs(self.task_vectors.base, self._expert_stack, example_sets, columns)
@@ -243,14 +254,16 @@ class LearnedGenerator:
         return torch.zeros_like(best).scatter_(1, top.indices, alpha)
 
     def conditions(self, vecs: np.ndarray, hits: list[list[Hit]],
-                   evidence: list[list[float]] | None = None) -> tuple[Any, ...]:
+                   evidence: list[list[float] | None] | None = None) -> tuple[Any, ...]:
         w, neighbours = self.weights(hits, evidence)
         text = torch.from_numpy(vecs).to(self.device)
         if self.reads_memory:
             text = (w @ self._memory_keys).to(self.device)
         if self.method != "sg":
             return text, None, None, neighbours
-        mu, sigma = mix(w.to(self.device), *self._prototypes, k=min(self.model.config.top_k, w.shape[1]))
+        # rows with examples may weigh up to EXAMPLE_CANDIDATES experts; one k for every batch
+        k = min(max(self.model.config.top_k, EXAMPLE_CANDIDATES), w.shape[1])
+        mu, sigma = mix(w.to(self.device), *self._prototypes, k=k)
         return text, mu, sigma, neighbours
 
     @cached_property
@@ -285,7 +298,7 @@ class LearnedGenerator:
             raise GenerationError("num_samples must be at least 1")
         seed = secrets.randbits(31) if seed is None else int(seed)
         query = self.embed(descriptions)
-        hits = self.search(query)
+        hits = self.candidates(query, example_sets)
         evidence = self.example_evidence(example_sets, hits)
         text, mu, sigma, neighbours = self.conditions(query, hits, evidence)
         if self.task_vector_dim:

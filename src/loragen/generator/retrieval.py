@@ -18,7 +18,7 @@ from einops import einsum
 from ..adapters import Lora, LoraStack
 from ..registry import Hit, Registry
 from .errors import GenerationError
-from .example_evidence import example_logprobs, reweigh
+from .example_evidence import EXAMPLE_CANDIDATES, example_logprobs, reweigh
 from .task_vector import Example, TaskVectors, check_examples
 
 METHODS = ("nearest", "weighted", "topk", "uniform")
@@ -65,9 +65,13 @@ class RetrievalGenerator:
         self.k = 1 if method == "nearest" else k
         self.temperature = temperature
 
-    def _search(self, descriptions: list[str]) -> list[list[Hit]]:
-        hits = self.registry.search(descriptions, k=self.k + len(self.exclude))
-        return [[h for h in row if h.name not in self.exclude][: self.k] for row in hits]
+    def _search(self, descriptions: list[str], k: int | None = None) -> list[list[Hit]]:
+        k = k or self.k
+        hits = self.registry.search(descriptions, k=k + len(self.exclude))
+        return [[h for h in row if h.name not in self.exclude][:k] for row in hits]
+
+    def uses_evidence(self, example_sets: list[list[Example]]) -> bool:
+        return self.method == "weighted" and any(example_sets) and self.registry.spec.task_type == "CAUSAL_LM"
 
     @cached_property
     def _experts(self) -> tuple[list[int], list[str], dict[str, torch.Tensor]]:
@@ -77,7 +81,7 @@ class RetrievalGenerator:
         return [e.id for e in experts], [e.name for e in experts], stacked
 
     def weights(self, hits: list[list[Hit]],
-                evidence: list[list[float]] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
+                evidence: list[list[float] | None] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
         ids, names, _ = self._experts
         column = {eid: i for i, eid in enumerate(ids)}
         w = torch.zeros(len(hits), len(ids), dtype=torch.float64)
@@ -102,9 +106,10 @@ class RetrievalGenerator:
         """Holds the base model, loaded on first use (only requests with examples need it)."""
         return TaskVectors(self.registry.spec)
 
-    def example_evidence(self, example_sets: list[list[Example]], hits: list[list[Hit]]) -> list[list[float]] | None:
+    def example_evidence(self, example_sets: list[list[Example]],
+                         hits: list[list[Hit]]) -> list[list[float] | None] | None:
         """`weighted` only: per row and hit, log p(the row's examples | that hit's expert)."""
-        if self.method != "weighted" or not any(example_sets) or self.registry.spec.task_type != "CAUSAL_LM":
+        if not self.uses_evidence(example_sets):
             return None
         ids, _, stacked = self._experts
         column = {eid: i for i, eid in enumerate(ids)}
@@ -112,15 +117,16 @@ class RetrievalGenerator:
         return example_logprobs(self.task_vectors.base, experts, example_sets,
                                 [[column[h.expert_id] for h in row] for row in hits])
 
-    def mix(self, w: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-        """(requests, experts) weights × (experts, L, out, r) Bs -> (requests, L, out, r). Each row
-        adds its nonzero terms in a fixed order with elementwise ops, so a request's LoRA does not
-        depend on the batch it came in (a GEMM over the batch rounds differently with its size);
+    def mix(self, w: torch.Tensor, stacked: torch.Tensor, terms: int | None = None) -> torch.Tensor:
+        """(requests, experts) weights × (experts, L, out, r) Bs -> (requests, L, out, r), each row
+        from its `terms` (default K) largest weights. Each row adds its terms in a fixed order with
+        elementwise ops, so a request's LoRA does not depend on the batch it came in (a GEMM over
+        the batch rounds differently with its size; extra zero terms add exactly nothing);
         `uniform`, the same row for all, is computed once."""
         w = w.to(stacked.dtype)
         if self.method == "uniform":
             return einsum(w[:1], stacked, "n e, e l o r -> n l o r").expand(len(w), *stacked.shape[1:]).clone()
-        values, columns = w.topk(min(self.k, w.shape[1]), dim=1)
+        values, columns = w.topk(min(terms or self.k, w.shape[1]), dim=1)
         out = stacked[columns[:, 0]] * values[:, 0, None, None, None]
         for j in range(1, values.shape[1]):
             out.add_(stacked[columns[:, j]] * values[:, j, None, None, None])
@@ -139,11 +145,16 @@ class RetrievalGenerator:
         (`example_evidence.py`); the other methods ignore them (`examples_used` says which)."""
         descriptions = check_descriptions(descriptions)
         example_sets = check_examples(examples, len(descriptions))
-        hits = self._search(descriptions)
+        if self.uses_evidence(example_sets):  # the examples choose among more candidates
+            hits = self._search(descriptions, max(self.k, EXAMPLE_CANDIDATES))
+            hits = [row if examples else row[: self.k] for row, examples in zip(hits, example_sets)]
+        else:
+            hits = self._search(descriptions)
         evidence = self.example_evidence(example_sets, hits)
         w, neighbours = self.weights(hits, evidence)
         _, _, stacked = self._experts
-        mixed = {m: self.mix(w, b) for m, b in stacked.items()}
+        terms = max((len(row) for row in hits), default=1)
+        mixed = {m: self.mix(w, b, terms) for m, b in stacked.items()}
         loras = []
         for i, desc in enumerate(descriptions):
             meta = {"method": self.method, "description": desc, "neighbours": [asdict(n) for n in neighbours[i]],
