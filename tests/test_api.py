@@ -249,6 +249,19 @@ def test_examples_reweigh_a_learned_method_s_neighbours(client: Client) -> None:
     assert [n.weight for n in result.neighbours] == pytest.approx(alpha.tolist(), abs=1e-4)
 
 
+def test_generators_share_one_base_model_for_examples(world: Path, encoder: TextEncoder) -> None:
+    settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
+                           encoder_dtype="float32")
+    app = create_app(settings, encoder=encoder)
+    examples = [{"input": "abc", "output": "cba"}]
+    with uvicorn_server(app) as url, Client(url, timeout=60) as c:
+        for method, k in (("sg", None), ("weighted", 2), ("weighted", 3)):
+            assert c.generate("reverse the word", method=method, k=k, examples=examples, download=False).neighbours
+        generators = list(app.state.service._generators.values())
+    assert len(generators) >= 3 and len({id(g.task_vectors) for g in generators}) == 1
+    assert "base" in vars(generators[0].task_vectors)  # loaded once, for all of them
+
+
 def test_learned_method_samples_seeds_and_cache(client: Client) -> None:
     description = "judge how positive a movie review is"
     result = client.generate(description, method="sg", seed=3, num_samples=2, download=False)

@@ -3,7 +3,9 @@
 SQLite connections belong to the thread that opened them, so the registry is opened, and every
 registry or generator call runs, on one `engine` thread. Completions run on their own `model`
 thread; concurrent greedy ones are micro-batched into one forward in which every row applies its
-own LoRA (shared weights are never modified).
+own LoRA (shared weights are never modified). Requests with examples need the base model on the
+engine thread too: every generator shares one copy there, loaded on the first such request (a
+second copy beside the `model` thread's, whose forward passes would otherwise see the LoRA hooks).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError
 from ..embeddings import TextEncoder, resolve_dtype
-from ..generator import LEARNED_METHODS, METHODS, GenerationError, check_descriptions, load_generator
+from ..generator import LEARNED_METHODS, METHODS, GenerationError, TaskVectors, check_descriptions, load_generator
 from ..registry import Hit, Registry
 from .batching import MicroBatcher
 from .cache import ByteLRU, tensor_bytes
@@ -262,9 +264,15 @@ class Service:
             if method in LEARNED_METHODS and self.generator_root is not None:
                 root = self.generator_root
                 gen_dir = root if (root / "config.json").is_file() else root / method
-            self._generators[key] = load_generator(method, self.reg, k=k, temperature=self.settings.softmax_temperature,
-                                                   generator_dir=gen_dir, device=self.settings.device)
+            gen = load_generator(method, self.reg, k=k, temperature=self.settings.softmax_temperature,
+                                 generator_dir=gen_dir, device=self.settings.device)
+            gen.task_vectors = self._examples_model  # one base model for every generator's examples
+            self._generators[key] = gen
         return self._generators[key]
+
+    @cached_property
+    def _examples_model(self) -> TaskVectors:
+        return TaskVectors(self.reg.spec, device=self.settings.device)
 
     def _generate(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
         first = jobs[0]

@@ -12,6 +12,7 @@ from .errors import GenerationError
 from .learned import LearnedGenerator
 from .retrieval import METHODS as RETRIEVAL_METHODS
 from .retrieval import Neighbour, RetrievalGenerator, check_descriptions
+from .task_vector import TaskVectors
 from .training import train_generator
 
 LEARNED_METHODS = ("icm", "sg")
@@ -36,4 +37,4 @@ def load_generator(method: str, registry: Registry, *, k: int = 4, temperature: 
 
 
 __all__ = ["LEARNED_METHODS", "METHODS", "RETRIEVAL_METHODS", "GenerationError", "LearnedGenerator", "Neighbour",
-           "RetrievalGenerator", "check_descriptions", "load_generator", "train_generator"]
+           "RetrievalGenerator", "TaskVectors", "check_descriptions", "load_generator", "train_generator"]
