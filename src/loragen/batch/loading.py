@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import LoragenError
-from ..generator import LEARNED_METHODS, METHODS, load_generator
+from ..generator import LEARNED_METHODS, METHODS, TaskVectors, load_generator
 from ..registry import Registry
 from .step import Generator
 
@@ -49,12 +49,15 @@ def load_generators(methods: Sequence[str], registry: Registry, dirs: dict[str, 
     """The generators of `methods`, and for each one that cannot be had, why."""
     generators: dict[str, Generator] = {}
     missing: dict[str, str] = {}
+    examples_model = TaskVectors(registry.spec, device=device)  # one base model for every method's examples
     for method in dict.fromkeys(methods):
         if method not in METHODS:
             missing[method] = f"unknown method {method!r}; choose from {', '.join(METHODS)}"
         elif method in LEARNED_METHODS and method not in dirs:
             missing[method] = f"method {method!r} needs a trained generator (--generator DIR)"
         else:
-            generators[method] = load_generator(method, registry, k=k, temperature=temperature,
-                                                generator_dir=dirs.get(method), device=device)
+            gen = load_generator(method, registry, k=k, temperature=temperature, generator_dir=dirs.get(method),
+                                 device=device)
+            gen.task_vectors = examples_model
+            generators[method] = gen
     return generators, missing
