@@ -34,7 +34,11 @@ class GenerateRequest(Strict):
     k: int | None = Field(default=None, ge=1, le=64, description="Neighbours (retrieval methods).")
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     num_samples: int = Field(default=1, ge=1, le=16)
-    examples: list[dict[str, Text]] | None = Field(default=None, max_length=64)
+    examples: list[dict[str, Text]] | None = Field(
+        default=None, max_length=64,
+        description="Input/output pairs ({input, output}) the LoRA should reproduce. weighted, icm and sg score "
+                    "the description's top experts by how well each explains them and re-weigh (each neighbour's "
+                    "example_logprob); icm also adds its in-context task vector. Needs the base model locally.")
 
 
 class BatchRequest(Strict):
