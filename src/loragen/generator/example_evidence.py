@@ -22,15 +22,29 @@ module is not used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ..adapters import LoraStack
+from ..adapters import LoraSpec, LoraStack
 from ..basemodel import BaseModel
+from ..registry import Hit
 from .task_vector import Example
 
 EXAMPLE_CANDIDATES = 8
+
+
+def applies(spec: LoraSpec, example_sets: Sequence[Sequence[Example]]) -> bool:
+    """Whether any request has examples to weigh, on a base model this module can score them with."""
+    return any(example_sets) and spec.task_type == "CAUSAL_LM"
+
+
+def candidates(search: Callable[[int], list[list[Hit]]], k: int,
+               example_sets: Sequence[Sequence[Example]]) -> list[list[Hit]]:
+    """Each row's top EXAMPLE_CANDIDATES hits where it has examples, its top `k` elsewhere (so a row
+    without examples reads as it would alone). `search(n)` gives every row's top n."""
+    hits = search(max(k, EXAMPLE_CANDIDATES))
+    return [row if examples else row[:k] for row, examples in zip(hits, example_sets)]
 
 
 def reweigh(similarities: Sequence[float], temperature: float, logprobs: Sequence[float] | None) -> list[float]:

@@ -31,7 +31,7 @@ from .description_encoder import PREFIX as ENCODER_PREFIX
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
-from .example_evidence import EXAMPLE_CANDIDATES, example_logprobs, reweigh
+from .example_evidence import EXAMPLE_CANDIDATES, applies, candidates, example_logprobs, reweigh
 from .retrieval import Neighbour, check_descriptions
 from .safety import Safety
 from .task_vector import Example, TaskVectors, check_examples
@@ -198,27 +198,19 @@ class LearnedGenerator:
     @cached_property
     def _expert_stack(self) -> LoraStack:
         """The generator's experts' final LoRAs, in column order, on the generator's device."""
-        finals = [self.registry.final_b(e) for e in self._tokens.experts]
-        basis = self.registry.basis
-        return LoraStack(self.registry.spec, {m: a.to(self.device) for m, a in basis.A.items()},
-                         {m: torch.stack([f[m] for f in finals]).to(self.device) for m in basis.A})
-
-    def uses_evidence(self, example_sets: Sequence[Sequence[Example]]) -> bool:
-        return any(example_sets) and self.registry.spec.task_type == "CAUSAL_LM"
+        return self.registry.expert_stack(self._tokens.experts, self.device)
 
     def candidates(self, query: np.ndarray, example_sets: Sequence[Sequence[Example]]) -> list[list[Hit]]:
         """Each row's top-K experts; the top EXAMPLE_CANDIDATES for rows whose examples will weigh them."""
-        if not self.uses_evidence(example_sets):
+        if not applies(self.registry.spec, example_sets):
             return self.search(query)
-        k = self.model.config.top_k
-        hits = self.search(query, k=max(k, EXAMPLE_CANDIDATES))
-        return [row if examples else row[:k] for row, examples in zip(hits, example_sets)]
+        return candidates(lambda n: self.search(query, k=n), self.model.config.top_k, example_sets)
 
     def example_evidence(self, example_sets: Sequence[Sequence[Example]],
                          hits: list[list[Hit]]) -> list[list[float] | None] | None:
         """Per row and hit: log p(the row's examples | that hit's expert); None without examples
         or for a base model that is not a causal LM."""
-        if not self.uses_evidence(example_sets):
+        if not applies(self.registry.spec, example_sets):
             return None
         columns = [[self._column[h.expert_id] for h in row] for row in hits]
         return example_logprobs(self.task_vectors.base, self._expert_stack, example_sets, columns)

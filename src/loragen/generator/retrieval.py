@@ -16,9 +16,9 @@ import torch
 from einops import einsum
 
 from ..adapters import Lora, LoraStack
-from ..registry import Hit, Registry
+from ..registry import Expert, Hit, Registry
 from .errors import GenerationError
-from .example_evidence import EXAMPLE_CANDIDATES, example_logprobs, reweigh
+from .example_evidence import applies, candidates, example_logprobs, reweigh
 from .task_vector import Example, TaskVectors, check_examples
 
 METHODS = ("nearest", "weighted", "topk", "uniform")
@@ -71,14 +71,19 @@ class RetrievalGenerator:
         return [[h for h in row if h.name not in self.exclude][:k] for row in hits]
 
     def uses_evidence(self, example_sets: list[list[Example]]) -> bool:
-        return self.method == "weighted" and any(example_sets) and self.registry.spec.task_type == "CAUSAL_LM"
+        return self.method == "weighted" and applies(self.registry.spec, example_sets)
 
     @cached_property
     def _experts(self) -> tuple[list[int], list[str], dict[str, torch.Tensor]]:
-        experts = [e for e in self.registry.experts() if e.name not in self.exclude]
-        finals = [self.registry.final_b(e) for e in experts]
-        stacked = {m: torch.stack([f[m] for f in finals]) for m in self.registry.spec.module_names}
-        return [e.id for e in experts], [e.name for e in experts], stacked
+        return [e.id for e in self._candidates], [e.name for e in self._candidates], self._expert_stack.B
+
+    @cached_property
+    def _candidates(self) -> list[Expert]:
+        return [e for e in self.registry.experts() if e.name not in self.exclude]
+
+    @cached_property
+    def _expert_stack(self) -> LoraStack:
+        return self.registry.expert_stack(self._candidates)
 
     def weights(self, hits: list[list[Hit]],
                 evidence: list[list[float] | None] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
@@ -111,10 +116,8 @@ class RetrievalGenerator:
         """`weighted` only: per row and hit, log p(the row's examples | that hit's expert)."""
         if not self.uses_evidence(example_sets):
             return None
-        ids, _, stacked = self._experts
-        column = {eid: i for i, eid in enumerate(ids)}
-        experts = LoraStack(self.registry.spec, self.registry.basis.A, stacked)
-        return example_logprobs(self.task_vectors.base, experts, example_sets,
+        column = {eid: i for i, eid in enumerate(self._experts[0])}
+        return example_logprobs(self.task_vectors.base, self._expert_stack, example_sets,
                                 [[column[h.expert_id] for h in row] for row in hits])
 
     def mix(self, w: torch.Tensor, stacked: torch.Tensor, terms: int | None = None) -> torch.Tensor:
@@ -146,8 +149,7 @@ class RetrievalGenerator:
         descriptions = check_descriptions(descriptions)
         example_sets = check_examples(examples, len(descriptions))
         if self.uses_evidence(example_sets):  # the examples choose among more candidates
-            hits = self._search(descriptions, max(self.k, EXAMPLE_CANDIDATES))
-            hits = [row if examples else row[: self.k] for row, examples in zip(hits, example_sets)]
+            hits = candidates(lambda n: self._search(descriptions, n), self.k, example_sets)
         else:
             hits = self._search(descriptions)
         evidence = self.example_evidence(example_sets, hits)

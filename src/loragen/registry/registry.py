@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from ..adapters import Basis, Lora, LoraSpec, Projection, SpecError, atomic
+from ..adapters import Basis, Lora, LoraSpec, LoraStack, Projection, SpecError, atomic
 from ..embeddings.text import TextEncoder
 from ..errors import LoragenError
 from .index import VectorIndex, normalised
@@ -235,6 +235,12 @@ class Registry:
     def lora(self, expert: int | str | Expert) -> Lora:
         e = self.get(expert)
         return self.basis.lora(self.final_b(e), {"expert": e.name})
+
+    def expert_stack(self, experts: list[Expert], device: str | torch.device = "cpu") -> LoraStack:
+        """The experts' final LoRAs as one stack, in order: their Bs stacked, the basis A shared."""
+        finals = [self.final_b(e) for e in experts]
+        return LoraStack(self.spec, {m: a.to(device) for m, a in self.basis.A.items()},
+                         {m: torch.stack([f[m] for f in finals]).to(device) for m in self.spec.module_names})
 
     def source(self, expert: int | str | Expert) -> Lora | None:
         """The original factors of an imported adapter, or None for an expert trained in the basis."""
