@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TARGETS, TINY_CONFIGS
-from test_generators import TRAIN, _registry
+from test_generators import TRAIN, _examples, _registry, icm_world  # noqa: F401 (fixture)
 
 from loragen.adapters import spec_from_config
 from loragen.generator import LearnedGenerator, train_generator
@@ -64,3 +64,27 @@ def test_fused_decode_agrees_with_the_naive_loop_on_cuda(dtype):
     for m in fused:
         assert fused[m].dtype == dtype and fused[m].is_cuda
         assert _relative_error(fused[m], naive[m].float().cpu()) < 2e-2
+
+
+@pytest.mark.parametrize("method", ["icm", "sg"])
+def test_examples_as_evidence_on_cuda(icm_world, method):
+    """The base model scores the candidates' LoRAs on the GPU as on the CPU (bf16 generator, fp32 base)."""
+    reg, icm, root = icm_world
+    cpu = icm if method == "icm" else train_generator(reg, "sg", seed=0, out_dir=root / "sg-gpu", **TRAIN)
+    gpu = LearnedGenerator.from_pretrained(root / ("icm" if method == "icm" else "sg-gpu"), reg,
+                                           device="cuda", dtype=torch.bfloat16)
+    desc = ["change the letters of the word", "count the characters"]
+    examples = [_examples("reverse", 4), []]
+    ref = cpu.generate(desc, examples=examples, seed=0)
+    got = gpu.generate(desc, examples=examples, seed=0)
+    for r, g in zip(ref, got):
+        assert g.metadata["examples_used"] == r.metadata["examples_used"]
+        rn, gn = r.metadata["neighbours"], g.metadata["neighbours"]
+        assert [n["expert"] for n in gn] == [n["expert"] for n in rn]
+        for a, b in zip(rn, gn):
+            assert (a["example_logprob"] is None) == (b["example_logprob"] is None)
+            if a["example_logprob"] is not None:
+                assert b["example_logprob"] == pytest.approx(a["example_logprob"], rel=2e-2, abs=0.1)
+            assert b["weight"] == pytest.approx(a["weight"], abs=2e-2)
+        for m in r.B:
+            assert g.B[m].dtype == torch.bfloat16 and _relative_error(g.B[m], r.B[m]) < 3e-2
