@@ -249,6 +249,18 @@ def test_examples_reweigh_a_learned_method_s_neighbours(client: Client) -> None:
     assert [n.weight for n in result.neighbours] == pytest.approx(alpha.tolist(), abs=1e-4)
 
 
+def test_a_description_s_written_examples_are_used_and_reported(client: Client) -> None:
+    written = client.generate("flip the word around, e.g. hello -> olleh", method="sg", seed=1, download=False)
+    assert written.examples_used is True and written.examples_from_description is True
+    assert all(isinstance(n.example_logprob, float) for n in written.neighbours)
+    given = client.generate("flip the word around, e.g. hello -> olleh", method="sg", seed=1, download=False,
+                            examples=[{"input": "hello", "output": "olleh"}])
+    assert given.examples_used is True and given.examples_from_description is False
+    assert [(n.expert, n.weight) for n in given.neighbours] == [(n.expert, n.weight) for n in written.neighbours]
+    plain = client.generate("flip the word around", method="nearest", download=False)
+    assert plain.examples_used is False and plain.examples_from_description is False
+
+
 def test_generators_share_one_base_model_for_examples(world: Path, encoder: TextEncoder) -> None:
     settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
                            encoder_dtype="float32")

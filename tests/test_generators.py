@@ -672,3 +672,51 @@ def test_prior_mixture_matches_the_formula_in_float64_dense_or_gathered():
             var_ref = (a * (second[0][cols] - mean[0][cols] ** 2)).sum(0) + (a * (mean[0][cols] - mu_ref) ** 2).sum(0)
             torch.testing.assert_close(mu[0][row], mu_ref)
             torch.testing.assert_close(sigma[0][row], (var_ref.clamp_min(0) + SIGMA_FLOOR).sqrt())
+
+
+# ------------------------------------------------------------------ examples written in the description
+
+def test_examples_in_a_description_are_parsed():
+    from loragen.generator.inline_examples import examples_in
+
+    assert examples_in("reverse it, e.g. garden -> nedrag") == [{"input": "garden", "output": "nedrag"}]
+    assert examples_in("so sun -> sunsun. Also (ab → ba)") == [{"input": "sun", "output": "sunsun"},
+                                                               {"input": "ab", "output": "ba"}]
+    assert examples_in('mask them: "big table" -> "b*g t*bl*"') == [{"input": "big table", "output": "b*g t*bl*"}]
+    assert examples_in("table -> t*bl*") == [{"input": "table", "output": "t*bl*"}]
+    # `=>` is also code's function arrow; no arrow, no examples
+    assert examples_in("s => s.split('').reverse()") == [] == examples_in("reverse the letters")
+
+
+def test_a_description_s_own_examples_act_like_given_ones(icm_world, sg_on_base):
+    from loragen.generator import RetrievalGenerator
+
+    reg, icm, _ = icm_world
+    desc = "change the letters of the word"
+    pair = {"input": "stone", "output": "enots"}
+    written = f"{desc}, e.g. stone -> enots"
+    for gen in (icm, sg_on_base, RetrievalGenerator(reg, "weighted", k=4)):
+        given = gen.generate([written], examples=[[pair]], seed=0)[0]
+        inline = gen.generate([written], seed=0)[0]
+        assert inline.metadata["examples_used"] and inline.metadata["examples_from_description"]
+        assert not given.metadata["examples_from_description"]
+        assert inline.metadata["neighbours"] == given.metadata["neighbours"]
+        assert _same(inline, given)
+        # given examples take the place of the written ones, in a batch as alone
+        other = [{"input": "stone", "output": "stone"}]
+        batch = gen.generate([written, written], examples=[other, []], seed=0)
+        assert _same(batch[0], gen.generate([written], examples=[other], seed=0)[0], atol=1e-5)
+        assert _same(batch[1], inline, atol=1e-5) and batch[1].metadata["examples_from_description"]
+        gen.inline_examples = False
+        try:
+            off = gen.generate([written], seed=0)[0]
+        finally:
+            gen.inline_examples = True
+        assert off.metadata["examples_used"] is False and not off.metadata["examples_from_description"]
+        assert all(n["example_logprob"] is None for n in off.metadata["neighbours"])
+
+
+def test_written_examples_without_a_local_base_model_are_ignored(trained):
+    gen, _ = trained  # its base model, "tiny-llama", is not a local directory: explicit examples are an error
+    lora = gen.generate(["sort the letters, e.g. cab -> abc"], seed=0)[0]
+    assert lora.metadata["examples_used"] is False and lora.metadata["examples_from_description"] is False

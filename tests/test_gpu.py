@@ -67,7 +67,7 @@ def test_fused_decode_agrees_with_the_naive_loop_on_cuda(dtype):
 
 
 @pytest.mark.parametrize("method", ["icm", "sg"])
-def test_examples_as_evidence_on_cuda(icm_world, method):
+def test_examples_as_evidence_on_cuda(icm_world, method):  # noqa: F811 (the imported fixture)
     """The base model scores the candidates' LoRAs on the GPU as on the CPU (bf16 generator, fp32 base)."""
     reg, icm, root = icm_world
     cpu = icm if method == "icm" else train_generator(reg, "sg", seed=0, out_dir=root / "sg-gpu", **TRAIN)

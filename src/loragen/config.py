@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="cpu or cuda")
     softmax_temperature: float = Field(default=0.05, gt=0)
     top_k: int = Field(default=4, ge=1)
+    inline_examples: bool = Field(
+        default=True,
+        description="Requests without examples use the input -> output pairs their description writes "
+                    "out (e.g. 'garden -> nedrag') as examples, where the base model is a local causal LM.",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -108,6 +108,10 @@ class LoraOut(BaseModel):
     neighbours: list[NeighbourOut]
     ood: bool | None = Field(description="Out of distribution; null when the method does not assess it.")
     clipped: bool | None
+    examples_used: bool | None = Field(
+        default=None, description="Whether examples re-weighed the neighbours; null when the method does not say.")
+    examples_from_description: bool | None = Field(
+        default=None, description="The examples used were input -> output pairs written in the description.")
     seed: int | None
     sample_ids: list[str] = Field(description="Every sample's id; more than one with num_samples > 1.")
     cached: bool

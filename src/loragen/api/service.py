@@ -265,7 +265,8 @@ class Service:
                 root = self.generator_root
                 gen_dir = root if (root / "config.json").is_file() else root / method
             gen = load_generator(method, self.reg, k=k, temperature=self.settings.softmax_temperature,
-                                 generator_dir=gen_dir, device=self.settings.device)
+                                 generator_dir=gen_dir, device=self.settings.device,
+                                 inline_examples=self.settings.inline_examples)
             gen.task_vectors = self._examples_model  # one base model for every generator's examples
             self._generators[key] = gen
         return self._generators[key]
@@ -303,6 +304,7 @@ class Service:
         return {"id": lora_id, "method": m.get("method"), "description": m.get("description", ""),
                 "base_model": s.base_model, "rank": s.rank, "alpha": s.alpha, "target_modules": s.target_modules,
                 "neighbours": m.get("neighbours", []), "ood": m.get("ood"), "clipped": m.get("clipped"),
+                "examples_used": m.get("examples_used"), "examples_from_description": m.get("examples_from_description"),
                 "seed": m.get("seed"), "sample_ids": ids}
 
     def lookup(self, lora_id: str) -> Stored:

@@ -41,7 +41,8 @@ def generate(
     reg = Registry.open(_registry_path(registry))
     if method in LEARNED_METHODS and generator is None and registry is None:
         generator = Settings().demo_dir / "generators" / method  # the demo world's
-    gen = load_generator(method, reg, k=k, temperature=temperature, generator_dir=generator)
+    gen = load_generator(method, reg, k=k, temperature=temperature, generator_dir=generator,
+                         inline_examples=Settings().inline_examples)
     pairs = []
     for text in example or []:
         if "=>" not in text:
@@ -51,6 +52,8 @@ def generate(
     lora = gen.generate([description], seed=seed, examples=[pairs] if pairs else None)[0]
     lora.save_pretrained(out)
     flags = "".join(f", {f}" for f in ("ood", "clipped") if lora.metadata.get(f))
+    if lora.metadata.get("examples_from_description"):
+        flags += ", examples from the description"
     typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model}{flags})")
     for n in lora.metadata["neighbours"]:
         evidence = f"  examples log p {n['example_logprob']:.1f}" if n.get("example_logprob") is not None else ""

@@ -121,6 +121,8 @@ class GenerationResult:
     cached: bool
     timings: dict[str, float]
     lora: Lora | None = None  # downloaded unless `download=False`
+    examples_used: bool | None = None
+    examples_from_description: bool | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], lora: Lora | None = None) -> GenerationResult:

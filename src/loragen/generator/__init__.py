@@ -21,8 +21,16 @@ METHODS = RETRIEVAL_METHODS + LEARNED_METHODS
 
 def load_generator(method: str, registry: Registry, *, k: int = 4, temperature: float = 0.05,
                    generator_dir: str | Path | None = None, device: str = "cpu",
-                   dtype: torch.dtype | None = None) -> Any:
-    """The generator for `method`, by name; `icm` and `sg` load a trained checkpoint from `generator_dir`."""
+                   dtype: torch.dtype | None = None, inline_examples: bool = True) -> Any:
+    """The generator for `method`, by name; `icm` and `sg` load a trained checkpoint from `generator_dir`.
+    `inline_examples`: rows without examples use the pairs their description writes out."""
+    gen = _load(method, registry, k, temperature, generator_dir, device, dtype)
+    gen.inline_examples = inline_examples
+    return gen
+
+
+def _load(method: str, registry: Registry, k: int, temperature: float, generator_dir: str | Path | None,
+          device: str, dtype: torch.dtype | None) -> Any:
     if method in RETRIEVAL_METHODS:
         return RetrievalGenerator(registry, method, k=k, temperature=temperature)
     if method in LEARNED_METHODS:

@@ -34,6 +34,7 @@ from .errors import GenerationError
 from .example_evidence import EXAMPLE_CANDIDATES, applies, candidates, example_logprobs, reweigh
 from .retrieval import Neighbour, check_descriptions
 from .safety import Safety
+from .inline_examples import with_inline_examples
 from .task_vector import Example, TaskVectors, check_examples
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tens
 
 
 class LearnedGenerator:
+    inline_examples: bool = True  # rows without examples read the pairs their description writes out
+
     def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: dict[str, Any], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  head: DescriptionHead | None = None, encoder: DescriptionEncoder | None = None) -> None:
@@ -283,9 +286,14 @@ class LearnedGenerator:
         `examples` (one list of {input, output} per description, possibly empty) re-weigh the
         top-K experts by how well each explains them (causal LMs, `example_evidence.py`) and add
         ICM-LoRA's in-context task vector when the generator was trained with examples;
-        `examples_used` in the metadata says whether they were used."""
+        `examples_used` in the metadata says whether they were used. A row without examples uses
+        the input -> output pairs its description writes out, unless `inline_examples` is False
+        (`inline_examples.py`; `examples_from_description` in the metadata)."""
         descriptions = check_descriptions(descriptions)
         example_sets = check_examples(examples, len(descriptions))
+        inline = [False] * len(descriptions)
+        if self.inline_examples:
+            example_sets, inline = with_inline_examples(descriptions, example_sets, self.task_vectors)
         if num_samples < 1:
             raise GenerationError("num_samples must be at least 1")
         seed = secrets.randbits(31) if seed is None else int(seed)
@@ -308,6 +316,7 @@ class LearnedGenerator:
                     "neighbours": [asdict(n) for n in neighbours[d]], "nearest_similarity": nearest,
                     "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i]),
                     "examples_used": bool(example_sets[d]) and (evidence is not None or self.task_vector_dim > 0)}
+            meta["examples_from_description"] = meta["examples_used"] and inline[d]
             loras.append(self.registry.basis.lora({m: b[i] for m, b in B.items()}, meta))
         return loras
 

@@ -19,6 +19,7 @@ from ..adapters import Lora, LoraStack
 from ..registry import Expert, Hit, Registry
 from .errors import GenerationError
 from .example_evidence import applies, candidates, example_logprobs, reweigh
+from .inline_examples import with_inline_examples
 from .task_vector import Example, TaskVectors, check_examples
 
 METHODS = ("nearest", "weighted", "topk", "uniform")
@@ -45,6 +46,8 @@ def check_descriptions(descriptions: list[str], max_chars: int = 4000) -> list[s
 
 
 class RetrievalGenerator:
+    inline_examples: bool = True  # rows without examples read the pairs their description writes out
+
     def __init__(
         self,
         registry: Registry,
@@ -145,9 +148,13 @@ class RetrievalGenerator:
     ) -> list[Lora]:
         """One LoRA per description (deterministic: `seed` and `num_samples` change nothing).
         For `weighted`, `examples` re-weigh the top-K experts as in the learned generators
-        (`example_evidence.py`); the other methods ignore them (`examples_used` says which)."""
+        (`example_evidence.py`), and a row without them uses the pairs its description writes out
+        unless `inline_examples` is False; the other methods ignore examples (`examples_used` says which)."""
         descriptions = check_descriptions(descriptions)
         example_sets = check_examples(examples, len(descriptions))
+        inline = [False] * len(descriptions)
+        if self.inline_examples and self.method == "weighted":
+            example_sets, inline = with_inline_examples(descriptions, example_sets, self.task_vectors)
         if self.uses_evidence(example_sets):  # the examples choose among more candidates
             hits = candidates(lambda n: self._search(descriptions, n), self.k, example_sets)
         else:
@@ -161,5 +168,6 @@ class RetrievalGenerator:
         for i, desc in enumerate(descriptions):
             meta = {"method": self.method, "description": desc, "neighbours": [asdict(n) for n in neighbours[i]],
                     "examples_used": evidence is not None and bool(example_sets[i])}
+            meta["examples_from_description"] = meta["examples_used"] and inline[i]
             loras.append(self.registry.basis.lora({m: b[i] for m, b in mixed.items()}, meta))
         return loras
