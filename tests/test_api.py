@@ -236,6 +236,8 @@ def test_examples_reweigh_a_learned_method_s_neighbours(client: Client) -> None:
     assert all(n.example_logprob is None for n in plain.neighbours)
     result = client.generate("judge how positive a movie review is", method="sg", seed=1, examples=examples)
     assert result.lora is not None and result.lora.metadata["examples_used"] is True
+    assert result.examples_used is True and 0 < result.examples_fit <= 1
+    assert result.examples_ood == (result.examples_fit < 0.5) and plain.examples_fit is None
     logprobs = [n.example_logprob for n in result.neighbours]
     assert all(isinstance(x, float) and x < 0 for x in logprobs)
     # more candidates than the plain top K, which they extend

@@ -89,6 +89,12 @@ def test_examples_correct_a_misread_description(world, tmp_path):
 
     assert heaviest(plain.stdout) == "sort" and "examples log p" not in plain.stdout
     assert heaviest(with_examples.stdout) == "caesar_back_1" and "examples log p" in with_examples.stdout
+    assert "examples fit 0.9" in with_examples.stdout and "no expert explains" not in with_examples.stdout
+    # outputs no task of the registry produces: the evidence still picks one, and says it fits none
+    nonsense = cli(*args, "--out", str(tmp_path / "odd"), "--example", "bcd=>qqxy", "--example", "hello=>zpvwq",
+                   "--example", "zebra=>mmmmt")
+    assert nonsense.returncode == 0, nonsense.stderr
+    assert "no expert explains the examples" in nonsense.stdout.splitlines()[0], nonsense.stdout
     done = cli("complete", "--adapter", str(tmp_path / "ex"), "lemon")
     assert done.returncode == 0 and done.stdout.strip() == "kdlnm", done.stdout
 

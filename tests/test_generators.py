@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -335,9 +336,17 @@ def test_example_logprobs_match_peft(icm_world, tmp_path):
     reg, gen, root = icm_world
     sets = [_examples("reverse", 3), [], _examples("count", 2)]
     candidates = [[0, 2], [1], [3, 0, 5]]
-    got = example_logprobs(gen.task_vectors.base, gen._expert_stack, sets, candidates)
-    assert got[1] is None
+    evidence = example_logprobs(gen.task_vectors.base, gen._expert_stack, sets, candidates)
+    got = evidence.logprobs
+    assert got[1] is None and evidence.fit(1) is None and evidence.ood(1) is None
     experts = gen._tokens.experts
+    base = gen.task_vectors.base
+    for row, examples in enumerate(sets):  # output tokens, eos included, the same for every candidate
+        tokens = sum(len(base.tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) + 1 for ex in examples)
+        assert evidence.tokens[row] == tokens
+        if examples:
+            assert evidence.fit(row) == pytest.approx(math.exp(max(got[row]) / tokens))
+            assert evidence.ood(row) == (evidence.fit(row) < 0.5)
     for row, (examples, cands) in enumerate(zip(sets, candidates)):
         for k, col in enumerate(cands if examples else []):
             ref = _peft_logprob(root / "base", reg.lora(experts[col]), tmp_path / f"{row}-{k}", examples)
@@ -361,7 +370,8 @@ def test_examples_move_the_weight_to_the_expert_that_explains_them(icm_world, sg
         examples = [{"input": w, "output": o} for w, o in zip(WORDS, outputs)]
         lora = gen.generate(desc, examples=[examples], seed=0)[0]
         meta = lora.metadata
-        assert meta["examples_used"] is True
+        assert meta["examples_used"] is True and 0 < meta["examples_fit"] <= 1
+        assert meta["examples_ood"] == (meta["examples_fit"] < 0.5) and plain.metadata["examples_fit"] is None
         # the examples weigh more candidates than the description's K (here every expert)
         assert len(meta["neighbours"]) == min(EXAMPLE_CANDIDATES, len(TASKS)) > len(plain.metadata["neighbours"])
         assert max(meta["neighbours"], key=lambda n: n["weight"])["expert"] == second["expert"], meta["neighbours"]

@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ..generator.example_evidence import EXAMPLES_FIT_THRESHOLD
+
 MAX_DESCRIPTION = 4000
 MAX_BATCH = 256
 MIN_TEMPERATURE = 1e-2  # dividing logits by less overflows them to inf, and sampling fails
@@ -112,6 +114,12 @@ class LoraOut(BaseModel):
         default=None, description="Whether examples re-weighed the neighbours; null when the method does not say.")
     examples_from_description: bool | None = Field(
         default=None, description="The examples used were input -> output pairs written in the description.")
+    examples_fit: float | None = Field(
+        default=None, description="exp(mean log p per output token of the examples) under the expert that explains "
+                                  "them best; null without examples.")
+    examples_ood: bool | None = Field(
+        default=None, description=f"No expert of the registry explains the examples (examples_fit below "
+                                  f"{EXAMPLES_FIT_THRESHOLD}); null without examples.")
     seed: int | None
     sample_ids: list[str] = Field(description="Every sample's id; more than one with num_samples > 1.")
     cached: bool

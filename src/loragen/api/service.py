@@ -305,6 +305,7 @@ class Service:
                 "base_model": s.base_model, "rank": s.rank, "alpha": s.alpha, "target_modules": s.target_modules,
                 "neighbours": m.get("neighbours", []), "ood": m.get("ood"), "clipped": m.get("clipped"),
                 "examples_used": m.get("examples_used"), "examples_from_description": m.get("examples_from_description"),
+                "examples_fit": m.get("examples_fit"), "examples_ood": m.get("examples_ood"),
                 "seed": m.get("seed"), "sample_ids": ids}
 
     def lookup(self, lora_id: str) -> Stored:

@@ -54,10 +54,14 @@ def generate(
     flags = "".join(f", {f}" for f in ("ood", "clipped") if lora.metadata.get(f))
     if lora.metadata.get("examples_from_description"):
         flags += ", examples from the description"
+    if lora.metadata.get("examples_ood"):
+        flags += ", no expert explains the examples"
     typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model}{flags})")
     for n in lora.metadata["neighbours"]:
         evidence = f"  examples log p {n['example_logprob']:.1f}" if n.get("example_logprob") is not None else ""
         typer.echo(f"  {n['expert']:<24} similarity {n['similarity']:.3f}  weight {n['weight']:.3f}{evidence}")
+    if lora.metadata.get("examples_fit") is not None:
+        typer.echo(f"examples fit {lora.metadata['examples_fit']:.3f} (the best expert's mean probability per output token)")
 
 
 def complete(

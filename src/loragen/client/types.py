@@ -123,6 +123,8 @@ class GenerationResult:
     lora: Lora | None = None  # downloaded unless `download=False`
     examples_used: bool | None = None
     examples_from_description: bool | None = None
+    examples_fit: float | None = None
+    examples_ood: bool | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], lora: Lora | None = None) -> GenerationResult:

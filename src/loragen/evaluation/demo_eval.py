@@ -103,7 +103,8 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     tests = {t.name: t.split_instances(0.9, seed)[1][:test_per_task] for t in tasks}
     scores = exact_match(base, [c.lora for c in cells], [tests[c.task] for c in cells])
     rows = [{"method": c.method, "split": c.split, "task": c.task, "description": c.description,
-             "exact_match": s, "neighbours": (c.lora.metadata.get("neighbours") if c.lora else None)}
+             "exact_match": s, "neighbours": (c.lora.metadata.get("neighbours") if c.lora else None),
+             "examples_ood": (c.lora.metadata.get("examples_ood") if c.lora else None)}
             for c, s in zip(cells, scores)]
     oracle = {r["task"]: r["exact_match"] for r in rows if r["method"] == "oracle" and r["split"] == "registry"}
     rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], "neighbours": None}
@@ -115,7 +116,18 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
             if vals:
                 table.setdefault(m, {})[split] = sum(vals) / len(vals)
     return {"held_out_tasks": list(HELD_OUT), "test_per_task": test_per_task, "table": table,
-            "rows": rows, "tasks": sorted(by_name)}
+            "examples_ood": examples_ood_counts(rows), "rows": rows, "tasks": sorted(by_name)}
+
+
+def examples_ood_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
+    """Per method and split: [rows flagged examples_ood, rows whose examples were scored]."""
+    counts: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        if r.get("examples_ood") is not None:
+            c = counts.setdefault(r["method"], {}).setdefault(r["split"], [0, 0])
+            c[0] += bool(r["examples_ood"])
+            c[1] += 1
+    return counts
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -130,6 +142,10 @@ def markdown_table(report: dict[str, Any]) -> str:
             o = oracle.get(split)
             cells.append("" if v is None else f"{v:.3f}" + (f" ({v / o:.0%} of oracle)" if o else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report.get("examples_ood"):
+        lines.append("\nNo expert explains the examples (`examples_ood`), rows flagged / rows with examples:")
+    for m, splits in report.get("examples_ood", {}).items():
+        lines.append(f"- {m}: " + ", ".join(f"{split} {n}/{total}" for split, (n, total) in splits.items()))
     return "\n".join(lines)
 
 

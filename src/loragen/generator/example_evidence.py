@@ -18,11 +18,19 @@ top EXAMPLE_CANDIDATES experts scored (more than the K = 4 a description alone i
 on the demo world two dev paraphrases have their task 5th or lower. Requests without examples
 keep their K. Causal LMs only: an encoder's examples are classification labels, and there this
 module is not used.
+
+The same scores tell when no candidate explains the examples: the best candidate's geometric-mean
+probability per output token (`examples_fit`) below EXAMPLES_FIT_THRESHOLD flags the request
+(`examples_ood`): the registry has no expert for what the examples show, whatever the description
+reads like.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +40,10 @@ from ..registry import Hit
 from .task_vector import Example
 
 EXAMPLE_CANDIDATES = 8
+# On the demo world, with 4 examples, a seen task's fit was 0.83-0.995 and a held-out task's
+# (whose expert is not a candidate) 0.002-0.29; with 1 example one held-out task fit 0.99, a
+# 3-letter word that another task maps the same way (benchmarks/RESULTS.md).
+EXAMPLES_FIT_THRESHOLD = 0.5
 
 
 def applies(spec: LoraSpec, example_sets: Sequence[Sequence[Example]]) -> bool:
@@ -56,19 +68,50 @@ def reweigh(similarities: Sequence[float], temperature: float, logprobs: Sequenc
     return torch.softmax(logits, dim=0).tolist()
 
 
+@dataclass
+class Evidence:
+    """What a batch's examples say: per row, log p(examples | candidate k) for each of its candidates
+    (None for a row without examples), and how many output tokens (eos included) those sum over."""
+
+    logprobs: list[list[float] | None]
+    tokens: list[int]
+
+    def fit(self, row: int) -> float | None:
+        """exp(mean log p per output token) under the candidate that explains the row's examples best:
+        how far its best expert would predict each token. None without examples."""
+        values = self.logprobs[row]
+        return math.exp(max(values) / max(self.tokens[row], 1)) if values else None
+
+    def ood(self, row: int) -> bool | None:
+        """No candidate explains the examples (fit below EXAMPLES_FIT_THRESHOLD); None without examples."""
+        fit = self.fit(row)
+        return None if fit is None else fit < EXAMPLES_FIT_THRESHOLD
+
+
 @torch.no_grad()
 def example_logprobs(base: BaseModel, experts: LoraStack, example_sets: Sequence[Sequence[Example]],
-                     candidates: Sequence[Sequence[int]]) -> list[list[float] | None]:
+                     candidates: Sequence[Sequence[int]]) -> Evidence:
     """log p(examples of request i | expert `candidates[i][k]`) for every i and k, all in batched
-    forward passes (row r of a pass uses its own expert's LoRA). None for requests without examples."""
+    forward passes (row r of a pass uses its own expert's LoRA)."""
     owner = [(i, k) for i, (s, cands) in enumerate(zip(example_sets, candidates)) for k in range(len(cands)) for _ in s]
     flat = [ex for s, cands in zip(example_sets, candidates) for _ in cands for ex in s]
     out: list[list[float] | None] = [[0.0] * len(c) if s else None for s, c in zip(example_sets, candidates)]
+    tokens = [0] * len(example_sets)
     if not flat:
-        return out
+        return Evidence(out, tokens)
     rows = [candidates[i][k] for i, k in owner]
-    logp, _ = base.output_logprobs([ex["input"] for ex in flat], [ex["output"] for ex in flat],
-                                   stack=experts, rows=rows)
-    for (i, k), value in zip(owner, logp.tolist()):
+    logp, count = base.output_logprobs([ex["input"] for ex in flat], [ex["output"] for ex in flat],
+                                       stack=experts, rows=rows)
+    for (i, k), value, n in zip(owner, logp.tolist(), count.tolist()):
         out[i][k] += value  # type: ignore[index]
-    return out
+        if k == 0:  # every candidate scores the same tokens
+            tokens[i] += int(n)
+    return Evidence(out, tokens)
+
+
+def examples_metadata(used: bool, from_description: bool, evidence: Evidence | None, row: int) -> dict[str, Any]:
+    """The metadata keys a generated LoRA carries about its request's examples."""
+    scored = used and evidence is not None and evidence.logprobs[row] is not None
+    return {"examples_used": used, "examples_from_description": used and from_description,
+            "examples_fit": evidence.fit(row) if scored else None,  # type: ignore[union-attr]
+            "examples_ood": evidence.ood(row) if scored else None}  # type: ignore[union-attr]

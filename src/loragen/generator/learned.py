@@ -31,7 +31,8 @@ from .description_encoder import PREFIX as ENCODER_PREFIX
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
-from .example_evidence import EXAMPLE_CANDIDATES, applies, candidates, example_logprobs, reweigh
+from .example_evidence import (EXAMPLE_CANDIDATES, Evidence, applies, candidates, example_logprobs, examples_metadata,
+                               reweigh)
 from .retrieval import Neighbour, check_descriptions
 from .safety import Safety
 from .inline_examples import with_inline_examples
@@ -209,8 +210,7 @@ class LearnedGenerator:
             return self.search(query)
         return candidates(lambda n: self.search(query, k=n), self.model.config.top_k, example_sets)
 
-    def example_evidence(self, example_sets: Sequence[Sequence[Example]],
-                         hits: list[list[Hit]]) -> list[list[float] | None] | None:
+    def example_evidence(self, example_sets: Sequence[Sequence[Example]], hits: list[list[Hit]]) -> Evidence | None:
         """Per row and hit: log p(the row's examples | that hit's expert); None without examples
         or for a base model that is not a causal LM."""
         if not applies(self.registry.spec, example_sets):
@@ -300,7 +300,7 @@ class LearnedGenerator:
         query = self.embed(descriptions)
         hits = self.candidates(query, example_sets)
         evidence = self.example_evidence(example_sets, hits)
-        text, mu, sigma, neighbours = self.conditions(query, hits, evidence)
+        text, mu, sigma, neighbours = self.conditions(query, hits, evidence.logprobs if evidence else None)
         if self.task_vector_dim:
             text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
         noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
@@ -314,9 +314,9 @@ class LearnedGenerator:
             nearest = neighbours[d][0].similarity if neighbours[d] else -1.0
             meta = {"method": self.method, "description": descriptions[d], "seed": seed, "sample": s,
                     "neighbours": [asdict(n) for n in neighbours[d]], "nearest_similarity": nearest,
-                    "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i]),
-                    "examples_used": bool(example_sets[d]) and (evidence is not None or self.task_vector_dim > 0)}
-            meta["examples_from_description"] = meta["examples_used"] and inline[d]
+                    "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i])}
+            used = bool(example_sets[d]) and (evidence is not None or self.task_vector_dim > 0)
+            meta.update(examples_metadata(used, inline[d], evidence, d))
             loras.append(self.registry.basis.lora({m: b[i] for m, b in B.items()}, meta))
         return loras
 

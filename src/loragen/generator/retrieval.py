@@ -18,7 +18,7 @@ from einops import einsum
 from ..adapters import Lora, LoraStack
 from ..registry import Expert, Hit, Registry
 from .errors import GenerationError
-from .example_evidence import applies, candidates, example_logprobs, reweigh
+from .example_evidence import Evidence, applies, candidates, example_logprobs, examples_metadata, reweigh
 from .inline_examples import with_inline_examples
 from .task_vector import Example, TaskVectors, check_examples
 
@@ -114,8 +114,7 @@ class RetrievalGenerator:
         """Holds the base model, loaded on first use (only requests with examples need it)."""
         return TaskVectors(self.registry.spec)
 
-    def example_evidence(self, example_sets: list[list[Example]],
-                         hits: list[list[Hit]]) -> list[list[float] | None] | None:
+    def example_evidence(self, example_sets: list[list[Example]], hits: list[list[Hit]]) -> Evidence | None:
         """`weighted` only: per row and hit, log p(the row's examples | that hit's expert)."""
         if not self.uses_evidence(example_sets):
             return None
@@ -160,14 +159,13 @@ class RetrievalGenerator:
         else:
             hits = self._search(descriptions)
         evidence = self.example_evidence(example_sets, hits)
-        w, neighbours = self.weights(hits, evidence)
+        w, neighbours = self.weights(hits, evidence.logprobs if evidence else None)
         _, _, stacked = self._experts
         terms = max((len(row) for row in hits), default=1)
         mixed = {m: self.mix(w, b, terms) for m, b in stacked.items()}
         loras = []
         for i, desc in enumerate(descriptions):
             meta = {"method": self.method, "description": desc, "neighbours": [asdict(n) for n in neighbours[i]],
-                    "examples_used": evidence is not None and bool(example_sets[i])}
-            meta["examples_from_description"] = meta["examples_used"] and inline[i]
+                    **examples_metadata(evidence is not None and bool(example_sets[i]), inline[i], evidence, i)}
             loras.append(self.registry.basis.lora({m: b[i] for m, b in mixed.items()}, meta))
         return loras
