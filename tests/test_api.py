@@ -274,6 +274,32 @@ def test_generators_share_one_base_model_for_examples(world: Path, encoder: Text
         generators = list(app.state.service._generators.values())
     assert len(generators) >= 3 and len({id(g.task_vectors) for g in generators}) == 1
     assert "base" in vars(generators[0].task_vectors)  # loaded once, for all of them
+    assert generators[0].task_vectors.base is app.state.service.base_model()  # the completions' own copy
+
+
+def test_examples_and_completions_share_the_base_model_concurrently(server: str, client: Client) -> None:
+    """Scoring examples hooks every candidate's LoRA onto the completions' model: the lock keeps each
+    thread's hooks out of the other's forward passes, so concurrent results equal sequential ones."""
+    lora_id = client.generate("english to french", download=False).id
+    prompts = [f"abc{i}" for i in range(16)]
+    examples = [{"input": "abc", "output": "cba"}, {"input": "hello", "output": "olleh"}]
+    descriptions = [f"reverse the word {i}" for i in range(16)]
+    texts = [client.complete(p, lora_id=lora_id, max_tokens=8).text for p in prompts]
+    weights = [[n.weight for n in client.generate(d, method="sg", seed=0, examples=examples, download=False).neighbours]
+               for d in descriptions]
+
+    async def run() -> tuple[list, list]:
+        async with AsyncClient(server) as ac:
+            done = await asyncio.gather(*(ac.complete(p, lora_id=lora_id, max_tokens=8) for p in prompts),
+                                        *(ac.generate(d, method="sg", seed=1, examples=examples, download=False)
+                                              for d in descriptions))  # another seed: not from the cache
+        return done[:len(prompts)], done[len(prompts):]
+
+    completions, generated = asyncio.run(run())
+    assert [c.text for c in completions] == texts
+    assert not any(g.cached for g in generated)
+    for got, want in zip(generated, weights):
+        assert [n.weight for n in got.neighbours] == pytest.approx(want, abs=1e-6)
 
 
 def test_learned_method_samples_seeds_and_cache(client: Client) -> None:

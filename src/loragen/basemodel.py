@@ -7,7 +7,8 @@ format prompts here, so an expert sees at generation time exactly what it saw in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,13 @@ class BaseModelError(LoragenError, ValueError):
 
 @dataclass
 class BaseModel:
+    """`complete`, `output_logprobs` and `last_hidden_states` hold `lock` while they run: per-row LoRAs
+    are forward hooks on the shared modules, so one thread's hooks would reach another's forward."""
+
     model: nn.Module
     tokenizer: Any
     path: str
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> BaseModel:
@@ -78,6 +83,11 @@ class BaseModel:
                         rows: list[int] | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """Per pair: the summed log-probability of the output's tokens (eos included) after the
         prompt, and their count. Row i uses LoRA `rows[i]` of `stack` (-1 or no stack: none)."""
+        with self.lock:
+            return self._output_logprobs(inputs, outputs, stack, rows, batch_size)
+
+    def _output_logprobs(self, inputs: list[str], outputs: list[str], stack: LoraStack | None,
+                         rows: list[int] | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         total, count = torch.zeros(len(inputs), dtype=torch.float64), torch.zeros(len(inputs), dtype=torch.long)
         for start in range(0, len(inputs), batch_size):
             part = slice(start, start + batch_size)
@@ -97,6 +107,16 @@ class BaseModel:
         return total, count
 
     @torch.no_grad()
+    def last_hidden_states(self, inputs: list[str], outputs: list[str]) -> torch.Tensor:
+        """(pairs, hidden): the last layer's state at the eos after each output (ICM-LoRA's task vector)."""
+        enc = self.encode_pairs(inputs, outputs)
+        mask = enc["attention_mask"].to(self.device)
+        with self.lock:
+            out = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask, output_hidden_states=True)
+        last = mask.sum(dim=1) - 1  # right-padded: the eos after the output
+        return out.hidden_states[-1][torch.arange(len(inputs)), last]
+
+    @torch.no_grad()
     def complete(
         self,
         inputs: list[str],
@@ -107,6 +127,11 @@ class BaseModel:
         seed: int | None = None,
     ) -> list[str]:
         """Complete each input, row i with `loras[i]` applied per row (shared weights untouched)."""
+        with self.lock:
+            return self._complete(inputs, loras, max_new_tokens, temperature, seed)
+
+    def _complete(self, inputs: list[str], loras: list[Lora | None] | None, max_new_tokens: int,
+                  temperature: float, seed: int | None) -> list[str]:
         tok = self.tokenizer
         tok.padding_side = "left"
         enc = tok([self.prompt(x) for x in inputs], return_tensors="pt", padding=True, add_special_tokens=False)

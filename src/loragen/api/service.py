@@ -4,8 +4,8 @@ SQLite connections belong to the thread that opened them, so the registry is ope
 registry or generator call runs, on one `engine` thread. Completions run on their own `model`
 thread; concurrent greedy ones are micro-batched into one forward in which every row applies its
 own LoRA (shared weights are never modified). Requests with examples need the base model on the
-engine thread too: every generator shares one copy there, loaded on the first such request (a
-second copy beside the `model` thread's, whose forward passes would otherwise see the LoRA hooks).
+engine thread too: every generator uses the same copy as the completions, whose lock keeps one
+thread's per-row LoRA hooks out of the other's forward passes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +119,7 @@ class Service:
         self.generator_root: Path | None = settings.generator
         self._generators: dict[tuple[str, int], Any] = {}
         self._base: BaseModel | None = None
+        self._base_loading = threading.Lock()
         self.readiness = Readiness()
         self._warming: asyncio.Task[None] | None = None
         self._stopping = False
@@ -273,7 +275,15 @@ class Service:
 
     @cached_property
     def _examples_model(self) -> TaskVectors:
-        return TaskVectors(self.reg.spec, device=self.settings.device)
+        spec = self.reg.spec
+        shared = self._shared_base if spec.task_type == "CAUSAL_LM" else None
+        return TaskVectors(spec, device=self.settings.device, load=shared)
+
+    def _shared_base(self) -> BaseModel:
+        try:
+            return self.base_model()
+        except ApiError as exc:
+            raise GenerationError(f"examples need the base model: {exc.message}") from exc
 
     def _generate(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
         first = jobs[0]
@@ -333,13 +343,15 @@ class Service:
                                           temperature=first.temperature, seed=first.seed)
 
     def base_model(self) -> BaseModel:
-        if self._base is None:
-            path = self.reg.spec.base_model
-            try:
-                self._base = BaseModel.load(path, device=self.settings.device)
-            except BaseModelError as exc:
-                raise ApiError(503, "base_model_unavailable", f"completions are unavailable: {exc}") from exc
-        return self._base
+        """Loaded once, by whichever thread asks first (the `model` thread, or the engine for examples)."""
+        with self._base_loading:
+            if self._base is None:
+                path = self.reg.spec.base_model
+                try:
+                    self._base = BaseModel.load(path, device=self.settings.device)
+                except BaseModelError as exc:
+                    raise ApiError(503, "base_model_unavailable", f"the base model is unavailable: {exc}") from exc
+            return self._base
 
     @staticmethod
     def new_completion_id() -> str:

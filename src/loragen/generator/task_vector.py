@@ -8,7 +8,7 @@ L2-normalised, so its scale does not depend on the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -45,11 +45,13 @@ class TaskVectors:
     """`vectors(example_sets)` -> (N, dim) float32 on CPU, one unit row per non-empty set."""
 
     def __init__(self, spec: LoraSpec, base_model: str | Path | None = None, *, device: str = "cpu",
-                 loaded: Any = None) -> None:
-        """`loaded`: an already loaded `BaseModel` / `EncoderModel` to use instead of loading one."""
+                 loaded: Any = None, load: Callable[[], Any] | None = None) -> None:
+        """`loaded`: an already loaded `BaseModel` / `EncoderModel` to use instead of loading one;
+        `load`: how to get it on first use (e.g. a service's own, shared with its completions)."""
         self.spec = spec
         self.path = str(base_model or spec.base_model)
         self.device = device
+        self._load = load
         if loaded is not None:
             self.__dict__["base"] = loaded
 
@@ -58,6 +60,8 @@ class TaskVectors:
         """The base model (`BaseModel` or `EncoderModel`), loaded on first use."""
         if not Path(self.path).exists():
             raise GenerationError(f"examples need the base model, and there is none at {self.path}")
+        if self._load is not None:
+            return self._load()
         if self.spec.task_type == "CAUSAL_LM":
             from ..basemodel import BaseModel
 
@@ -84,8 +88,4 @@ class TaskVectors:
         model = self.base
         if self.spec.task_type != "CAUSAL_LM":
             return model.embed([f"{ex['input']} => {ex['output']}" for ex in flat])
-        enc = model.encode_pairs([ex["input"] for ex in flat], [ex["output"] for ex in flat])
-        mask = enc["attention_mask"].to(model.device)
-        out = model.model(input_ids=enc["input_ids"].to(model.device), attention_mask=mask, output_hidden_states=True)
-        last = mask.sum(dim=1) - 1  # right-padded: the eos after the output
-        return out.hidden_states[-1][torch.arange(len(flat)), last]
+        return model.last_hidden_states([ex["input"] for ex in flat], [ex["output"] for ex in flat])
