@@ -267,10 +267,20 @@ def test_peft_loads_an_adapter_the_batch_wrote(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    res = _cli(str(_write(tmp_path / "in.jsonl", _items(2))), "--out", str(out), "--method", "sg",
+    items = [*_items(2), {"id": "given", "description": "reverse the word", "examples": [{"input": "ab", "output": "ba"}]},
+             {"id": "written", "description": "reverse the word, e.g. ab -> ba"}]
+    res = _cli(str(_write(tmp_path / "in.jsonl", items)), "--out", str(out), "--method", "sg",
                "--registry", str(world / "registry"), "--generator", str(world / "generators" / "sg"))
     assert res.returncode == 0, res.stderr
-    record = _manifest(out)[0]
+    records = {r["id"]: r for r in _manifest(out)}
+    assert records["item-0"]["examples_used"] is False and records["item-0"]["examples_fit"] is None
+    for name, written in (("given", False), ("written", True)):
+        r = records[name]
+        assert r["examples_used"] is True and r["examples_from_description"] is written
+        assert 0 < r["examples_fit"] <= 1 and r["examples_ood"] == (r["examples_fit"] < 0.5)
+    pairs = {n: [(x["expert"], x["example_logprob"]) for x in records[n]["neighbours"]] for n in ("given", "written")}
+    assert sorted(pairs["given"]) == sorted(pairs["written"])  # the same pair scored the same candidates
+    record = records["item-0"]
     adapter = out / record["path"]
     from loragen.adapters import Lora
 

@@ -26,6 +26,9 @@ from .items import BatchItem
 ADAPTERS = "adapters"
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+# what the generators say about a request's examples (`generator/example_evidence.py`)
+EXAMPLE_KEYS = ("examples_used", "examples_from_description", "examples_fit", "examples_ood")
+
 
 class Generator(Protocol):
     def generate(self, descriptions: list[str], *, examples: list[list[dict[str, str]]] | None = None,
@@ -116,5 +119,6 @@ def write_outcome(outcome: Outcome, out_dir: str | Path) -> dict[str, Any]:
     meta = outcome.lora.metadata
     return {**record, "status": "ok", "path": rel.as_posix(), "neighbours": meta.get("neighbours", []),
             "ood": meta.get("ood"), "clipped": meta.get("clipped"),
+            **{k: meta[k] for k in EXAMPLE_KEYS if k in meta},
             "timings": {"generate_s": round(outcome.generate_s, 6),
                         "write_s": round(time.perf_counter() - started, 6)}}
