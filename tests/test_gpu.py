@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TARGETS, TINY_CONFIGS
+from test_api import world  # noqa: F401 (fixture)
 from test_generators import TRAIN, _examples, _registry, icm_world  # noqa: F401 (fixture)
 
 from loragen.adapters import spec_from_config
@@ -88,3 +89,28 @@ def test_examples_as_evidence_on_cuda(icm_world, method):  # noqa: F811 (the imp
             assert b["weight"] == pytest.approx(a["weight"], abs=2e-2)
         for m in r.B:
             assert g.B[m].dtype == torch.bfloat16 and _relative_error(g.B[m], r.B[m]) < 3e-2
+
+
+def test_the_service_on_cuda_answers_as_on_cpu(world, encoder):  # noqa: F811 (the imported fixture)
+    """A live server with `device=cuda`: a generation that uses the examples its description writes,
+    then a completion with that LoRA on the shared base model, against the same on a CPU server."""
+    from conftest import uvicorn_server
+
+    from loragen.api import ApiSettings, create_app
+    from loragen.client import Client
+
+    got = {}
+    for device in ("cpu", "cuda"):
+        settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / f"home-{device}",
+                               device=device, encoder_dtype="float32")
+        with uvicorn_server(create_app(settings, encoder=encoder)) as url, Client(url, timeout=120) as c:
+            result = c.generate("english to french, e.g. abc -> cba", method="sg", seed=0)
+            got[device] = result, c.complete("abcd", lora_id=result.id, max_tokens=8).text
+    (cpu, cpu_text), (gpu, gpu_text) = got["cpu"], got["cuda"]
+    assert gpu.examples_from_description and [n.expert for n in gpu.neighbours] == [n.expert for n in cpu.neighbours]
+    assert [n.weight for n in gpu.neighbours] == pytest.approx([n.weight for n in cpu.neighbours], abs=2e-2)
+    assert gpu.examples_fit == pytest.approx(cpu.examples_fit, rel=2e-2)
+    assert cpu.lora is not None and gpu.lora is not None
+    for m in cpu.lora.B:
+        assert _relative_error(gpu.lora.B[m], cpu.lora.B[m]) < 3e-2
+    assert gpu_text == cpu_text
