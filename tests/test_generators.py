@@ -730,3 +730,40 @@ def test_written_examples_without_a_local_base_model_are_ignored(trained):
     gen, _ = trained  # its base model, "tiny-llama", is not a local directory: explicit examples are an error
     lora = gen.generate(["sort the letters, e.g. cab -> abc"], seed=0)[0]
     assert lora.metadata["examples_used"] is False and lora.metadata["examples_from_description"] is False
+
+
+# ------------------------------------------------------------------ compiled decoder (CUDA graphs on a GPU)
+
+def test_compiled_batch_sizes_are_padded_to_powers_of_two():
+    from loragen.generator.compiled_decode import bucket
+
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 256)] == [1, 2, 4, 4, 8, 8, 16, 256]
+
+
+def test_a_compiled_decoder_generates_what_the_eager_one_does(trained, registry):
+    gen, directory = trained
+    compiled = load_generator(gen.method, registry, generator_dir=directory, compile_decoder=True)
+    descriptions = ["reverse the string", "sort the letters", "remove every vowel"]  # padded to 4
+    eager = gen.generate(descriptions, seed=3, num_samples=2)
+    got = compiled.generate(descriptions, seed=3, num_samples=2)
+    assert len(got) == 6 and all(_same(a, b, atol=1e-5) for a, b in zip(got, eager))
+    first = compiled.generate(descriptions[:1], seed=3, num_samples=2)  # another graph, same answer
+    assert _same(first[0], eager[0], atol=1e-5) and _same(first[1], eager[1], atol=1e-5)
+    assert got[0].B[next(iter(got[0].B))].data_ptr() != first[0].B[next(iter(first[0].B))].data_ptr()
+
+
+def test_a_decoder_that_does_not_compile_decodes_eagerly(trained, registry, monkeypatch, caplog):
+    from loragen.generator import compiled_decode
+
+    def broken(fn, **_):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler here")
+        return fail
+
+    monkeypatch.setattr(compiled_decode.torch, "compile", broken)
+    gen, directory = trained
+    compiled = load_generator(gen.method, registry, generator_dir=directory, compile_decoder=True)
+    with caplog.at_level("WARNING"):
+        got = compiled.generate(["reverse the string"], seed=1)[0]
+    assert _same(got, gen.generate(["reverse the string"], seed=1)[0])
+    assert "decoding eagerly" in caplog.text and compiled._decode.compiled is None

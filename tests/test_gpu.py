@@ -114,3 +114,21 @@ def test_the_service_on_cuda_answers_as_on_cpu(world, encoder):  # noqa: F811 (t
     for m in cpu.lora.B:
         assert _relative_error(gpu.lora.B[m], cpu.lora.B[m]) < 3e-2
     assert gpu_text == cpu_text
+
+
+def test_cuda_graph_decoder_generates_what_the_eager_one_does(trained):
+    from loragen.generator import load_generator
+
+    registry, directory, cpu = trained
+    eager = LearnedGenerator.from_pretrained(directory, registry, device="cuda", dtype=torch.bfloat16)
+    graphs = load_generator(cpu.method, registry, generator_dir=directory, device="cuda", dtype=torch.bfloat16,
+                            compile_decoder=True)
+    ref = eager.generate(DESCRIPTIONS[:3], seed=2, num_samples=2)
+    got = graphs.generate(DESCRIPTIONS[:3], seed=2, num_samples=2)  # 3 requests padded to a graph of 4
+    kept = [{m: b.clone() for m, b in lo.B.items()} for lo in got]
+    graphs.generate(DESCRIPTIONS[1:], seed=7, num_samples=2)  # a replay must not overwrite returned LoRAs
+    assert graphs._decode.compiled is not None  # compiled, not fallen back to eager
+    for r, g, k in zip(ref, got, kept):
+        for m in r.B:
+            assert g.B[m].dtype == torch.bfloat16 and torch.equal(g.B[m], k[m])
+            assert _relative_error(g.B[m], r.B[m].cpu()) < 1e-2

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         description="Requests without examples use the input -> output pairs their description writes "
                     "out (e.g. 'garden -> nedrag') as examples, where the base model is a local causal LM.",
     )
+    compile_decoder: bool = Field(
+        default=False,
+        description="icm and sg decode under torch.compile, replayed as CUDA graphs on a GPU (about 3x faster "
+                    "decoding of 1-8 requests on an H200; each padded batch size compiles on first use).",
+    )
 
     @classmethod
     def settings_customise_sources(

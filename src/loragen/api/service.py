@@ -268,7 +268,8 @@ class Service:
                 gen_dir = root if (root / "config.json").is_file() else root / method
             gen = load_generator(method, self.reg, k=k, temperature=self.settings.softmax_temperature,
                                  generator_dir=gen_dir, device=self.settings.device,
-                                 inline_examples=self.settings.inline_examples)
+                                 inline_examples=self.settings.inline_examples,
+                                 compile_decoder=self.settings.compile_decoder)
             gen.task_vectors = self._examples_model  # one base model for every generator's examples
             self._generators[key] = gen
         return self._generators[key]

@@ -21,11 +21,15 @@ METHODS = RETRIEVAL_METHODS + LEARNED_METHODS
 
 def load_generator(method: str, registry: Registry, *, k: int = 4, temperature: float = 0.05,
                    generator_dir: str | Path | None = None, device: str = "cpu",
-                   dtype: torch.dtype | None = None, inline_examples: bool = True) -> Any:
+                   dtype: torch.dtype | None = None, inline_examples: bool = True,
+                   compile_decoder: bool = False) -> Any:
     """The generator for `method`, by name; `icm` and `sg` load a trained checkpoint from `generator_dir`.
-    `inline_examples`: rows without examples use the pairs their description writes out."""
+    `inline_examples`: rows without examples use the pairs their description writes out;
+    `compile_decoder`: icm and sg decode under torch.compile (CUDA graphs on a GPU)."""
     gen = _load(method, registry, k, temperature, generator_dir, device, dtype)
     gen.inline_examples = inline_examples
+    if isinstance(gen, LearnedGenerator):
+        gen.compile_decoder = compile_decoder
     return gen
 
 

@@ -31,6 +31,7 @@ from .description_encoder import PREFIX as ENCODER_PREFIX
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
+from .compiled_decode import CompiledDecode, Decode
 from .example_evidence import (EXAMPLE_CANDIDATES, Evidence, applies, candidates, example_logprobs, examples_metadata,
                                reweigh)
 from .retrieval import Neighbour, check_descriptions
@@ -101,6 +102,7 @@ def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tens
 
 class LearnedGenerator:
     inline_examples: bool = True  # rows without examples read the pairs their description writes out
+    compile_decoder: bool = False  # decode under torch.compile / CUDA graphs (`compiled_decode.py`)
 
     def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: dict[str, Any], *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -304,7 +306,7 @@ class LearnedGenerator:
         if self.task_vector_dim:
             text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
         noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
-        B = self.decode(text, mu, sigma, noise)
+        B = self._decode(text, mu, sigma, noise)
         norms = self.safety.norms(B)
         self.safety.check_finite(B, descriptions, norms)
         B, clipped = self.safety.clip(B, norms)
@@ -338,6 +340,15 @@ class LearnedGenerator:
         out = [g.float() for g in self.model.decode(z, cond, feats, mu, sigma)]
         groups = denormalise(out, *self.stats)  # type: ignore[arg-type]
         return {m: b.to(dt) for m, b in self.model.layout.to_modules(groups).items()}
+
+    @cached_property
+    def _decode(self) -> Decode:
+        """`decode`, or its compiled form when `compile_decoder` was set before the first generation."""
+        if not self.compile_decoder:
+            return self.decode
+        if self.method == "icm":  # made eagerly: a tensor first made inside a CUDA graph lives in its memory
+            self._folded, self._stats_on  # noqa: B018
+        return CompiledDecode(self.decode, torch.device(self.device))
 
     @cached_property
     def _folded(self) -> list[torch.Tensor]:
