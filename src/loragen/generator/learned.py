@@ -25,18 +25,18 @@ from safetensors.torch import load_file, save_file
 from ..adapters import Lora, LoraStack, atomic
 from ..registry import Hit, Registry
 from ..registry.index import normalised
+from .compiled_decode import CompiledDecode, Decode
 from .cvae import CVAEConfig, LoraCVAE, denormalise, normalise
 from .decoder import TokenLayout
 from .description_encoder import PREFIX as ENCODER_PREFIX
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
-from .compiled_decode import CompiledDecode, Decode
 from .example_evidence import (EXAMPLE_CANDIDATES, Evidence, applies, candidates, example_logprobs, examples_metadata,
                                reweigh)
+from .inline_examples import with_inline_examples
 from .retrieval import Neighbour, check_descriptions
 from .safety import Safety
-from .inline_examples import with_inline_examples
 from .task_vector import Example, TaskVectors, check_examples
 
 log = logging.getLogger(__name__)
