@@ -302,6 +302,29 @@ def test_examples_and_completions_share_the_base_model_concurrently(server: str,
         assert [n.weight for n in got.neighbours] == pytest.approx(want, abs=1e-6)
 
 
+def test_a_compiled_decoder_is_compiled_at_warm_up_and_serves_the_same_loras(world: Path, encoder: TextEncoder) -> None:
+    settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home-compiled",
+                           encoder_dtype="float32", compile_decoder=True, max_batch=4, max_wait_ms=50)
+    app = create_app(settings, encoder=encoder)
+    descriptions = ["english to french", "reverse the word", "arithmetic for kids"]
+    with uvicorn_server(app) as url:  # ready once warm: padded batch sizes 1, 2 and 4 compiled
+        gen = app.state.service._generators[("sg", 0)]
+        assert gen._decode.compiled is not None
+
+        async def run() -> list:
+            async with AsyncClient(url) as ac:
+                return await asyncio.gather(*(ac.generate(d, method="sg", seed=2) for d in descriptions))
+
+        served = asyncio.run(run())
+    reg = Registry.open(world / "registry")
+    eager = load_generator("sg", reg, generator_dir=world / "generators" / "sg").generate(descriptions, seed=2)
+    for r, e in zip(served, eager):
+        assert r.lora is not None
+        for m in e.B:
+            torch.testing.assert_close(r.lora.B[m], e.B[m], rtol=0, atol=1e-5)
+    reg.close()
+
+
 def test_learned_method_samples_seeds_and_cache(client: Client) -> None:
     description = "judge how positive a movie review is"
     result = client.generate(description, method="sg", seed=3, num_samples=2, download=False)

@@ -30,6 +30,7 @@ from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError
 from ..embeddings import TextEncoder, resolve_dtype
 from ..generator import LEARNED_METHODS, METHODS, GenerationError, TaskVectors, check_descriptions, load_generator
+from ..generator.compiled_decode import bucket
 from ..registry import Hit, Registry
 from .batching import MicroBatcher
 from .cache import ByteLRU, tensor_bytes
@@ -193,7 +194,12 @@ class Service:
                         or ((root / "config.json").is_file() and _config_method(root) == m)]
         for method, k in methods:
             try:
-                self._generator(method, k).generate(["warm up"], seed=0)
+                gen = self._generator(method, k)
+                sizes = [1]
+                if getattr(gen, "compile_decoder", False):  # compile every padded batch size now, not on a request
+                    sizes = [1 << i for i in range(bucket(self.settings.max_batch).bit_length())]
+                for n in sizes:
+                    gen.generate(["warm up"] * n, seed=0)
             except GenerationError as exc:  # e.g. an empty registry: requests will say so
                 log.warning("no warm-up generation with %s: %s", method, exc)
 

@@ -6,7 +6,8 @@ On an NVIDIA H200 CUDA graphs take the decode of 1 to 8 requests from 0.69 to 0.
 encoding, so this is off by default.
 
 A graph is recorded per input shape. Batches are padded to the next power of two (as vLLM pads to
-its capture sizes), so a server records at most log2(max batch) + 1 of them, each on first use.
+its capture sizes), so a server records at most log2(max batch) + 1 of them; the service compiles
+them all while it warms up (one sample per request; other `num_samples` compile on first use).
 Outputs are copied out, since the next replay writes into the same buffers. If compilation fails
 (no C++ compiler for inductor, say) the decode stays eager and says so once in the log.
 """
