@@ -132,3 +132,34 @@ def test_cuda_graph_decoder_generates_what_the_eager_one_does(trained):
         for m in r.B:
             assert g.B[m].dtype == torch.bfloat16 and torch.equal(g.B[m], k[m])
             assert _relative_error(g.B[m], r.B[m].cpu()) < 1e-2
+
+
+def test_a_server_on_cuda_replays_cuda_graphs(world, encoder):  # noqa: F811 (the imported fixture)
+    """`compile_decoder` on a live cuda server (engine thread): concurrent requests get the LoRAs of the
+    eager GPU generator."""
+    import asyncio
+
+    from conftest import uvicorn_server
+
+    from loragen.api import ApiSettings, create_app
+    from loragen.client import AsyncClient
+    from loragen.generator import load_generator
+    from loragen.registry import Registry
+
+    settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home-graphs",
+                           device="cuda", encoder_dtype="float32", compile_decoder=True, max_batch=4, max_wait_ms=50)
+    app = create_app(settings, encoder=encoder)
+    descriptions = ["english to french", "reverse the word", "arithmetic for kids"]
+    with uvicorn_server(app) as url:  # sg's decode under plain CUDA graphs falls back to eager (see compiled_decode.py)
+
+        async def run() -> list:
+            async with AsyncClient(url) as ac:
+                return await asyncio.gather(*(ac.generate(d, method="sg", seed=2) for d in descriptions))
+
+        served = asyncio.run(run())
+    reg = Registry.open(world / "registry")
+    eager = load_generator("sg", reg, generator_dir=world / "generators" / "sg", device="cuda").generate(descriptions, seed=2)
+    for r, e in zip(served, eager):
+        for m in e.B:
+            assert _relative_error(r.lora.B[m], e.B[m].cpu()) < 1e-2
+    reg.close()

@@ -15,6 +15,7 @@ Outputs are copied out, since the next replay writes into the same buffers. If c
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -33,8 +34,17 @@ def bucket(n: int) -> int:
 class CompiledDecode:
     def __init__(self, decode: Decode, device: torch.device) -> None:
         self.eager = decode
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        self.compiled: Decode | None = torch.compile(decode, mode=mode, dynamic=False)
+        # On CUDA, "reduce-overhead" records CUDA graph trees, whose state is thread-local and set up
+        # on the main thread only; elsewhere (a server's engine thread) plain CUDA graphs are recorded.
+        # With torch 2.11 those work for icm's decode but assert inside inductor for sg's, which then
+        # decodes eagerly (benchmarks/RESULTS.md).
+        self.trees = device.type == "cuda" and threading.current_thread() is threading.main_thread()
+        if device.type != "cuda" or self.trees:
+            mode = "reduce-overhead" if self.trees else "default"
+            self.compiled: Decode | None = torch.compile(decode, mode=mode, dynamic=False)
+        else:
+            self.compiled = torch.compile(decode, dynamic=False,
+                                          options={"triton.cudagraphs": True, "triton.cudagraph_trees": False})
 
     def __call__(self, text: torch.Tensor, mu: list[torch.Tensor] | None, sigma: list[torch.Tensor] | None,
                  noise: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -46,13 +56,13 @@ class CompiledDecode:
             return torch.cat([x, x[:1].expand(size - n, *x.shape[1:])]) if size > n else x
 
         padded = (pad(text), [pad(m) for m in mu] if mu is not None else None,
-                  [pad(s) for s in sigma] if sigma is not None else None, noise)
+                  [pad(s) for s in sigma] if sigma is not None else None, noise.to(text.device))
         try:
-            if text.is_cuda:  # earlier outputs were copied out: the graphs may reuse their memory
+            if self.trees:  # earlier outputs were copied out: the graphs may reuse their memory
                 torch.compiler.cudagraph_mark_step_begin()
             out = self.compiled(*padded)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: serve eagerly rather than fail requests
-            log.warning("torch.compile of the decoder failed, decoding eagerly from now on: %r", exc)
+            log.warning("torch.compile of the decoder failed, decoding eagerly from now on: %r", exc, exc_info=True)
             self.compiled = None
             return self.eager(text, mu, sigma, noise)
         rows = n * noise.shape[0]  # (requests × samples) rows, requests first

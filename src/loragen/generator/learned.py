@@ -338,7 +338,7 @@ class LearnedGenerator:
             groups = self.model.decoder.denormalised(torch.cat([z, cond], dim=-1), self._folded, *self._stats_on)
             return self.model.layout.to_modules(groups)
         out = [g.float() for g in self.model.decode(z, cond, feats, mu, sigma)]
-        groups = denormalise(out, *self.stats)  # type: ignore[arg-type]
+        groups = denormalise(out, *self._stats_on)
         return {m: b.to(dt) for m, b in self.model.layout.to_modules(groups).items()}
 
     @cached_property
@@ -346,8 +346,9 @@ class LearnedGenerator:
         """`decode`, or its compiled form when `compile_decoder` was set before the first generation."""
         if not self.compile_decoder:
             return self.decode
-        if self.method == "icm":  # made eagerly: a tensor first made inside a CUDA graph lives in its memory
-            self._folded, self._stats_on  # noqa: B018
+        self._stats_on  # noqa: B018 - made eagerly: a tensor first made inside a CUDA graph lives in its memory
+        if self.method == "icm":
+            self._folded  # noqa: B018
         return CompiledDecode(self.decode, torch.device(self.device))
 
     @cached_property
