@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -39,12 +40,12 @@ class CompiledDecode:
         # With torch 2.11 those work for icm's decode but assert inside inductor for sg's, which then
         # decodes eagerly (benchmarks/RESULTS.md).
         self.trees = device.type == "cuda" and threading.current_thread() is threading.main_thread()
-        if device.type != "cuda" or self.trees:
-            mode = "reduce-overhead" if self.trees else "default"
-            self.compiled: Decode | None = torch.compile(decode, mode=mode, dynamic=False)
-        else:
-            self.compiled = torch.compile(decode, dynamic=False,
-                                          options={"triton.cudagraphs": True, "triton.cudagraph_trees": False})
+        how: dict[str, Any] = {}
+        if self.trees:
+            how = {"mode": "reduce-overhead"}
+        elif device.type == "cuda":
+            how = {"options": {"triton.cudagraphs": True, "triton.cudagraph_trees": False}}
+        self.compiled: Decode | None = torch.compile(decode, dynamic=False, **how)
 
     def __call__(self, text: torch.Tensor, mu: list[torch.Tensor] | None, sigma: list[torch.Tensor] | None,
                  noise: torch.Tensor) -> dict[str, torch.Tensor]:
