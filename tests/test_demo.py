@@ -79,8 +79,8 @@ def test_examples_correct_a_misread_description(world, tmp_path):
             "--registry", str(world.registry)]
     plain = cli(*args, "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr
-    with_examples = cli(*args, "--out", str(tmp_path / "ex"), "--example", "bcd=>abc", "--example", "hello=>gdkkn",
-                        "--example", "zebra=>ydaqz")
+    with_examples = cli(*args, "--out", str(tmp_path / "ex"), "--example", "bcd -> abc", "--example", "hello→gdkkn",
+                        "--example", "zebra=>ydaqz")  # every arrow the CLI reads
     assert with_examples.returncode == 0, with_examples.stderr
 
     def heaviest(stdout: str) -> str:
@@ -139,7 +139,7 @@ def test_batched_completion_with_mixed_loras_equals_single_calls(world):
     (["generate", "reverse", "--out", "OUT", "--method", "magic"], "unknown method"),
     (["generate", "reverse", "--out", "OUT", "--registry", "/nonexistent/reg"], "no registry"),
     (["complete", "--adapter", "/nonexistent/adapter", "abc"], "no adapter directory"),
-    (["generate", "reverse", "--out", "OUT", "--example", "abc"], "is not INPUT=>OUTPUT"),
+    (["generate", "reverse", "--out", "OUT", "--example", "abc"], "is not INPUT->OUTPUT"),
 ])
 def test_bad_input_is_one_line_and_non_zero(world, tmp_path, args, message):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]

@@ -696,6 +696,22 @@ def test_examples_in_a_description_are_parsed():
     assert examples_in("table -> t*bl*") == [{"input": "table", "output": "t*bl*"}]
     # `=>` is also code's function arrow; no arrow, no examples
     assert examples_in("s => s.split('').reverse()") == [] == examples_in("reverse the letters")
+    # an unquoted pair must end its clause: more words after it mean its sides may be longer
+    assert examples_in("reverse it: hello world -> dlrow olleh") == []
+    assert examples_in("abc -> cba xyz -> zyx") == [{"input": "abc", "output": "cba"}, {"input": "xyz", "output": "zyx"}]
+    assert examples_in("abc -> cba, then xyz -> zyx and so on") == [{"input": "abc", "output": "cba"}]
+
+
+def test_cli_example_pairs_take_any_arrow():
+    from loragen.cli.generate_cmds import _example_pair
+    from loragen.errors import LoragenError
+
+    for text in ("abc->cba", "abc -> cba", "abc=>cba", "abc → cba"):
+        assert _example_pair(text) == {"input": "abc", "output": "cba"}
+    assert _example_pair("hello world -> dlrow olleh") == {"input": "hello world", "output": "dlrow olleh"}
+    assert _example_pair("a->b->c") == {"input": "a", "output": "b->c"}
+    with pytest.raises(LoragenError, match="is not INPUT->OUTPUT"):
+        _example_pair("abc")
 
 
 def test_a_description_s_own_examples_act_like_given_ones(icm_world, sg_on_base):

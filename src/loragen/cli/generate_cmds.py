@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,15 @@ def _registry_path(registry: Path | None) -> Path:
     return registry if registry is not None else Settings().registry_dir
 
 
+def _example_pair(text: str) -> dict[str, str]:
+    """INPUT->OUTPUT, INPUT=>OUTPUT or INPUT→OUTPUT, split at the first arrow. Spaces around the arrow
+    are dropped; the sides are otherwise kept as written, since a pair's exact strings are the evidence."""
+    arrow = re.search(r"\s*(?:->|=>|→)\s*", text)
+    if arrow is None:
+        raise LoragenError(f"--example {text!r} is not INPUT->OUTPUT")
+    return {"input": text[:arrow.start()], "output": text[arrow.end():]}
+
+
 def generate(
     description: Annotated[str, typer.Argument(help="What the LoRA should make the model do.")],
     out: Annotated[Path, typer.Option("--out", help="Directory for the PEFT adapter.")],
@@ -28,8 +38,8 @@ def generate(
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature τ.")] = 0.05,
     generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator (icm/sg).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for icm/sg sampling.")] = None,
-    example: Annotated[list[str] | None, typer.Option("--example", help="An input/output pair as INPUT=>OUTPUT "
-                       "(repeatable): weighted, icm and sg re-weigh their top-K experts by how well each explains "
+    example: Annotated[list[str] | None, typer.Option("--example", help="An input/output pair as INPUT->OUTPUT "
+                       "(or =>, →; repeatable): weighted, icm and sg re-weigh their top-K experts by how well each explains "
                        "the examples; icm also adds its in-context task vector.")] = None,
     registry: RegistryOpt = None,
 ) -> None:
@@ -43,12 +53,7 @@ def generate(
         generator = Settings().demo_dir / "generators" / method  # the demo world's
     gen = load_generator(method, reg, k=k, temperature=temperature, generator_dir=generator,
                          inline_examples=Settings().inline_examples)
-    pairs = []
-    for text in example or []:
-        if "=>" not in text:
-            raise LoragenError(f"--example {text!r} is not INPUT=>OUTPUT")
-        x, y = text.split("=>", 1)
-        pairs.append({"input": x, "output": y})
+    pairs = [_example_pair(text) for text in example or []]
     lora = gen.generate([description], seed=seed, examples=[pairs] if pairs else None)[0]
     lora.save_pretrained(out)
     flags = "".join(f", {f}" for f in ("ood", "clipped") if lora.metadata.get(f))

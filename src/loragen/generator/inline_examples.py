@@ -8,7 +8,9 @@ misreads among them (benchmarks/RESULTS.md).
 
 Only `->` and `→` mark a pair: `=>` is also JavaScript's function arrow, and a pair read from code
 would be evidence for nothing. A side in double quotes or backticks may hold spaces; an unquoted side is one word, its
-brackets, quotes and trailing sentence punctuation stripped.
+brackets, quotes and trailing sentence punctuation stripped. An unquoted pair must end its clause (end of text,
+punctuation, or the next pair): in "hello world -> dlrow olleh" the sides are two words each, and reading
+"world -> dlrow" would be evidence for the wrong thing, so that pair is skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .task_vector import MAX_EXAMPLES, Example, TaskVectors
 _ARROW = r"\s*(?:->|→)\s*"
 _QUOTED = re.compile(r'(["`])(.+?)\1' + _ARROW + r'(["`])(.+?)\3')
 _WORDS = re.compile(r"(\S+)" + _ARROW + r"(\S+)")
+_CLAUSE_END = re.compile(r"\s*(?:$|\S+" + _ARROW + ")")
 _EDGES = "\"'`()[]{}<>,;:"
 
 
@@ -29,7 +32,10 @@ def examples_in(description: str) -> list[Example]:
     """The input -> output pairs written in `description`, in order (at most MAX_EXAMPLES)."""
     pairs = [(m.group(2), m.group(4)) for m in _QUOTED.finditer(description)]
     rest = _QUOTED.sub(" ", description)
-    for left, right in _WORDS.findall(rest):
+    for match in _WORDS.finditer(rest):
+        left, right = match.groups()
+        if right[-1] not in ".,;:!?)]}" and not _CLAUSE_END.match(rest, match.end()):
+            continue  # more words follow: the pair's sides may be longer than one word
         source, target = left.strip(_EDGES), right.strip(_EDGES).rstrip(".!?").strip(_EDGES)
         if source and target:
             pairs.append((source, target))
