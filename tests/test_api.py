@@ -388,7 +388,10 @@ def test_concurrent_completions_equal_sequential(server: str, client: Client, wo
     assert len(same_prompt) > 1  # the LoRAs really change the output
     base = BaseModel.load(world / "base")
     lora = client.download(ids[1])
-    assert base.complete([requests[1][0]], loras=[lora], max_new_tokens=8)[0] == sequential[1]
+    expected = base.completions([requests[1][0]], loras=[lora], max_new_tokens=8)[0]
+    assert expected.text == sequential[1]
+    assert client.complete(requests[1][0], lora_id=ids[1], max_tokens=8).finish_reason == expected.finish_reason
+    assert client.complete(requests[1][0], lora_id=ids[1], max_tokens=1).finish_reason in {"stop", "length"}
     tiny = client.complete(requests[1][0], lora_id=ids[1], max_tokens=8, temperature=1e-30)
     assert tiny.text == sequential[1]  # a temperature too small to sample with decodes greedily
     by_description = client.complete("hello", description="english to french", max_tokens=8)

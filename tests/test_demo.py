@@ -132,6 +132,11 @@ def test_batched_completion_with_mixed_loras_equals_single_calls(world):
     singles = [base.complete([x], loras=[lo])[0] for x, lo in zip(inputs, loras)]
     assert batched == singles
     assert batched[0] == "edcba"
+    # finish reasons, per row: the model ends "edcba" itself; two tokens cut "loragen" short
+    done = base.completions(["abcde", "loragen"], loras=[by_name["reverse"], None], max_new_tokens=2)
+    assert [d.finish_reason for d in done] == ["length", "length"] and done[0].text == "ed"
+    done = base.completions(["abcde", "loragen"], loras=[by_name["reverse"], None], max_new_tokens=32)
+    assert [d.finish_reason for d in done] == ["stop", "stop"] and done[0].text == "edcba"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,9 +23,14 @@ class BaseModelError(LoragenError, ValueError):
     """The base model cannot be loaded or used as asked."""
 
 
+class Completed(NamedTuple):
+    text: str
+    finish_reason: str  # "stop": the model ended it; "length": max_new_tokens ran out first
+
+
 @dataclass
 class BaseModel:
-    """`complete`, `output_logprobs` and `last_hidden_states` hold `lock` while they run: per-row LoRAs
+    """`complete`, `completions`, `output_logprobs` and `last_hidden_states` hold `lock` while they run: per-row LoRAs
     are forward hooks on the shared modules, so one thread's hooks would reach another's forward."""
 
     model: nn.Module
@@ -127,11 +132,24 @@ class BaseModel:
         seed: int | None = None,
     ) -> list[str]:
         """Complete each input, row i with `loras[i]` applied per row (shared weights untouched)."""
+        return [c.text for c in self.completions(inputs, loras=loras, max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, seed=seed)]
+
+    def completions(
+        self,
+        inputs: list[str],
+        *,
+        loras: list[Lora | None] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[Completed]:
+        """As `complete`, with each row's finish reason, as OpenAI's and vLLM's completions give it."""
         with self.lock:
             return self._complete(inputs, loras, max_new_tokens, temperature, seed)
 
     def _complete(self, inputs: list[str], loras: list[Lora | None] | None, max_new_tokens: int,
-                  temperature: float, seed: int | None) -> list[str]:
+                  temperature: float, seed: int | None) -> list[Completed]:
         tok = self.tokenizer
         tok.padding_side = "left"
         enc = tok([self.prompt(x) for x in inputs], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -157,4 +175,6 @@ class BaseModel:
                 rows.set(index)
                 out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
-        return [tok.decode(row, skip_special_tokens=True) for row in new]
+        stopped = torch.isin(new, torch.as_tensor(tok.eos_token_id, device=new.device)).any(dim=1).tolist()
+        return [Completed(tok.decode(row, skip_special_tokens=True), "stop" if stop else "length")
+                for row, stop in zip(new, stopped)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -165,7 +165,8 @@ class ExpertList(BaseModel):
 class Choice(BaseModel):
     text: str
     index: int
-    finish_reason: str | None = None
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: the model ended the text; length: max_tokens ran out first.")
 
 
 class CompletionOut(BaseModel):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..adapters import Lora
-from ..basemodel import BaseModel, BaseModelError
+from ..basemodel import BaseModel, BaseModelError, Completed
 from ..embeddings import TextEncoder, resolve_dtype
 from ..generator import LEARNED_METHODS, METHODS, GenerationError, TaskVectors, check_descriptions, load_generator
 from ..generator.compiled_decode import bucket
@@ -113,7 +113,7 @@ class Service:
         self.batcher: MicroBatcher[Job, tuple[list[Stored], float]] = MicroBatcher(
             self._run_group, lambda j: j.group, max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000)
-        self.completer: MicroBatcher[Completion, str] = MicroBatcher(
+        self.completer: MicroBatcher[Completion, Completed] = MicroBatcher(
             self._run_completions, lambda c: c.group, max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000)
         self.registry: Registry | None = None
@@ -334,19 +334,19 @@ class Service:
 
     # ------------------------------------------------------------ completions
     async def complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
-                       seed: int | None) -> str:
+                       seed: int | None) -> Completed:
         return await self.completer.submit(Completion(prompt, lora, max_tokens, temperature, seed))
 
-    async def _run_completions(self, jobs: list[Completion]) -> list[str]:
+    async def _run_completions(self, jobs: list[Completion]) -> list[Completed]:
         texts = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._complete, jobs)
         self.metrics.completion_batch(len(jobs))
         return texts
 
-    def _complete(self, jobs: list[Completion]) -> list[str]:
+    def _complete(self, jobs: list[Completion]) -> list[Completed]:
         """One batched forward for `jobs` (one group: same max_tokens, greedy or one sampled job)."""
         first = jobs[0]
         loras = [j.lora for j in jobs] if any(j.lora is not None for j in jobs) else None
-        return self.base_model().complete([j.prompt for j in jobs], loras=loras, max_new_tokens=first.max_tokens,
+        return self.base_model().completions([j.prompt for j in jobs], loras=loras, max_new_tokens=first.max_tokens,
                                           temperature=first.temperature, seed=first.seed)
 
     def base_model(self) -> BaseModel:

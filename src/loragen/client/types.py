@@ -177,11 +177,14 @@ class Completion:
     text: str
     model: str
     lora_id: str | None
+    finish_reason: str | None = None  # "stop" or "length"
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Completion:
-        return cls(data["id"], data["choices"][0]["text"], data.get("model", ""), data.get("lora_id"), data)
+        choice = data["choices"][0]
+        return cls(data["id"], choice["text"], data.get("model", ""), data.get("lora_id"),
+                   choice.get("finish_reason"), data)
 
 
 def load_zip(path: Path) -> Lora:
