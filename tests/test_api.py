@@ -398,6 +398,25 @@ def test_concurrent_completions_equal_sequential(server: str, client: Client, wo
     assert by_description.lora_id == ids[1] and by_description.text in same_prompt
 
 
+def test_the_openai_client_names_a_lora_as_its_model(server: str, client: Client, world: Path) -> None:
+    """vLLM's way of serving LoRAs: /v1/models lists them, and a completion's `model` picks one."""
+    import openai
+
+    lora_id = client.generate("english to french", download=False).id
+    oa = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    models = {m.id: m for m in oa.models.list()}
+    base = Registry.open(world / "registry").spec.base_model
+    assert models[base].parent is None and models[lora_id].parent == base  # extra fields, as vLLM's
+    done = oa.completions.create(model=lora_id, prompt="hello", max_tokens=8, temperature=0)
+    ours = client.complete("hello", lora_id=lora_id, max_tokens=8)
+    assert done.choices[0].text == ours.text and done.model == lora_id
+    assert done.choices[0].finish_reason == ours.finish_reason
+    plain = oa.completions.create(model=base, prompt="hello", max_tokens=8, temperature=0)
+    assert plain.choices[0].text == client.complete("hello", max_tokens=8).text != ours.text
+    with pytest.raises(openai.NotFoundError, match="neither the base model nor a LoRA"):
+        oa.completions.create(model="lora-nowhere", prompt="hello", max_tokens=2)
+
+
 def _peft_dir(world: Path, tmp_path: Path) -> Path:
     spec = spec_from_config(world / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(world / "base"))
     g = torch.Generator().manual_seed(7)
@@ -483,6 +502,8 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "lora-unknown"}}, 404, "not_found"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "x", "description": "y"}}, 422, None),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 0}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "model": "lora-unknown"}}, 404, "not_found"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "model": "x", "description": "y"}}, 422, "invalid_request"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 257}}, 422, "invalid_request"),
     ("POST", "/v1/experts", {"content": b"--x\r\ntruncated", "headers": {
         "content-type": "multipart/form-data; boundary=x", "authorization": f"Bearer {KEY}"}}, 0, None),

@@ -36,6 +36,12 @@ class ByteLRU(Generic[K, V]):
             self.hits += 1
             return item[0]
 
+    def peek(self, key: K) -> V | None:
+        """As `get`, but neither counted nor made recent (for listing)."""
+        with self._lock:
+            item = self._items.get(key)
+            return None if item is None else item[0]
+
     def put(self, key: K, value: V, size: int) -> bool:
         """Store `value`; False when it alone is larger than the whole cache (then it is not kept)."""
         with self._lock:
@@ -55,6 +61,11 @@ class ByteLRU(Generic[K, V]):
         with self._lock:
             self._items.clear()
             self.size = 0
+
+    def keys(self) -> list[K]:
+        """A snapshot, least recently used first."""
+        with self._lock:
+            return list(self._items)
 
     def __len__(self) -> int:
         return len(self._items)

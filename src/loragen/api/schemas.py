@@ -65,6 +65,9 @@ class SearchRequest(Strict):
 
 
 class CompletionRequest(Strict):
+    model: str | None = Field(default=None, min_length=1, max_length=1024, description=(
+        "As in OpenAI's and vLLM's completions: the base model's id (no LoRA) or a LoRA's id, as "
+        "GET /v1/models lists them. A LoRA here is the same as lora_id."))
     prompt: Text = Field(min_length=1, max_length=MAX_DESCRIPTION)
     description: Text | None = Field(default=None, min_length=1, max_length=MAX_DESCRIPTION)
     lora_id: str | None = Field(default=None, min_length=1, max_length=128)
@@ -176,6 +179,20 @@ class CompletionOut(BaseModel):
     model: str
     choices: list[Choice]
     lora_id: str | None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loragen"
+    root: str
+    parent: str | None = Field(description="For a LoRA, the base model it applies to; null for the base.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ReadyOut(BaseModel):

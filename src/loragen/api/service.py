@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,12 +100,14 @@ class Completion:
 class Stored:
     lora: Lora
     info: dict[str, Any]  # the LoraOut fields that do not change between cache hits
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 class Service:
     def __init__(self, settings: ApiSettings, encoder: TextEncoder | None = None) -> None:
         self.settings = settings
         self._encoder = encoder
+        self.started = int(time.time())
         self.engine = ThreadPoolExecutor(1, thread_name_prefix="loragen-engine")
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="loragen-model")
         self.cache: ByteLRU[str, Stored] = ByteLRU(settings.cache_bytes)
@@ -324,6 +326,11 @@ class Service:
                 "examples_used": m.get("examples_used"), "examples_from_description": m.get("examples_from_description"),
                 "examples_fit": m.get("examples_fit"), "examples_ood": m.get("examples_ood"),
                 "seed": m.get("seed"), "sample_ids": ids}
+
+    def served_loras(self) -> list[tuple[str, Stored]]:
+        """The LoRAs that can be named now (the cache's), newest first."""
+        found = ((key, self.cache.peek(key)) for key in reversed(self.cache.keys()))
+        return [(key, stored) for key, stored in found if stored is not None]
 
     def lookup(self, lora_id: str) -> Stored:
         stored = self.cache.get(lora_id)
