@@ -411,6 +411,10 @@ def test_the_openai_client_names_a_lora_as_its_model(server: str, client: Client
     ours = client.complete("hello", lora_id=lora_id, max_tokens=8)
     assert done.choices[0].text == ours.text and done.model == lora_id
     assert done.choices[0].finish_reason == ours.finish_reason
+    usage = done.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and 1 <= usage.completion_tokens <= 8
+    if ours.finish_reason == "length":
+        assert usage.completion_tokens == 8
     plain = oa.completions.create(model=base, prompt="hello", max_tokens=8, temperature=0)
     assert plain.choices[0].text == client.complete("hello", max_tokens=8).text != ours.text
     with pytest.raises(openai.NotFoundError, match="neither the base model nor a LoRA"):

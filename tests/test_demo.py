@@ -135,8 +135,13 @@ def test_batched_completion_with_mixed_loras_equals_single_calls(world):
     # finish reasons, per row: the model ends "edcba" itself; two tokens cut "loragen" short
     done = base.completions(["abcde", "loragen"], loras=[by_name["reverse"], None], max_new_tokens=2)
     assert [d.finish_reason for d in done] == ["length", "length"] and done[0].text == "ed"
+    assert [d.completion_tokens for d in done] == [2, 2]
     done = base.completions(["abcde", "loragen"], loras=[by_name["reverse"], None], max_new_tokens=32)
     assert [d.finish_reason for d in done] == ["stop", "stop"] and done[0].text == "edcba"
+    tok = base.tokenizer
+    for d, x in zip(done, ["abcde", "loragen"]):  # the text's tokens and the end of sequence; the prompt's own
+        assert d.completion_tokens == len(tok(d.text, add_special_tokens=False)["input_ids"]) + 1
+        assert d.prompt_tokens == len(tok(base.prompt(x), add_special_tokens=False)["input_ids"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -26,6 +26,8 @@ class BaseModelError(LoragenError, ValueError):
 class Completed(NamedTuple):
     text: str
     finish_reason: str  # "stop": the model ended it; "length": max_new_tokens ran out first
+    prompt_tokens: int
+    completion_tokens: int  # the end-of-sequence token included, as OpenAI counts
 
 
 @dataclass
@@ -175,6 +177,9 @@ class BaseModel:
                 rows.set(index)
                 out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
-        stopped = torch.isin(new, torch.as_tensor(tok.eos_token_id, device=new.device)).any(dim=1).tolist()
-        return [Completed(tok.decode(row, skip_special_tokens=True), "stop" if stop else "length")
-                for row, stop in zip(new, stopped)]
+        is_eos = torch.isin(new, torch.as_tensor(tok.eos_token_id, device=new.device))
+        stopped = is_eos.any(dim=1)
+        lengths = torch.where(stopped, is_eos.int().argmax(dim=1) + 1, new.shape[1]).tolist()
+        prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
+        return [Completed(tok.decode(row, skip_special_tokens=True), "stop" if stop else "length", p, n)
+                for row, stop, p, n in zip(new, stopped.tolist(), prompt_lengths, lengths)]

@@ -21,7 +21,7 @@ from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
 from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
                       CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, LoraOut, ModelCard,
-                      ModelList, ReadyOut, SearchOut, SearchRequest, valid_unicode)
+                      ModelList, ReadyOut, SearchOut, SearchRequest, Usage, valid_unicode)
 from .service import Service, Stored
 from .settings import ApiSettings
 
@@ -209,6 +209,8 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         return CompletionOut(id=service.new_completion_id(), created=int(time.time()),
                              model=body.model or service.reg.spec.base_model,
                              choices=[Choice(text=done.text, index=0, finish_reason=done.finish_reason)],
+                             usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                                         total_tokens=done.prompt_tokens + done.completion_tokens),
                              lora_id=lora_id)
 
     return app

@@ -172,12 +172,19 @@ class Choice(BaseModel):
         description="stop: the model ended the text; length: max_tokens ran out first.")
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
 class CompletionOut(BaseModel):
     id: str
     object: str = "text_completion"
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage
     lora_id: str | None
 
 
