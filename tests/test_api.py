@@ -415,6 +415,7 @@ def test_the_openai_client_names_a_lora_as_its_model(server: str, client: Client
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and 1 <= usage.completion_tokens <= 8
     if ours.finish_reason == "length":
         assert usage.completion_tokens == 8
+    assert ours.usage == usage.model_dump(exclude_none=True)  # the SDK's Completion carries it too
     plain = oa.completions.create(model=base, prompt="hello", max_tokens=8, temperature=0)
     assert plain.choices[0].text == client.complete("hello", max_tokens=8).text != ours.text
     with pytest.raises(openai.NotFoundError, match="neither the base model nor a LoRA"):

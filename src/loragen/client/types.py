@@ -178,13 +178,14 @@ class Completion:
     model: str
     lora_id: str | None
     finish_reason: str | None = None  # "stop" or "length"
+    usage: dict[str, int] | None = None  # prompt_tokens, completion_tokens, total_tokens
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Completion:
         choice = data["choices"][0]
         return cls(data["id"], choice["text"], data.get("model", ""), data.get("lora_id"),
-                   choice.get("finish_reason"), data)
+                   choice.get("finish_reason"), data.get("usage"), data)
 
 
 def load_zip(path: Path) -> Lora:
