@@ -103,3 +103,17 @@ def test_rows_without_split_or_group(tmp_path):
     assert list(report["summary"]) == ["all"] and report["groups"] == {}
     assert report["summary"]["all"]["sg"]["gain_recovered"] == pytest.approx(0.25)
     assert "exact_match" in (tmp_path / "report.md").read_text()
+
+
+def test_oracle_share_interval_pairs_each_description_with_its_task_s_oracle():
+    from loragen.evaluation.demo_eval import oracle_share_interval
+
+    oracle = [{"method": "oracle", "split": "unseen", "task": f"t{i}", "exact_match": 0.8} for i in range(15)]
+    right = [{"method": "sg", "split": "unseen", "task": f"t{i}", "exact_match": 0.8} for i in range(15)]
+    assert oracle_share_interval(oracle + right, "sg", "unseen") == [1.0, 1.0]
+    one_miss = [dict(r, exact_match=0.0) if r["task"] == "t0" else r for r in right]
+    low, high = oracle_share_interval(oracle + one_miss, "sg", "unseen")
+    assert low < 14 / 15 < high == 1.0  # one misread in 15: a 95 % target is inside the interval
+    assert oracle_share_interval(oracle + one_miss, "sg", "unseen") == [low, high]  # seeded
+    assert oracle_share_interval(one_miss, "sg", "unseen") is None  # no oracle rows on the split
+    assert oracle_share_interval(oracle + right, "icm", "unseen") is None
