@@ -164,6 +164,32 @@ def test_training_is_deterministic_and_resumable(registry, tmp_path):
     assert _same(a.generate(["sort"], seed=0)[0], b.generate(["sort"], seed=0)[0])
     c = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 1}, out_dir=tmp_path / "g", resume=True)
     assert c.config["training"]["epochs"] == 1
+    d = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g", resume=True)
+    history = d.config["training"]["history"]
+    assert d.config["training"]["epochs"] == 2 and len(history) == 2  # one more epoch on the saved one
+    assert history[0] == b.config["training"]["history"][0]
+    with pytest.raises(GenerationError, match="cannot resume .* 'icm' generator's, not 'sg'"):
+        train_generator(registry, "sg", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g", resume=True)
+
+
+def test_train_cli_never_replaces_a_generator_by_accident(tmp_path):
+    from loragen.cli.generate_cmds import _check_generator_out
+
+    fresh, empty, trained, other = tmp_path / "new", tmp_path / "empty", tmp_path / "icm", tmp_path / "reg"
+    empty.mkdir(), trained.mkdir(), other.mkdir()
+    (trained / "config.json").write_text('{"method": "icm"}')
+    (trained / "model.safetensors").write_bytes(b"")
+    (other / "registry.sqlite").write_bytes(b"")
+    for out in (fresh, empty):
+        _check_generator_out(out, "icm", resume=False, overwrite=False)
+    _check_generator_out(trained, "icm", resume=True, overwrite=False)
+    _check_generator_out(trained, "icm", resume=False, overwrite=True)
+    with pytest.raises(GenerationError, match="--resume continues it, --overwrite replaces it"):
+        _check_generator_out(trained, "icm", resume=False, overwrite=False)
+    with pytest.raises(GenerationError, match="holds a generator of method 'icm', not 'sg'"):
+        _check_generator_out(trained, "sg", resume=False, overwrite=True)
+    with pytest.raises(GenerationError, match="not a generator's"):
+        _check_generator_out(other, "icm", resume=False, overwrite=True)
 
 
 def test_decoder_has_no_layer_loop():

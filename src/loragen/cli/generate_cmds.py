@@ -37,7 +37,7 @@ def generate(
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for weighted and topk.")] = 4,
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature τ.")] = 0.05,
     generator: Annotated[Path | None, typer.Option("--generator", help="Trained generator (icm/sg).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for icm/sg sampling.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for icm/sg sampling.")] = None,
     example: Annotated[list[str] | None, typer.Option("--example", help="An input/output pair as INPUT->OUTPUT "
                        "(or =>, →; repeatable): weighted, icm and sg re-weigh their top-K experts by how well each explains "
                        "the examples; icm also adds its in-context task vector.")] = None,
@@ -127,6 +127,34 @@ def demo_run() -> None:
             typer.echo(f"  {x!r:>12} -> {y!r:<12} (base model alone: {p!r})")
 
 
+def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: bool) -> None:
+    """OUT must be new, empty, or a generator checkpoint of `method` that --resume or --overwrite names:
+    a trained generator is never replaced by accident, nor files of something else mixed into it."""
+    import json
+
+    from ..generator import GenerationError
+    from ..generator.learned import STATE_NAME
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GenerationError(f"--out {out} is a file, not a directory")
+    held = {p.name for p in out.iterdir()}
+    if not held:
+        return
+    if not held <= {"config.json", "model.safetensors", STATE_NAME}:
+        raise GenerationError(f"--out {out} holds files that are not a generator's; give a new or empty directory")
+    try:
+        saved = json.loads((out / "config.json").read_text()).get("method") if "config.json" in held else None
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if saved is not None and saved != method:
+        raise GenerationError(f"--out {out} holds a generator of method {saved!r}, not {method!r}; give another directory")
+    if not (resume or overwrite):
+        raise GenerationError(f"--out {out} already holds a trained {method} generator or its training state: "
+                              "--resume continues it, --overwrite replaces it")
+
+
 @train_app.command("generator")
 def train_generator_cmd(
     method: Annotated[str, typer.Option("--method", help="icm | sg")],
@@ -139,6 +167,7 @@ def train_generator_cmd(
     patience: Annotated[int, typer.Option(min=1, help="Early stopping patience (epochs).")] = 15,
     holdout: Annotated[str, typer.Option(help="Comma-separated experts to leave out.")] = "",
     resume: Annotated[bool, typer.Option(help="Continue from OUT's training state.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the generator OUT already holds.")] = False,
     examples: Annotated[Path | None, typer.Option("--examples", help="icm: task file whose tasks' training "
                         "instances (by expert name) give in-context task vectors.")] = None,
     train_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="With --examples: the part of each "
@@ -164,6 +193,7 @@ def train_generator_cmd(
 
     if method not in LEARNED_METHODS:
         raise GenerationError(f"unknown generator method {method!r}; choose icm or sg")
+    _check_generator_out(out, method, resume=resume, overwrite=overwrite)
     reg = Registry.open(_registry_path(registry))
     names = [h.strip() for h in holdout.split(",") if h.strip()]
     for name in names:

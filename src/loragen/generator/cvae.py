@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import atomic
 from .decoder import GroupProjection, TokenDecoder, TokenLayout
+from .errors import GenerationError
 
 
 @dataclass
@@ -234,7 +235,13 @@ def fit(model: LoraCVAE, data: TrainingSet, config: FitConfig, *, state_path: Pa
     best = copy.deepcopy(model.state_dict())
     if resume and state_path is not None and state_path.is_file():
         saved = torch.load(state_path, weights_only=True)
-        model.load_state_dict(saved["model"])
+        method = saved.get("method", model.config.method)
+        try:
+            if method != model.config.method:
+                raise RuntimeError(f"it is a {method!r} generator's, not {model.config.method!r}")
+            model.load_state_dict(saved["model"])
+        except RuntimeError as exc:
+            raise GenerationError(f"cannot resume from {state_path}: {str(exc).splitlines()[0]}") from exc
         best = saved["best_model"]
         opt.load_state_dict(saved["optim"])
         sched.load_state_dict(saved["sched"])
@@ -273,10 +280,12 @@ def fit(model: LoraCVAE, data: TrainingSet, config: FitConfig, *, state_path: Pa
         else:
             state["bad"] += 1
         stop = state["bad"] >= config.patience
-        if state_path is not None and (stop or state["epoch"] % config.save_every == 0):
+        last = stop or state["epoch"] == config.epochs  # so a later --resume with more epochs starts here
+        if state_path is not None and (last or state["epoch"] % config.save_every == 0):
             buf = io.BytesIO()
             torch.save({"model": model.state_dict(), "best_model": best, "optim": opt.state_dict(),
-                        "sched": sched.state_dict(), "gen": gen.get_state(), "state": state}, buf)
+                        "sched": sched.state_dict(), "gen": gen.get_state(), "state": state,
+                        "method": model.config.method}, buf)
             atomic.write_bytes(state_path, buf.getvalue())
         if stop:
             break
