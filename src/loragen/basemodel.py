@@ -32,8 +32,9 @@ class Completed(NamedTuple):
 
 @dataclass
 class BaseModel:
-    """`complete`, `completions`, `output_logprobs` and `last_hidden_states` hold `lock` while they run: per-row LoRAs
-    are forward hooks on the shared modules, so one thread's hooks would reach another's forward."""
+    """`complete`, `completions`, `output_logprobs` and `last_hidden_states` hold `lock` while they
+    run: per-row LoRAs are forward hooks on the shared modules, so one thread's hooks would reach
+    another's forward."""
 
     model: nn.Module
     tokenizer: Any
@@ -177,7 +178,8 @@ class BaseModel:
                 rows.set(index)
                 out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
-        is_eos = torch.isin(new, torch.as_tensor(tok.eos_token_id, device=new.device))
+        eos = [] if tok.eos_token_id is None else tok.eos_token_id  # an int, or a list of them
+        is_eos = torch.isin(new, torch.as_tensor(eos, dtype=new.dtype, device=new.device))
         stopped = is_eos.any(dim=1)
         lengths = torch.where(stopped, is_eos.int().argmax(dim=1) + 1, new.shape[1]).tolist()
         prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()

@@ -36,12 +36,6 @@ class ByteLRU(Generic[K, V]):
             self.hits += 1
             return item[0]
 
-    def peek(self, key: K) -> V | None:
-        """As `get`, but neither counted nor made recent (for listing)."""
-        with self._lock:
-            item = self._items.get(key)
-            return None if item is None else item[0]
-
     def put(self, key: K, value: V, size: int) -> bool:
         """Store `value`; False when it alone is larger than the whole cache (then it is not kept)."""
         with self._lock:
@@ -62,10 +56,10 @@ class ByteLRU(Generic[K, V]):
             self._items.clear()
             self.size = 0
 
-    def keys(self) -> list[K]:
-        """A snapshot, least recently used first."""
+    def items(self) -> list[tuple[K, V]]:
+        """A snapshot, least recently used first; neither counted as hits nor made recent."""
         with self._lock:
-            return list(self._items)
+            return [(key, value) for key, (value, _) in self._items.items()]
 
     def __len__(self) -> int:
         return len(self._items)

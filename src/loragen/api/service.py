@@ -328,9 +328,8 @@ class Service:
                 "seed": m.get("seed"), "sample_ids": ids}
 
     def served_loras(self) -> list[tuple[str, Stored]]:
-        """The LoRAs that can be named now (the cache's), newest first."""
-        found = ((key, self.cache.peek(key)) for key in reversed(self.cache.keys()))
-        return [(key, stored) for key, stored in found if stored is not None]
+        """The LoRAs that can be named now (the cache's), most recently used first."""
+        return self.cache.items()[::-1]
 
     def lookup(self, lora_id: str) -> Stored:
         stored = self.cache.get(lora_id)
