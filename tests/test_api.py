@@ -416,6 +416,12 @@ def test_the_openai_client_names_a_lora_as_its_model(server: str, client: Client
     if ours.finish_reason == "length":
         assert usage.completion_tokens == 8
     assert ours.usage == usage.model_dump(exclude_none=True)  # the SDK's Completion carries it too
+    stop = ours.text[len(ours.text) // 2:][:1] or "a"
+    cut = oa.completions.create(model=lora_id, prompt="hello", max_tokens=8, temperature=0, stop=[stop, "zz"])
+    expected = BaseModel.load(world / "base").completions(["hello"], loras=[client.download(lora_id)],
+                                                          max_new_tokens=8, stop=[stop, "zz"])[0]
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (expected.text, expected.finish_reason)
+    assert cut.usage.completion_tokens == expected.completion_tokens
     plain = oa.completions.create(model=base, prompt="hello", max_tokens=8, temperature=0)
     assert plain.choices[0].text == client.complete("hello", max_tokens=8).text != ours.text
     with pytest.raises(openai.NotFoundError, match="neither the base model nor a LoRA"):
@@ -508,6 +514,8 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"json": {"prompt": "a", "lora_id": "x", "description": "y"}}, 422, None),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 0}}, 422, "invalid_request"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "model": "lora-unknown"}}, 404, "not_found"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "stop": [""]}}, 422, "invalid_request"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "model": "x", "description": "y"}}, 422, "invalid_request"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 257}}, 422, "invalid_request"),
     ("POST", "/v1/experts", {"content": b"--x\r\ntruncated", "headers": {

@@ -142,6 +142,11 @@ def test_batched_completion_with_mixed_loras_equals_single_calls(world):
     for d, x in zip(done, ["abcde", "loragen"]):  # the text's tokens and the end of sequence; the prompt's own
         assert d.completion_tokens == len(tok(d.text, add_special_tokens=False)["input_ids"]) + 1
         assert d.prompt_tokens == len(tok(base.prompt(x), add_special_tokens=False)["input_ids"])
+    # a stop string ends its own row only, before the string, counted up to the string's last token
+    done = base.completions(["abcde", "loragen"], loras=[by_name["reverse"], None], stop=["c"])
+    assert [(d.text, d.finish_reason) for d in done] == [("ed", "stop"), ("loragen", "stop")]
+    assert done[0].completion_tokens == len(tok("edc", add_special_tokens=False)["input_ids"])
+    assert base.complete(["abcde"], loras=[by_name["reverse"]], stop=["zz", "dc"]) == ["e"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,6 +8,7 @@ format prompts here, so an expert sees at generation time exactly what it saw in
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -133,10 +134,12 @@ class BaseModel:
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> list[str]:
-        """Complete each input, row i with `loras[i]` applied per row (shared weights untouched)."""
+        """Complete each input, row i with `loras[i]` applied per row (shared weights untouched). A row
+        ends at the end-of-sequence token or before the first of the `stop` strings it writes."""
         return [c.text for c in self.completions(inputs, loras=loras, max_new_tokens=max_new_tokens,
-                                                 temperature=temperature, seed=seed)]
+                                                 temperature=temperature, seed=seed, stop=stop)]
 
     def completions(
         self,
@@ -146,13 +149,29 @@ class BaseModel:
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Completed]:
-        """As `complete`, with each row's finish reason, as OpenAI's and vLLM's completions give it."""
+        """As `complete`, with each row's finish reason and token counts, as OpenAI's and vLLM's
+        completions give them."""
         with self.lock:
-            return self._complete(inputs, loras, max_new_tokens, temperature, seed)
+            return self._complete(inputs, loras, max_new_tokens, temperature, seed, list(stop))
+
+    def _writable(self, stop: list[str]) -> list[str]:
+        """The stop strings the model's vocabulary can spell: transformers refuses the others, and the
+        model can never write them, so they can never end a text."""
+        from transformers import StopStringCriteria
+
+        kept = []
+        for text in stop:
+            try:
+                StopStringCriteria(self.tokenizer, [text])
+            except ValueError:
+                continue
+            kept.append(text)
+        return kept
 
     def _complete(self, inputs: list[str], loras: list[Lora | None] | None, max_new_tokens: int,
-                  temperature: float, seed: int | None) -> list[Completed]:
+                  temperature: float, seed: int | None, stop: list[str]) -> list[Completed]:
         tok = self.tokenizer
         tok.padding_side = "left"
         enc = tok([self.prompt(x) for x in inputs], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -165,6 +184,9 @@ class BaseModel:
                 torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False)
+        writable = self._writable(stop)
+        if writable:
+            kwargs.update(stop_strings=writable, tokenizer=tok)
         present = [lo for lo in (loras or []) if lo is not None]
         if not present:
             out = self.model.generate(**enc, **kwargs)
@@ -179,9 +201,18 @@ class BaseModel:
                 out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         eos = [] if tok.eos_token_id is None else tok.eos_token_id  # an int, or a list of them
-        is_eos = torch.isin(new, torch.as_tensor(eos, dtype=new.dtype, device=new.device))
-        stopped = is_eos.any(dim=1)
-        lengths = torch.where(stopped, is_eos.int().argmax(dim=1) + 1, new.shape[1]).tolist()
+        ended = torch.isin(new, torch.as_tensor(eos, dtype=new.dtype, device=new.device))
+        if stop and tok.pad_token_id is not None:  # a row a stop string ended is padded from there on
+            ended |= new == tok.pad_token_id
+        finished = ended.any(dim=1)
+        lengths = torch.where(finished, ended.int().argmax(dim=1), new.shape[1]).tolist()
         prompt_lengths = enc["attention_mask"].sum(dim=1).tolist()
-        return [Completed(tok.decode(row, skip_special_tokens=True), "stop" if stop else "length", p, n)
-                for row, stop, p, n in zip(new, stopped.tolist(), prompt_lengths, lengths)]
+        done = []
+        for row, fin, p, n in zip(new, finished.tolist(), prompt_lengths, lengths):
+            text = tok.decode(row, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:  # generated up to the stop string's last token, which is counted; the text ends before it
+                done.append(Completed(text[:cut], "stop", p, n))
+            else:  # the end-of-sequence token is counted, as OpenAI does
+                done.append(Completed(text, "stop" if fin else "length", p, n + fin))
+        return done

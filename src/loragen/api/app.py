@@ -205,7 +205,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
             stored, _, _ = await service.generate(service.job(body.description, body.method, None, body.seed))
             lora, lora_id = stored[0].lora, stored[0].info["id"]
         temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-        done = await service.complete(body.prompt, lora, body.max_tokens, temperature, body.seed)
+        done = await service.complete(body.prompt, lora, body.max_tokens, temperature, body.seed, body.stop_strings)
         return CompletionOut(id=service.new_completion_id(), created=int(time.time()),
                              model=body.model or service.reg.spec.base_model,
                              choices=[Choice(text=done.text, index=0, finish_reason=done.finish_reason)],

@@ -76,6 +76,13 @@ class CompletionRequest(Strict):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0,
                                description=f"0 (or below {MIN_TEMPERATURE}) decodes greedily.")
     seed: int | None = Field(default=None, ge=0, lt=2**31)
+    stop: Annotated[str, Field(min_length=1, max_length=64)] | list[Annotated[str, Field(
+        min_length=1, max_length=64)]] | None = Field(default=None, max_length=4, description=(
+            "Up to 4 strings: the text ends before the first one the model writes (finish_reason stop)."))
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @model_validator(mode="after")
     def _one_lora(self) -> CompletionRequest:

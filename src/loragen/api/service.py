@@ -88,11 +88,12 @@ class Completion:
     max_tokens: int
     temperature: float
     seed: int | None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # Greedy requests with the same max_tokens share a forward; each row applies its own LoRA.
-        # A sampled request runs alone, so that its seed gives the same text as it would by itself.
-        self.group: tuple[Any, ...] = (("greedy", self.max_tokens) if self.temperature == 0
+        # Greedy requests with the same max_tokens and stop strings share a forward; each row applies
+        # its own LoRA. A sampled request runs alone, so that its seed gives the same text as alone.
+        self.group: tuple[Any, ...] = (("greedy", self.max_tokens, self.stop) if self.temperature == 0
                                        else ("sampled", next(_sampled)))
 
 
@@ -340,8 +341,8 @@ class Service:
 
     # ------------------------------------------------------------ completions
     async def complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
-                       seed: int | None) -> Completed:
-        return await self.completer.submit(Completion(prompt, lora, max_tokens, temperature, seed))
+                       seed: int | None, stop: tuple[str, ...] = ()) -> Completed:
+        return await self.completer.submit(Completion(prompt, lora, max_tokens, temperature, seed, stop))
 
     async def _run_completions(self, jobs: list[Completion]) -> list[Completed]:
         texts = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._complete, jobs)
@@ -353,7 +354,7 @@ class Service:
         first = jobs[0]
         loras = [j.lora for j in jobs] if any(j.lora is not None for j in jobs) else None
         return self.base_model().completions([j.prompt for j in jobs], loras=loras, max_new_tokens=first.max_tokens,
-                                          temperature=first.temperature, seed=first.seed)
+                                             temperature=first.temperature, seed=first.seed, stop=first.stop)
 
     def base_model(self) -> BaseModel:
         """Loaded once, by whichever thread asks first (the `model` thread, or the engine for examples)."""

@@ -56,9 +56,9 @@ class _Api:
 
     @staticmethod
     def complete_call(prompt: str, description: str | None, lora_id: str | None, method: str, max_tokens: int,
-                 temperature: float, seed: int | None) -> Call:
+                      temperature: float, seed: int | None, stop: str | list[str] | None) -> Call:
         body = _drop_none({"prompt": prompt, "description": description, "lora_id": lora_id, "method": method,
-                           "max_tokens": max_tokens, "temperature": temperature, "seed": seed})
+                           "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stop": stop})
         return Call("POST", "/v1/completions", {"json": body})
 
 
@@ -128,8 +128,8 @@ class Client(_Api):
 
     def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                  method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
-                 seed: int | None = None) -> Completion:
-        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed)
+                 seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop)
         return Completion.from_json(self._json(call))
 
     def health(self) -> bool:
@@ -202,6 +202,6 @@ class AsyncClient(_Api):
 
     async def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                        method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
-                       seed: int | None = None) -> Completion:
-        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed)
+                       seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop)
         return Completion.from_json(await self._json(call))
