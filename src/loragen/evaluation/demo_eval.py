@@ -166,8 +166,10 @@ def markdown_table(report: dict[str, Any]) -> str:
                 cells.append("")
                 continue
             ci = intervals.get(m, {}).get(split)
-            share = f" ({v / o:.0%} of oracle" + (f"; 90% CI {ci[0]:.0%}–{ci[1]:.0%}" if ci else "") + ")" if o else ""
-            cells.append(f"{v:.3f}{share}")
+            share = f"{v / o:.0%} of oracle" if o else ""
+            if share and ci:
+                share += f"; 90% CI {ci[0]:.0%}–{ci[1]:.0%}"
+            cells.append(f"{v:.3f} ({share})" if share else f"{v:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if report.get("examples_ood"):
         lines.append("\nNo expert explains the examples (`examples_ood`), rows flagged / rows with examples:")

@@ -236,11 +236,12 @@ def fit(model: LoraCVAE, data: TrainingSet, config: FitConfig, *, state_path: Pa
     if resume and state_path is not None and state_path.is_file():
         saved = torch.load(state_path, weights_only=True)
         method = saved.get("method", model.config.method)
+        if method != model.config.method:
+            raise GenerationError(f"cannot resume from {state_path}: it is a {method!r} generator's, "
+                                  f"not {model.config.method!r}")
         try:
-            if method != model.config.method:
-                raise RuntimeError(f"it is a {method!r} generator's, not {model.config.method!r}")
             model.load_state_dict(saved["model"])
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # another spec, latent or hidden size
             raise GenerationError(f"cannot resume from {state_path}: {str(exc).splitlines()[0]}") from exc
         best = saved["best_model"]
         opt.load_state_dict(saved["optim"])
