@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -22,6 +22,16 @@ from .errors import LoragenError
 
 class BaseModelError(LoragenError, ValueError):
     """The base model cannot be loaded or used as asked."""
+
+
+class CompletionOptions(TypedDict, total=False):
+    """`BaseModel.completions`' keyword arguments, which `complete` passes on."""
+
+    loras: list[Lora | None] | None
+    max_new_tokens: int
+    temperature: float
+    seed: int | None
+    stop: Sequence[str]
 
 
 class Completed(NamedTuple):
@@ -125,22 +135,12 @@ class BaseModel:
         last = mask.sum(dim=1) - 1  # right-padded: the eos after the output
         return out.hidden_states[-1][torch.arange(len(inputs)), last]
 
-    @torch.no_grad()
-    def complete(
-        self,
-        inputs: list[str],
-        *,
-        loras: list[Lora | None] | None = None,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-    ) -> list[str]:
+    def complete(self, inputs: list[str], **options: Unpack[CompletionOptions]) -> list[str]:
         """Complete each input, row i with `loras[i]` applied per row (shared weights untouched). A row
         ends at the end-of-sequence token or before the first of the `stop` strings it writes."""
-        return [c.text for c in self.completions(inputs, loras=loras, max_new_tokens=max_new_tokens,
-                                                 temperature=temperature, seed=seed, stop=stop)]
+        return [c.text for c in self.completions(inputs, **options)]
 
+    @torch.no_grad()
     def completions(
         self,
         inputs: list[str],
@@ -156,9 +156,9 @@ class BaseModel:
         with self.lock:
             return self._complete(inputs, loras, max_new_tokens, temperature, seed, list(stop))
 
-    def _writable(self, stop: list[str]) -> list[str]:
-        """The stop strings the model's vocabulary can spell: transformers refuses the others, and the
-        model can never write them, so they can never end a text."""
+    def _stop_criterion(self, stop: list[str]) -> Any:
+        """One criterion for the stop strings the model's vocabulary can spell, or None: transformers
+        refuses the others, and the model can never write them, so they can never end a text."""
         from transformers import StopStringCriteria
 
         kept = []
@@ -168,7 +168,7 @@ class BaseModel:
             except ValueError:
                 continue
             kept.append(text)
-        return kept
+        return StopStringCriteria(self.tokenizer, kept) if kept else None
 
     def _complete(self, inputs: list[str], loras: list[Lora | None] | None, max_new_tokens: int,
                   temperature: float, seed: int | None, stop: list[str]) -> list[Completed]:
@@ -184,9 +184,11 @@ class BaseModel:
                 torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False)
-        writable = self._writable(stop)
-        if writable:
-            kwargs.update(stop_strings=writable, tokenizer=tok)
+        criterion = self._stop_criterion(stop)
+        if criterion is not None:  # built once here, not again inside generate
+            from transformers import StoppingCriteriaList
+
+            kwargs.update(stopping_criteria=StoppingCriteriaList([criterion]))
         present = [lo for lo in (loras or []) if lo is not None]
         if not present:
             out = self.model.generate(**enc, **kwargs)
