@@ -125,5 +125,5 @@ def test_demo_table_shows_each_share_with_its_interval():
     report = {"table": {"sg": {"unseen": 0.885, "dev": 0.795}, "oracle": {"unseen": 0.949, "dev": 0.953}},
               "oracle_share_90": {"sg": {"unseen": [0.80, 1.0], "dev": None}}}
     lines = markdown_table(report).splitlines()
-    assert lines[2] == "| sg |  | 0.885 (93% of oracle; 90% CI 80%–100%) | 0.795 (83% of oracle) |  |"
-    assert lines[3] == "| oracle |  | 0.949 (100% of oracle) | 0.953 (100% of oracle) |  |"
+    assert lines[2] == "| sg |  | 0.885 (93% of oracle; 90% CI 80%–100%) |  | 0.795 (83% of oracle) |  |"
+    assert lines[3] == "| oracle |  | 0.949 (100% of oracle) |  | 0.953 (100% of oracle) |  |"

@@ -1,6 +1,6 @@
 """`loragen eval demo`: exact match of every method on the demo world's tasks.
 
-Four description sets:
+Five description sets:
 - `registry`: each task's first description (one the registry holds);
 - `unseen`: each task's held-back paraphrase (never in the registry or generator training);
 - `dev`: ~11 more paraphrases per task, also never in the registry, but used to choose the
@@ -8,6 +8,10 @@ Four description sets:
   `unseen`, so a steadier figure, for nearest, icm and sg (with and without examples). Their
   oracle is each task's expert (the same LoRA on the same test inputs as in `registry`, so scored
   once there);
+- `blind`: ~11 more paraphrases per task, written after everything else by writers who saw only
+  each task's input/output examples (`training/demo_blind_paraphrases.py`); never used for a
+  choice, so with `unseen` the clean test of paraphrases, and enough of them to read 95 % against;
+  scored like `dev`;
 - `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
   (the generators evaluated there are the `*-holdout` ones built by the demo).
 `icm+examples` and `sg+examples` give the same description with 4 input/output pairs from the
@@ -29,6 +33,7 @@ from ..basemodel import BaseModel
 from ..generator import RetrievalGenerator, load_generator
 from ..registry import Registry
 from ..training.demo import HELD_OUT, DemoWorld
+from ..training.demo_blind_paraphrases import BLIND_PARAPHRASES
 from ..training.demo_dev_paraphrases import DEV_PARAPHRASES
 from ..training.tasks import Task, read_tasks
 from .metrics import exact_match
@@ -43,7 +48,8 @@ UNRELATED = (
 )
 METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "icm+examples", "sg", "sg+examples", "random(icm)",
                 "random(sg)", "oracle")
-SPLITS = ("registry", "unseen", "dev", "heldout")
+SPLITS = ("registry", "unseen", "blind", "dev", "heldout")
+PARAPHRASE_SETS = {"blind": BLIND_PARAPHRASES, "dev": DEV_PARAPHRASES}  # scored for DEV_METHODS only
 DEV_METHODS = ("nearest", "icm", "icm+examples", "sg", "sg+examples")
 EXAMPLES_PER_REQUEST = 4  # icm+examples: pairs from the task's training split, as a user would paste
 
@@ -96,8 +102,9 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     held = [t for t in tasks if t.name in HELD_OUT]
     cells = _generate(world, registry, "registry", seen, [t.descriptions[0] for t in seen], seed)
     cells += _generate(world, registry, "unseen", seen, [t.descriptions[-1] for t in seen], seed)
-    dev = [(t, d) for t in seen for d in DEV_PARAPHRASES.get(t.name, ())]
-    cells += _generate(world, registry, "dev", [t for t, _ in dev], [d for _, d in dev], seed, DEV_METHODS)
+    for split, paraphrases in PARAPHRASE_SETS.items():
+        pairs = [(t, d) for t in seen for d in paraphrases.get(t.name, ())]
+        cells += _generate(world, registry, split, [t for t, _ in pairs], [d for _, d in pairs], seed, DEV_METHODS)
     cells += _generate(world, registry, "heldout", held, [t.descriptions[0] for t in held], seed)
     by_name = {t.name: t for t in tasks}
     tests = {t.name: t.split_instances(0.9, seed)[1][:test_per_task] for t in tasks}
@@ -108,7 +115,7 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
             for c, s in zip(cells, scores)]
     oracle = {r["task"]: r["exact_match"] for r in rows if r["method"] == "oracle" and r["split"] == "registry"}
     rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], "neighbours": None}
-             for r in rows if r["split"] == "dev" and r["method"] == DEV_METHODS[0]]
+             for r in rows if r["split"] in PARAPHRASE_SETS and r["method"] == DEV_METHODS[0]]
     table: dict[str, dict[str, float]] = {}
     for m in METHOD_ORDER:
         for split in SPLITS:
@@ -156,8 +163,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     table = report["table"]
     oracle = table.get("oracle", {})
     intervals = report.get("oracle_share_90", {})
-    lines = ["| method | registry descriptions | unseen paraphrases | dev paraphrases | held-out tasks |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | registry descriptions | unseen paraphrases | blind paraphrases | dev paraphrases | held-out tasks |",
+             "|---|---|---|---|---|---|"]
     for m, cols in table.items():
         cells = []
         for split in SPLITS:
