@@ -329,7 +329,7 @@ def test_learned_method_samples_seeds_and_cache(client: Client) -> None:
     description = "judge how positive a movie review is"
     result = client.generate(description, method="sg", seed=3, num_samples=2, download=False)
     assert (result.method, result.seed, len(result.sample_ids)) == ("sg", 3, 2)
-    assert isinstance(result.ood, bool) and isinstance(result.clipped, bool)
+    assert isinstance(result.ood, bool) and isinstance(result.clipped, bool) and isinstance(result.ambiguous, bool)
     first, second = (client.download(i) for i in result.sample_ids)
     assert not torch.equal(first.B["self_attn.q_proj"], second.B["self_attn.q_proj"])
     again = client.generate(description, method="sg", seed=3, num_samples=2)

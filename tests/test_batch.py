@@ -170,7 +170,7 @@ def test_bad_lines_are_recorded_the_rest_proceed_and_the_exit_code_counts_them(w
         assert (out / r["path"] / "adapter_model.safetensors").is_file()
         assert r["neighbours"] and set(r["timings"]) == {"generate_s", "write_s"}
     sg = [r for r in ok if r["method"] == "sg"]
-    assert all(isinstance(r["ood"], bool) for r in sg)
+    assert all(isinstance(r["ood"], bool) and isinstance(r["ambiguous"], bool) for r in sg)
     errors = {r["id"]: r["error"] for r in records if r["status"] == "error"}
     assert "not valid JSON" in errors["line:4"] and "missing field 'description'" in errors["no-desc"]
     assert "the limit is 4000" in errors["long"] and "unknown method 'bogus'" in errors["odd"]

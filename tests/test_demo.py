@@ -61,7 +61,10 @@ def test_generate_nearest_loads_in_peft_and_reverses(world, tmp_path):
     res = cli("generate", "write the letters of the input in reverse order", "--method", "nearest",
               "--out", str(out), "--registry", str(world.registry))
     assert res.returncode == 0, res.stderr
-    assert "reverse" in res.stdout
+    assert "reverse" in res.stdout and "ambiguous" not in res.stdout
+    mixed = cli("generate", "write the letters of the input in reverse order", "--method", "weighted",
+                "--temperature", "100", "--out", str(tmp_path / "mixed"), "--registry", str(world.registry))
+    assert mixed.returncode == 0 and "ambiguous: it mixes experts" in mixed.stdout.splitlines()[0], mixed.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(world.base_model)
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])

@@ -10,7 +10,7 @@ import torch
 from conftest import TARGETS, TINY_CONFIGS
 
 from loragen.adapters import Basis, spec_from_config
-from loragen.generator import GenerationError, LearnedGenerator, load_generator, train_generator
+from loragen.generator import GenerationError, LearnedGenerator, RetrievalGenerator, load_generator, train_generator
 from loragen.generator.decoder import TokenDecoder, TokenLayout
 from loragen.generator.description_head import HeadConfig
 from loragen.registry import Registry
@@ -68,6 +68,20 @@ def test_shapes_dtype_and_metadata(trained, registry):
     assert meta["method"] == gen.method and meta["neighbours"][0]["expert"] == "reverse"
     assert {"ood", "clipped", "nearest_similarity", "seed"} <= set(meta)
     assert sum(n["weight"] for n in meta["neighbours"]) == pytest.approx(1.0, abs=1e-5)
+    assert meta["ambiguous"] == (max(n["weight"] for n in meta["neighbours"]) < 0.9)
+
+
+def test_ambiguous_when_no_expert_holds_nine_tenths_of_the_weight(registry):
+    from loragen.generator.retrieval import Neighbour, ambiguous
+
+    weights = lambda *ws: [Neighbour(f"e{i}", i, 0.5, w) for i, w in enumerate(ws)]  # noqa: E731
+    assert ambiguous(weights(0.5, 0.5)) and ambiguous(weights(0.89, 0.11))
+    assert not ambiguous(weights(0.9, 0.1)) and not ambiguous(weights(1.0)) and not ambiguous([])
+    # a hot softmax spreads the weight over the top-K experts; nearest takes one; uniform mixes by design
+    hot, = RetrievalGenerator(registry, "weighted", temperature=100.0).generate(["reverse the string"])
+    one, = RetrievalGenerator(registry, "nearest").generate(["reverse the string"])
+    flat, = RetrievalGenerator(registry, "uniform").generate(["reverse the string"])
+    assert (hot.metadata["ambiguous"], one.metadata["ambiguous"], flat.metadata["ambiguous"]) == (True, False, None)
 
 
 def test_seed_determinism_and_samples(trained):

@@ -120,6 +120,9 @@ class LoraOut(BaseModel):
     neighbours: list[NeighbourOut]
     ood: bool | None = Field(description="Out of distribution; null when the method does not assess it.")
     clipped: bool | None
+    ambiguous: bool | None = Field(
+        default=None, description="No expert holds 90 % of the weight, so the LoRA mixes tasks and rarely does "
+                                  "any of them; examples usually settle it. Null for methods that mix by design.")
     examples_used: bool | None = Field(
         default=None, description="Whether examples re-weighed the neighbours; null when the method does not say.")
     examples_from_description: bool | None = Field(

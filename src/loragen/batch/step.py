@@ -118,7 +118,7 @@ def write_outcome(outcome: Outcome, out_dir: str | Path) -> dict[str, Any]:
         return {**record, "status": "error", "error": f"cannot write the adapter: {_error(exc)}"}
     meta = outcome.lora.metadata
     return {**record, "status": "ok", "path": rel.as_posix(), "neighbours": meta.get("neighbours", []),
-            "ood": meta.get("ood"), "clipped": meta.get("clipped"),
+            "ood": meta.get("ood"), "clipped": meta.get("clipped"), "ambiguous": meta.get("ambiguous"),
             **{k: meta[k] for k in EXAMPLE_KEYS if k in meta},
             "timings": {"generate_s": round(outcome.generate_s, 6),
                         "write_s": round(time.perf_counter() - started, 6)}}

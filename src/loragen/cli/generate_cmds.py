@@ -59,6 +59,8 @@ def generate(
     flags = "".join(f", {f}" for f in ("ood", "clipped") if lora.metadata.get(f))
     if lora.metadata.get("examples_from_description"):
         flags += ", examples from the description"
+    if lora.metadata.get("ambiguous"):
+        flags += ", ambiguous: it mixes experts (examples would settle it)"
     if lora.metadata.get("examples_ood"):
         flags += ", no expert explains the examples"
     typer.echo(f"wrote {out} ({method}, rank {lora.spec.rank}, base {lora.spec.base_model}{flags})")

@@ -125,6 +125,7 @@ class GenerationResult:
     examples_from_description: bool | None = None
     examples_fit: float | None = None
     examples_ood: bool | None = None
+    ambiguous: bool | None = None  # no expert holds 90 % of the weight: the LoRA mixes tasks
 
     @classmethod
     def from_json(cls, data: dict[str, Any], lora: Lora | None = None) -> GenerationResult:

@@ -35,7 +35,7 @@ from .errors import GenerationError
 from .example_evidence import (EXAMPLE_CANDIDATES, Evidence, applies, candidates, example_logprobs, examples_metadata,
                                reweigh)
 from .inline_examples import with_inline_examples
-from .retrieval import Neighbour, check_descriptions
+from .retrieval import Neighbour, ambiguous, check_descriptions
 from .safety import Safety
 from .task_vector import Example, TaskVectors, check_examples
 
@@ -316,7 +316,8 @@ class LearnedGenerator:
             nearest = neighbours[d][0].similarity if neighbours[d] else -1.0
             meta = {"method": self.method, "description": descriptions[d], "seed": seed, "sample": s,
                     "neighbours": [asdict(n) for n in neighbours[d]], "nearest_similarity": nearest,
-                    "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i])}
+                    "ood": self.safety.is_ood(nearest), "clipped": bool(clipped[i]),
+                    "ambiguous": ambiguous(neighbours[d])}
             used = bool(example_sets[d]) and (evidence is not None or self.task_vector_dim > 0)
             meta.update(examples_metadata(used, inline[d], evidence, d))
             loras.append(self.registry.basis.lora({m: b[i] for m, b in B.items()}, meta))

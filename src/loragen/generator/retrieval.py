@@ -34,6 +34,17 @@ class Neighbour:
     example_logprob: float | None = None  # log p(the request's examples | this expert), when given
 
 
+SETTLED_WEIGHT = 0.9
+
+
+def ambiguous(neighbours: list[Neighbour]) -> bool:
+    """Whether the request did not settle on one expert: its largest weight is below SETTLED_WEIGHT, so
+    the LoRA mixes experts. A mixture of two tasks' LoRAs rarely does either: over the demo world's 363
+    evaluated descriptions of seen tasks, 22 of sg's 26 such LoRAs fail, against 28 of its 337 others
+    (benchmarks/RESULTS.md, "Blends"). Examples usually settle it."""
+    return bool(neighbours) and max(n.weight for n in neighbours) < SETTLED_WEIGHT
+
+
 def check_descriptions(descriptions: list[str], max_chars: int = 4000) -> list[str]:
     cleaned = []
     for i, d in enumerate(descriptions):
@@ -166,6 +177,7 @@ class RetrievalGenerator:
         loras = []
         for i, desc in enumerate(descriptions):
             meta = {"method": self.method, "description": desc, "neighbours": [asdict(n) for n in neighbours[i]],
+                    "ambiguous": ambiguous(neighbours[i]) if self.method in ("nearest", "weighted") else None,
                     **examples_metadata(evidence is not None and bool(example_sets[i]), inline[i], evidence, i)}
             loras.append(self.registry.basis.lora({m: b[i] for m, b in mixed.items()}, meta))
         return loras
