@@ -127,3 +127,17 @@ def test_demo_table_shows_each_share_with_its_interval():
     lines = markdown_table(report).splitlines()
     assert lines[2] == "| sg |  | 0.885 (93% of oracle; 90% CI 80%–100%) |  | 0.795 (83% of oracle) |  |"
     assert lines[3] == "| oracle |  | 0.949 (100% of oracle) |  | 0.953 (100% of oracle) |  |"
+
+
+def test_demo_ambiguous_counts_split_failures_by_the_flag():
+    from loragen.evaluation.demo_eval import ambiguous_counts, markdown_table
+
+    row = lambda m, task, em, amb, split="blind": {"method": m, "split": split, "task": task,  # noqa: E731
+                                                 "exact_match": em, "ambiguous": amb}
+    rows = [row("sg", "a", 0.0, True), row("sg", "a", 0.9, True), row("sg", "b", 0.2, False),
+            row("sg", "b", 0.8, False), row("sg", "b", 0.9, False), row("base", "a", 0.0, None),
+            row("sg", "held", 0.0, True, "heldout")]
+    counts = ambiguous_counts(rows, {"a": 1.0, "b": 0.5})  # failing: below half the task's oracle
+    assert counts == {"sg": {"blind": [2, 1, 3, 1]}}  # no flag (base) and tasks without an oracle are left out
+    report = {"table": {"sg": {"blind": 0.5}, "oracle": {"blind": 0.9}}, "ambiguous": counts}
+    assert markdown_table(report).splitlines()[-1] == "- sg: blind 2 ambiguous (1 failing), 3 not (1 failing)"

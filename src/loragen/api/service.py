@@ -324,7 +324,8 @@ class Service:
         return {"id": lora_id, "method": m.get("method"), "description": m.get("description", ""),
                 "base_model": s.base_model, "rank": s.rank, "alpha": s.alpha, "target_modules": s.target_modules,
                 "neighbours": m.get("neighbours", []), "ood": m.get("ood"), "clipped": m.get("clipped"),
-                "ambiguous": m.get("ambiguous"), "examples_used": m.get("examples_used"), "examples_from_description": m.get("examples_from_description"),
+                "ambiguous": m.get("ambiguous"), "examples_used": m.get("examples_used"),
+                "examples_from_description": m.get("examples_from_description"),
                 "examples_fit": m.get("examples_fit"), "examples_ood": m.get("examples_ood"),
                 "seed": m.get("seed"), "sample_ids": ids}
 

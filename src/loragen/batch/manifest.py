@@ -6,8 +6,9 @@ next append starts on a fresh line. When a pair has several records, the last on
 
 Records: `id`, `method` (None for a line that could not be read), `status` (`ok` | `error`),
 `path` (the adapter directory, relative to the manifest's folder), `neighbours`, `ood`,
-`clipped`, `ambiguous`, what the generator made of examples (`examples_used`, `examples_from_description`,
-`examples_fit`, `examples_ood`), `timings` (seconds), `line`, and `error` for a failure.
+`clipped`, `ambiguous`, what the generator made of examples (`examples_used`,
+`examples_from_description`, `examples_fit`, `examples_ood`), `timings` (seconds), `line`, and
+`error` for a failure.
 """
 
 from __future__ import annotations

@@ -111,10 +111,11 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     scores = exact_match(base, [c.lora for c in cells], [tests[c.task] for c in cells])
     rows = [{"method": c.method, "split": c.split, "task": c.task, "description": c.description,
              "exact_match": s, "neighbours": (c.lora.metadata.get("neighbours") if c.lora else None),
-             "examples_ood": (c.lora.metadata.get("examples_ood") if c.lora else None)}
+             "examples_ood": (c.lora.metadata.get("examples_ood") if c.lora else None),
+             "ambiguous": (c.lora.metadata.get("ambiguous") if c.lora else None)}
             for c, s in zip(cells, scores)]
     oracle = {r["task"]: r["exact_match"] for r in rows if r["method"] == "oracle" and r["split"] == "registry"}
-    rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], "neighbours": None}
+    rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], "neighbours": None, "ambiguous": None}
              for r in rows if r["split"] in PARAPHRASE_SETS and r["method"] == DEV_METHODS[0]]
     table: dict[str, dict[str, float]] = {}
     for m in METHOD_ORDER:
@@ -125,7 +126,8 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     intervals = {m: {split: oracle_share_interval(rows, m, split) for split in cols} for m, cols in table.items()
                  if m != "oracle"}
     return {"held_out_tasks": list(HELD_OUT), "test_per_task": test_per_task, "table": table,
-            "oracle_share_90": intervals, "examples_ood": examples_ood_counts(rows), "rows": rows,
+            "oracle_share_90": intervals, "examples_ood": examples_ood_counts(rows),
+            "ambiguous": ambiguous_counts(rows, oracle), "rows": rows,
             "tasks": sorted(by_name)}
 
 
@@ -159,12 +161,27 @@ def examples_ood_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[
     return counts
 
 
+def ambiguous_counts(rows: list[dict[str, Any]], oracle: dict[str, float]) -> dict[str, dict[str, list[int]]]:
+    """Per method and split: [ambiguous rows, of them failing, other rows, of them failing], where
+    failing is an exact match below half the task's oracle. Only methods that flag ambiguity."""
+    counts: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        if r.get("ambiguous") is None or r["task"] not in oracle:
+            continue
+        c = counts.setdefault(r["method"], {}).setdefault(r["split"], [0, 0, 0, 0])
+        at = 0 if r["ambiguous"] else 2
+        c[at] += 1
+        c[at + 1] += r["exact_match"] < 0.5 * oracle[r["task"]]
+    return counts
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     table = report["table"]
     oracle = table.get("oracle", {})
     intervals = report.get("oracle_share_90", {})
-    lines = ["| method | registry descriptions | unseen paraphrases | blind paraphrases | dev paraphrases | held-out tasks |",
-             "|---|---|---|---|---|---|"]
+    header = ("method", "registry descriptions", "unseen paraphrases", "blind paraphrases", "dev paraphrases",
+              "held-out tasks")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, cols in table.items():
         cells = []
         for split in SPLITS:
@@ -182,6 +199,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append("\nNo expert explains the examples (`examples_ood`), rows flagged / rows with examples:")
     for m, splits in report.get("examples_ood", {}).items():
         lines.append(f"- {m}: " + ", ".join(f"{split} {n}/{total}" for split, (n, total) in splits.items()))
+    if report.get("ambiguous"):
+        lines.append("\nAmbiguous LoRAs (no expert holds 90 % of the weight), failing (below half the oracle):")
+    for m, splits in report.get("ambiguous", {}).items():
+        lines.append(f"- {m}: " + "; ".join(f"{split} {a} ambiguous ({af} failing), {o} not ({of} failing)"
+                                            for split, (a, af, o, of) in splits.items()))
     return "\n".join(lines)
 
 

@@ -1,12 +1,13 @@
 """Blind paraphrases of the demo tasks: 166 descriptions of the 15 tasks with an expert in the registry.
 
-Written last (fourteenth session), in two batches by two authors, each shown nothing but 6 input/output
-examples of each task under an opaque label: no task name, registry description, held-back or dev
-paraphrase. Each was asked for 6 descriptions per task (2 terse, 2 plain, 2 longer or conversational),
-in plain English with no code or worked examples. The first batch (90) was kept whole; 14 of the
-second batch's 90 repeat a text already written (13 the first batch's, 1 a registry description) and were
-dropped. No default or choice was made on them: with the held-back paraphrases they are the clean
-test of "unseen paraphrases" in `loragen eval demo`, and enough of them to read a 95 % target against.
+Written last (fourteenth session), in two batches by two writers (separate helper sessions). Each
+saw nothing but 6 input/output examples of each task under an opaque label: no task name, registry
+description, held-back or dev paraphrase. Each was asked for 6 descriptions per task (2 terse,
+2 plain, 2 longer or conversational), in plain English with no code or worked examples. The first
+batch (90) was kept whole; 14 of the second batch's 90 repeat a text already written (13 the first
+batch's, 1 a registry description) and were dropped. No default or choice was made on them: with
+the held-back paraphrases they are the clean test of "unseen paraphrases" in `loragen eval demo`,
+and enough of them to read a 95 % target against.
 """
 
 from __future__ import annotations
