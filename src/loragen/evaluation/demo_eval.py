@@ -51,6 +51,7 @@ METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "icm+examples",
 SPLITS = ("registry", "unseen", "blind", "dev", "heldout")
 PARAPHRASE_SETS = {"blind": BLIND_PARAPHRASES, "dev": DEV_PARAPHRASES}  # scored for DEV_METHODS only
 DEV_METHODS = ("nearest", "icm", "icm+examples", "sg", "sg+examples")
+ROW_METADATA = ("neighbours", "examples_ood", "ambiguous")  # each row's, from its LoRA's metadata
 EXAMPLES_PER_REQUEST = 4  # icm+examples: pairs from the task's training split, as a user would paste
 
 
@@ -109,13 +110,11 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     by_name = {t.name: t for t in tasks}
     tests = {t.name: t.split_instances(0.9, seed)[1][:test_per_task] for t in tasks}
     scores = exact_match(base, [c.lora for c in cells], [tests[c.task] for c in cells])
-    rows = [{"method": c.method, "split": c.split, "task": c.task, "description": c.description,
-             "exact_match": s, "neighbours": (c.lora.metadata.get("neighbours") if c.lora else None),
-             "examples_ood": (c.lora.metadata.get("examples_ood") if c.lora else None),
-             "ambiguous": (c.lora.metadata.get("ambiguous") if c.lora else None)}
+    rows = [{"method": c.method, "split": c.split, "task": c.task, "description": c.description, "exact_match": s,
+             **{k: (c.lora.metadata.get(k) if c.lora else None) for k in ROW_METADATA}}
             for c, s in zip(cells, scores)]
     oracle = {r["task"]: r["exact_match"] for r in rows if r["method"] == "oracle" and r["split"] == "registry"}
-    rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], "neighbours": None, "ambiguous": None}
+    rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], **dict.fromkeys(ROW_METADATA)}
              for r in rows if r["split"] in PARAPHRASE_SETS and r["method"] == DEV_METHODS[0]]
     table: dict[str, dict[str, float]] = {}
     for m in METHOD_ORDER:
