@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from loragen.training.demo_blind_paraphrases import BLIND_PARAPHRASES
 from loragen.training.demo_dev_paraphrases import DEV_PARAPHRASES
 from loragen.training.demo_tasks import DEMO_TASKS, demo_tasks
 from loragen.training.tasks import TaskFileError, read_tasks, write_tasks
@@ -75,10 +76,11 @@ def test_extra_paraphrases_are_unique_and_keep_the_unseen_one_last():
         assert len(set(task.descriptions)) == len(task.descriptions) >= len(plain[name].descriptions) + 10
 
 
-def test_no_registry_description_is_a_dev_or_held_back_paraphrase():
+def test_no_registry_description_is_a_scored_paraphrase():
     tasks = demo_tasks(instances_per_task=5)
-    registry = {d.lower() for t in tasks for d in t.descriptions[:-1]}
-    unseen = {t.descriptions[-1].lower() for t in tasks}
-    dev = {d.lower() for ds in DEV_PARAPHRASES.values() for d in ds}
-    assert not registry & unseen and not registry & dev
+    key = lambda d: d.lower().rstrip(".!?")  # noqa: E731
+    registry = {key(d) for t in tasks for d in t.descriptions[:-1]}
+    unseen = {key(t.descriptions[-1]) for t in tasks}
+    scored = {key(d) for ds in (*DEV_PARAPHRASES.values(), *BLIND_PARAPHRASES.values()) for d in ds}
+    assert not registry & unseen and not registry & scored
     assert all(t.descriptions.count(t.descriptions[-1]) == 1 for t in tasks)

@@ -8,10 +8,11 @@ Five description sets:
   `unseen`, so a steadier figure, for nearest, icm and sg (with and without examples). Their
   oracle is each task's expert (the same LoRA on the same test inputs as in `registry`, so scored
   once there);
-- `blind`: ~11 more paraphrases per task, written after everything else by writers who saw only
+- `blind`: ~19 more paraphrases per task, written after everything else by writers who saw only
   each task's input/output examples (`training/demo_blind_paraphrases.py`); never used for a
-  choice, so with `unseen` the clean test of paraphrases, and enough of them to read 95 % against;
-  scored like `dev`;
+  choice, so with `unseen` the test of paraphrases, and enough of them to read 95 % against
+  (the third batch is the clean one for anything chosen after the fourteenth session); scored
+  like `dev`;
 - `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
   (the generators evaluated there are the `*-holdout` ones built by the demo).
 `icm+examples` and `sg+examples` give the same description with 4 input/output pairs from the

@@ -1,13 +1,17 @@
-"""Blind paraphrases of the demo tasks: 166 descriptions of the 15 tasks with an expert in the registry.
+"""Blind paraphrases of the demo tasks: 281 descriptions of the 15 tasks with an expert in the registry.
 
-Written last (fourteenth session), in two batches by two writers (separate helper sessions). Each
-saw nothing but 6 input/output examples of each task under an opaque label: no task name, registry
-description, held-back or dev paraphrase. Each was asked for 6 descriptions per task (2 terse,
-2 plain, 2 longer or conversational), in plain English with no code or worked examples. The first
-batch (90) was kept whole; 14 of the second batch's 90 repeat a text already written (13 the first
-batch's, 1 a registry description) and were dropped. No default or choice was made on them: with
-the held-back paraphrases they are the clean test of "unseen paraphrases" in `loragen eval demo`,
-and enough of them to read a 95 % target against.
+Written last, in three batches by three writers (separate helper sessions). Each saw nothing but
+6 input/output examples of each task under an opaque label: no task name, registry description,
+held-back or dev paraphrase. All wrote in plain English with no code or worked examples.
+- Batches 1 and 2 (fourteenth session): 6 per task each (2 terse, 2 plain, 2 longer or
+  conversational). The first (90) was kept whole; 14 of the second's 90 repeat a text already
+  written and were dropped.
+- Batch 3 (fifteenth session): 8 per task (2 terse, 3 plain, 3 longer), asked to vary the key verb
+  and phrase between them; 5 of 120 repeat a text already written and were dropped, 115 kept (the
+  end of each task's tuple).
+No default or choice was made on them: with the held-back paraphrases they are the test of
+"unseen paraphrases" in `loragen eval demo`. Batches 1 and 2 were read (their failures) in the
+fourteenth session, so for anything chosen after that, batch 3 is the clean test.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Produce the mirror image of the string so it reads from right to left.",
         "I'd like a model that takes any lowercase word and spells it entirely backwards, so the final letter becomes the first and the first becomes the last.",
         "Please build something that flips the full order of all characters in the input, giving the complete string read from its end back to its beginning.",
+        "Reverse the word",
+        "Spell it backwards",
+        "Write the letters of the word in the opposite order.",
+        "Output the word read from its last letter to its first.",
+        "Flip the sequence of characters so the final letter comes first and the first letter comes last.",
+        "Please build me a model that mirrors a word: take all of its letters and return them back to front, keeping every character but inverting their order completely.",
+        "I need something that reads a lowercase word right to left and gives me the result, like turning the whole string around end for end.",
+        "For a word-puzzle app, I want a component that produces the backward version of any word it's given, with the complete letter sequence inverted rather than just swapping a couple of letters.",
     ),
     "caesar_1": (
         "Shift each letter forward one",
@@ -39,6 +51,13 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Apply a Caesar shift of one step forward to each character, wrapping around at z.",
         "I need each character swapped for its immediate successor in the alphabet, so a becomes b, and so on, with z looping back around to a.",
         "Build me a model that moves every single letter of the input one place later in the alphabet, keeping the order of the letters the same and cycling past the end back to the start.",
+        "Next letter in the alphabet",
+        "Replace every letter with the one right after it in the alphabet, turning z into a.",
+        "Increment each character by a single alphabet position, wrapping at the end.",
+        "Move each letter one step toward z, with z looping back to a.",
+        "I want a model that applies a Caesar shift of plus one: every letter in the word is swapped for its immediate successor in a to z, cycling around after z.",
+        "Could you build something that bumps every letter up by exactly one place in the alphabet? So a becomes b, m becomes n, and so forth, and z rolls over to a.",
+        "For a cipher exercise, I need a tool where each character of a word is replaced by the following letter alphabetically, a minimal one-step rotation where the last letter of the alphabet wraps to the first.",
     ),
     "caesar_3": (
         "Shift letters forward by three",
@@ -52,6 +71,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Move every character three steps ahead alphabetically so that x, y and z become a, b and c.",
         "I need each letter of the input pushed forward by three positions in the alphabet, keeping letter order and looping around past z to the beginning.",
         "Please make a model that encrypts a word by advancing every letter three spots toward z, with anything that runs off the end continuing again from a.",
+        "Caesar cipher, shift of three",
+        "Advance each letter 3 places",
+        "Replace every letter with the one three positions later in the alphabet, wrapping from z back to a.",
+        "Encode the word by moving each character forward three steps through the alphabet.",
+        "Each letter should become the letter that comes three after it, so x, y and z loop around to the start.",
+        "I'd like a model that applies the classic Caesar encryption with a key of 3: every letter in the word gets bumped ahead by three alphabet positions, wrapping past the end.",
+        "Could you make me a simple encrypter? It should take a lowercase word and substitute each letter with whichever letter sits three spots further along in a to z, cycling back around to the beginning when it runs off the end.",
+        "We're teaching kids about old ciphers and want a tool that does the Julius Caesar trick: offset every character by plus three in the alphabet, with letters near the end rolling over to a, b and c.",
     ),
     "caesar_back_1": (
         "Shift each letter back by one",
@@ -66,6 +93,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Move each character one step earlier alphabetically, wrapping around from a to z.",
         "I'd like a model that decrements every letter by a single position, so b becomes a and c becomes b, with a looping back around to z at the end of the alphabet.",
         "Please build something that substitutes each letter of the string with its predecessor in the alphabet, keeping the order of characters and the length unchanged.",
+        "Shift letters back by one",
+        "Previous letter in alphabet",
+        "Replace each letter with the one immediately before it in the alphabet, with a becoming z.",
+        "Decrement every character by a single alphabet position, wrapping around at the start.",
+        "Move each letter one step toward a, so b turns into a and a loops to z.",
+        "I need a model that applies a Caesar shift of minus one: every letter in the word is substituted by its predecessor in a to z, cycling from the beginning of the alphabet to the end.",
+        "Could you build an encoder where each letter is swapped for the letter that comes just before it alphabetically? The letter a has nothing before it, so it should wrap to z.",
+        "We're decoding messages that were encrypted by pushing letters forward one place, so I want a tool that undoes that: every character goes back one position in the alphabet, with a rolling over to z.",
     ),
     "atbash": (
         "Atbash cipher each letter",
@@ -78,6 +113,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Map each character to the letter at the same distance from z as it is from a.",
         "I need a model that reflects every letter through the middle of the alphabet, turning the first letter into the last, the second into the second-to-last, and so on, keeping positions unchanged.",
         "Please build something that encodes a lowercase string by substituting each letter with its reverse-alphabet partner, where m and n trade places and every other letter trades with its matching letter from the far end.",
+        "Atbash cipher",
+        "Mirror the alphabet",
+        "Replace each letter with its counterpart from the opposite end of the alphabet, so a becomes z and b becomes y.",
+        "Map every character to its reflection in the alphabet, where the first letter pairs with the last.",
+        "Substitute letters using a reversed alphabet: position one swaps with twenty-six, position two with twenty-five, and so on.",
+        "I'd like a model that encodes words with the ancient Hebrew Atbash substitution, in which the alphabet is folded in half and each letter is exchanged for the one equally far from the other end.",
+        "Could you build something that swaps each letter for its mirror image across the alphabet? For instance, c would pair with x and m with n, and applying it twice gets you back the original word.",
+        "For a puzzle hunt I need a tool that flips every letter's alphabetical rank, turning early letters into late ones and vice versa, like reading the alphabet backward against itself to do the lookup.",
     ),
     "swap_pairs": (
         "Swap adjacent letter pairs",
@@ -92,6 +135,13 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Split the string into non-overlapping pairs from the left and reverse the order within each pair.",
         "Could you make a tool that walks through the text two characters at a time and switches the two letters in every pair, leaving the final character alone when the length is odd?",
         "I want each letter in an odd position traded with the letter right after it, pair by pair from the start, so the overall pairs stay where they are but their insides are swapped.",
+        "Pairwise character exchange",
+        "Exchange the first and second letters, then the third and fourth, and so on; an unpaired final letter stays put.",
+        "Split the word into consecutive pairs and flip the two letters within each pair.",
+        "Transpose each neighboring couple of characters, leaving a lone trailing letter unchanged if the length is odd.",
+        "I want a model that walks through a word two letters at a time and reverses the order inside every such pair, so positions one and two trade places, three and four trade places, etc.",
+        "Can you make something that scrambles words in a predictable way by switching each letter with its partner in non-overlapping pairs from the start? If there's a leftover letter at the end it should remain where it is.",
+        "For a simple obfuscation scheme, I'd like each word broken into twos from left to right, with the letters in each duo swapped around. Words of odd length keep their last character in place.",
     ),
     "double_letters": (
         "Double each letter",
@@ -106,6 +156,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Output a string where every character is immediately followed by a copy of itself.",
         "I'd like a tool that stutters each letter, printing every character twice back to back before moving on to the next one, so the result is twice as long.",
         "Could you build a model that duplicates each individual letter right where it stands, rather than repeating the whole word, so each letter appears as an adjacent pair?",
+        "Double every letter",
+        "Each character repeated twice",
+        "Write each letter of the word two times in a row before moving on to the next.",
+        "Duplicate every individual character in place, so the output is twice as long.",
+        "Stutter each letter so it appears as a doubled pair.",
+        "I want a model that goes letter by letter through a word and emits each one twice consecutively, producing a string where every character is immediately followed by a copy of itself.",
+        "Could you build something that doubles up the characters of a word individually? Not repeating the whole word, but turning every single letter into a pair of that letter while keeping the original order.",
+        "For a text-effects feature, I'd like each letter of the input echoed right after itself, so a word comes out as a sequence of twin letters, one pair per original character.",
     ),
     "rotate_left": (
         "Move first letter to end",
@@ -119,6 +177,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Cyclically shift the characters one place to the left so the opening letter wraps around to the back.",
         "I'd like a model that picks up the leading letter of a word and tacks it onto the end, leaving all other letters in their original order and the length unchanged.",
         "Please build something that performs a one-step left rotation of the string, where every character moves one position earlier and the first one becomes the last.",
+        "Rotate left by one letter",
+        "First letter moved to end",
+        "Take the word's first character and append it after the last one.",
+        "Shift all letters one position to the left, with the leading letter wrapping around to the back.",
+        "Move the initial letter of the word so it becomes the final letter, keeping the others in order.",
+        "I want a model that cyclically rotates a word by a single position: the opening letter gets detached and tacked onto the tail, while everything in between slides forward unchanged.",
+        "Could you create something a bit like a Pig Latin step without the 'ay'? Just relocate the word's starting letter to the very end, and don't touch the order of the remaining characters.",
+        "For a text game, I need a transformer that pulls the front character off each word and sticks it on after the last character, so the word is the same length but circularly shifted by one.",
     ),
     "mask_vowels": (
         "Mask vowels with asterisks",
@@ -132,6 +198,13 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Substitute a star symbol for each vowel, so the string keeps its original length.",
         "I'd like something that hides the vowels in a word by swapping each one for an asterisk character, leaving every consonant, including y, in its place.",
         "Please build a model that censors all vowels in a lowercase string by overwriting them with the star symbol rather than deleting them.",
+        "Star out the vowels",
+        "Replace each a, e, i, o and u in the word with an asterisk, keeping all other letters.",
+        "Swap every vowel for a * symbol while leaving consonants exactly where they are.",
+        "Hide the vowels by substituting a star character in their place, so the word's length does not change.",
+        "I need a model that censors vowels: wherever a, e, i, o or u appears, put an asterisk instead, and leave every other character, including y, alone.",
+        "Can you create a tool for a hangman-style display where the vowels are blanked out with asterisks? The consonants should remain visible in their original positions and the output should be the same length as the input.",
+        "For a word-guessing game, we want each vowel in a word to be covered by the * character rather than removed, so players see the consonant pattern plus the spots where vowels were.",
     ),
     "drop_vowels": (
         "Remove all vowels",
@@ -144,6 +217,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Return only the non-vowel letters of the input, treating y as a consonant.",
         "Can you make something that deletes every occurrence of a, e, i, o and u from a word, leaving all the other letters exactly as they were without any placeholder?",
         "I want the input string with its vowels completely erased so the output is shorter, consisting only of the consonants in the same sequence.",
+        "Delete all vowels",
+        "Vowel stripper",
+        "Remove every a, e, i, o and u from the word and keep the consonants in order.",
+        "Return only the non-vowel letters of the word.",
+        "Get rid of the vowels so the output is just the remaining consonants, squeezed together.",
+        "I'd like a model that takes a word and drops each occurrence of a, e, i, o or u entirely, leaving the other letters in their original sequence with no gaps or placeholders.",
+        "Can you make a tool that disemvowels words? Any vowel should simply vanish from the output, which means the result is typically shorter, while consonants stay exactly where they were relative to each other.",
+        "We're building an abbreviation helper, and the core step is to eliminate the five vowels from a lowercase word so only the consonant skeleton is left behind.",
     ),
     "sort": (
         "Sort letters alphabetically",
@@ -157,6 +238,13 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Output the same characters as the input, but ordered from a to z.",
         "I need something that takes a word and gives me back all its letters sorted from a through z, with duplicate letters left in place next to each other.",
         "Please build a model that reorders every character of a lowercase string into dictionary order, smallest letter first, without dropping or adding anything.",
+        "Alphabetize the characters",
+        "Rearrange the letters of the word into a to z order.",
+        "Output the word's characters arranged in ascending alphabetical sequence, keeping duplicates.",
+        "Put all the letters in dictionary order, from earliest in the alphabet to latest.",
+        "I need a model that takes a word and reorders its letters so they run from a toward z, keeping every letter including repeats but ignoring their original positions.",
+        "Can you make a tool that produces the sorted form of a word? All the same characters should appear, just lined up from lowest to highest alphabetically, the way you'd make a canonical key for finding anagrams.",
+        "For an anagram-finder project, I'd like something that normalizes each word by ordering its characters in increasing alphabetical rank, so repeated letters end up grouped together.",
     ),
     "repeat_twice": (
         "Duplicate the whole string",
@@ -170,6 +258,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Write the full word two times in a row, with no separator between the copies.",
         "I'd like a model that duplicates the complete string as a block, appending an exact copy of the whole thing to its end, rather than doubling individual letters.",
         "Please build something that takes a lowercase word and returns it said twice back to back, so the result is the original text glued onto itself.",
+        "Repeat the word twice",
+        "Double the whole string",
+        "Output the word followed immediately by another copy of itself.",
+        "Concatenate the input with itself, no space in between.",
+        "Write the entire word two times in a row as one string.",
+        "I'd like a model that duplicates a word end to end, so the result is the original word glued directly onto an identical copy, twice as long overall.",
+        "Could you build something that echoes a word back joined to itself? The full word should appear, then the same full word again right after it, with no separator.",
+        "For generating test strings, I need a tool that takes any lowercase word and produces it repeated once more at the end, a back-to-back duplication of the whole thing rather than of individual letters.",
     ),
     "drop_first": (
         "Remove the first character",
@@ -183,6 +279,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Return the string with its very first letter removed and everything else unchanged.",
         "I need a tool that chops off just the opening letter of a word and gives back the rest of it as is, without putting that letter anywhere else.",
         "Can you build a model that discards the first character of the input, so the output is one shorter and begins with what was the second letter?",
+        "Strip the leading letter",
+        "Drop first character",
+        "Remove the first letter of the word and keep everything else.",
+        "Return the word without its opening character.",
+        "Given a word, output the rest of it after chopping off the initial letter.",
+        "I need a model that takes a lowercase word and deletes just its very first letter, leaving the remaining letters untouched and in the same order.",
+        "Can you build something that trims a word from the front by exactly one character? Whatever letter the word starts with should disappear, and the rest should come back as-is.",
+        "For a data cleanup job I want a tool where every word loses its beginning letter. Nothing else changes: no reordering, no substitutions, only the first character is cut off so the output is one letter shorter.",
     ),
     "every_other": (
         "Keep every other letter",
@@ -196,6 +300,14 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Remove every second character of the string, starting with the second one.",
         "I need a model that reads through a word and keeps one letter, skips the next, keeps the one after that, and so on, always beginning by keeping the very first letter.",
         "Could you make a tool that outputs only the letters sitting in the odd-numbered spots when counting from one at the left, discarding all those in even-numbered spots?",
+        "Keep every other letter, starting with the first",
+        "Odd-position characters only",
+        "Take the 1st, 3rd, 5th and so on letters of the word and discard the ones in between.",
+        "Drop every second character, beginning with the second letter.",
+        "Output the letters found at odd positions when counting from one, skipping all even-positioned ones.",
+        "I need a model that samples a word by alternating keep and skip: retain the first letter, skip the next, retain the one after, and continue like that to the end.",
+        "Could you build something that thins out a word by half? Starting from the very first character, it should hold onto one letter, throw away the following one, and repeat, regardless of whether the letters are vowels or consonants.",
+        "For a compression experiment, I want a tool that selects only the characters at positions one, three, five, seven and onward in each word, removing the letters in the second, fourth, sixth and similar slots.",
     ),
     "first_last_swap": (
         "Swap first and last letters",
@@ -208,5 +320,12 @@ BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Put the final letter at the front and the opening letter at the end, keeping everything in between as is.",
         "I need a tool that switches only the outermost two letters of a word with each other while every letter between them stays exactly where it was.",
         "Could you build a model that exchanges the initial and final characters of the input string, without reversing or moving any of the interior characters?",
+        "Exchange the word's end characters",
+        "Trade the positions of the opening and closing letters, leaving the middle as it is.",
+        "Put the last letter at the front and the first letter at the back, without changing anything in between.",
+        "Interchange the initial and final characters of the word.",
+        "I need a model that switches the two outermost letters of a word: whatever starts it should finish it, and whatever finishes it should start it, with the inner letters untouched.",
+        "Can you make a tool that just flips the bookends of a word? Only the leading and trailing characters change places; all interior letters stay in their original positions.",
+        "For a spelling game, I'd like something that takes a word and transposes its beginning and ending letters with each other, as opposed to rotating or reversing the whole thing, so the length and middle section are preserved.",
     ),
 }
