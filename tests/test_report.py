@@ -141,3 +141,22 @@ def test_demo_ambiguous_counts_split_failures_by_the_flag():
     assert counts == {"sg": {"blind": [2, 1, 3, 1]}}  # no flag (base) and tasks without an oracle are left out
     report = {"table": {"sg": {"blind": 0.5}, "oracle": {"blind": 0.9}}, "ambiguous": counts}
     assert markdown_table(report).splitlines()[-1] == "- sg: blind 2 ambiguous (1 failing), 3 not (1 failing)"
+
+
+def test_blind_shares_are_reported_per_writer_batch():
+    from loragen.evaluation.demo_eval import blind_batch_shares, markdown_table
+    from loragen.training.demo_blind_paraphrases import BLIND_BATCH, BLIND_BATCHES, BLIND_PARAPHRASES
+
+    assert len(BLIND_BATCH) == sum(len(v) for v in BLIND_PARAPHRASES.values())  # no text in two batches
+    assert all(BLIND_BATCH[t] == i for i, b in enumerate(BLIND_BATCHES, 1) for ts in b.values() for t in ts)
+    row = lambda m, task, em, batch: {"method": m, "split": "blind", "task": task,  # noqa: E731
+                                      "exact_match": em, "batch": batch}
+    rows = [row("oracle", "a", 0.8, 1), row("sg", "a", 0.8, 1), row("icm", "a", 0.8, 1),
+            row("oracle", "a", 0.8, 3), row("sg", "a", 0.0, 3), row("icm", "a", 0.8, 3),
+            row("oracle", "b", 0.5, 3), row("sg", "b", 0.5, 3), row("icm", "b", 0.5, 3),
+            {"method": "sg", "split": "dev", "task": "a", "exact_match": 0.0}]  # other splits have no batch
+    shares = blind_batch_shares(rows)
+    assert shares["sg"]["1"] == [1.0, 1.0, 1.0] and shares["icm"]["3"][0] == 1.0
+    assert shares["sg"]["3"][0] == pytest.approx(0.5 / 1.3)  # summed exact match over summed oracle
+    report = {"table": {"sg": {"blind": 0.5}, "oracle": {"blind": 0.9}}, "blind_batches": {"sg": shares["sg"]}}
+    assert markdown_table(report).splitlines()[-1].startswith("- sg: batch 1 100% (100%–100%), batch 3 38% (")

@@ -12,7 +12,7 @@ Five description sets:
   each task's input/output examples (`training/demo_blind_paraphrases.py`); never used for a
   choice, so with `unseen` the test of paraphrases, and enough of them to read 95 % against
   (the third batch is the clean one for anything chosen after the fourteenth session); scored
-  like `dev`;
+  like `dev`, and each writer's batch also on its own (`blind_batches`);
 - `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
   (the generators evaluated there are the `*-holdout` ones built by the demo).
 `icm+examples` and `sg+examples` give the same description with 4 input/output pairs from the
@@ -34,7 +34,7 @@ from ..basemodel import BaseModel
 from ..generator import RetrievalGenerator, load_generator
 from ..registry import Registry
 from ..training.demo import HELD_OUT, DemoWorld
-from ..training.demo_blind_paraphrases import BLIND_PARAPHRASES
+from ..training.demo_blind_paraphrases import BLIND_BATCH, BLIND_PARAPHRASES
 from ..training.demo_dev_paraphrases import DEV_PARAPHRASES
 from ..training.tasks import Task, read_tasks
 from .metrics import exact_match
@@ -125,9 +125,12 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
                 table.setdefault(m, {})[split] = sum(vals) / len(vals)
     intervals = {m: {split: oracle_share_interval(rows, m, split) for split in cols} for m, cols in table.items()
                  if m != "oracle"}
+    for r in rows:
+        if r["split"] == "blind":
+            r["batch"] = BLIND_BATCH[r["description"]]
     return {"held_out_tasks": list(HELD_OUT), "test_per_task": test_per_task, "table": table,
             "oracle_share_90": intervals, "examples_ood": examples_ood_counts(rows),
-            "ambiguous": ambiguous_counts(rows, oracle), "rows": rows,
+            "ambiguous": ambiguous_counts(rows, oracle), "blind_batches": blind_batch_shares(rows), "rows": rows,
             "tasks": sorted(by_name)}
 
 
@@ -148,6 +151,21 @@ def oracle_share_interval(rows: list[dict[str, Any]], method: str, split: str, *
     shares = ours[picks].sum(1) / np.maximum(theirs[picks].sum(1), 1e-12)
     low, high = np.quantile(shares, [(1 - level) / 2, (1 + level) / 2])
     return [float(low), float(high)]
+
+
+def blind_batch_shares(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per method and blind batch: [share of the oracle, 90 % interval low, high]. Batch 3 is the one
+    whose failures no one has read, the clean test of anything chosen after its predecessors."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for batch in sorted({r["batch"] for r in rows if "batch" in r}):
+        part = [r for r in rows if r.get("batch") == batch]
+        oracle = sum(r["exact_match"] for r in part if r["method"] == "oracle")
+        for m in DEV_METHODS:
+            ours = sum(r["exact_match"] for r in part if r["method"] == m)
+            ci = oracle_share_interval(part, m, "blind")
+            if oracle > 0 and ci is not None:
+                out.setdefault(m, {})[str(batch)] = [ours / oracle, *ci]
+    return out
 
 
 def examples_ood_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
@@ -199,6 +217,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append("\nNo expert explains the examples (`examples_ood`), rows flagged / rows with examples:")
     for m, splits in report.get("examples_ood", {}).items():
         lines.append(f"- {m}: " + ", ".join(f"{split} {n}/{total}" for split, (n, total) in splits.items()))
+    if report.get("blind_batches"):
+        lines.append("\nBlind paraphrases by batch, share of the oracle (90% CI):")
+    for m, batches in report.get("blind_batches", {}).items():
+        lines.append(f"- {m}: " + ", ".join(f"batch {b} {v:.0%} ({lo:.0%}–{hi:.0%})" for b, (v, lo, hi) in batches.items()))
     if report.get("ambiguous"):
         lines.append("\nAmbiguous LoRAs (no expert holds 90 % of the weight), failing (below half the oracle):")
     for m, splits in report.get("ambiguous", {}).items():
