@@ -1,6 +1,6 @@
-"""Blind paraphrases of the demo tasks: 281 descriptions of the 15 tasks with an expert in the registry.
+"""Blind paraphrases of the demo tasks: 479 descriptions of the 15 tasks with an expert in the registry.
 
-Written last, in three batches by three writers (separate helper sessions). Each saw nothing but
+Written last, in five batches by five writers (separate helper sessions). Each saw nothing but
 6 input/output examples of each task under an opaque label: no task name, registry description,
 held-back or dev paraphrase. All wrote in plain English with no code or worked examples.
 - Batches 1 and 2 (fourteenth session): 6 per task each (2 terse, 2 plain, 2 longer or
@@ -8,9 +8,12 @@ held-back or dev paraphrase. All wrote in plain English with no code or worked e
   written and were dropped.
 - Batch 3 (fifteenth session): 8 per task (2 terse, 3 plain, 3 longer), asked to vary the key verb
   and phrase between them; 5 of 120 repeat a text already written and were dropped, 115 kept.
+- Batches 4 and 5 (sixteenth session): the same brief as batch 3, fresh examples, written alongside
+  the five writers of `demo_written_paraphrases` (whose texts are registry descriptions); 19 and 23
+  of 120 repeat a text already written and were dropped, 101 and 97 kept.
 No default or choice was made on them: with the held-back paraphrases they are the test of
 "unseen paraphrases" in `loragen eval demo`. Batches 1 and 2 were read (their failures) in the
-fourteenth session, so for anything chosen after that, batch 3 is the clean test.
+fourteenth session, so for anything chosen after that, batches 3-5 are the clean test.
 """
 
 from __future__ import annotations
@@ -395,7 +398,271 @@ BATCH_3: dict[str, tuple[str, ...]] = {
     ),
 }
 
-BLIND_BATCHES: tuple[dict[str, tuple[str, ...]], ...] = (BATCH_1, BATCH_2, BATCH_3)
+BATCH_4: dict[str, tuple[str, ...]] = {
+    'reverse': (
+        "Write the letters of the word in reverse order, last letter first.",
+        "Flip the word so it reads from end to beginning.",
+        "Output the characters of the word in the opposite sequence.",
+        "Start from the final letter of the word and work back toward the first, writing each letter as you go; the result contains the same letters in mirrored order.",
+        "Could you give me the word backwards? Just read it from right to left instead of left to right and write down what you get.",
+        "Please invert the order of the word's characters so that the original last letter comes first and the original first letter comes last.",
+    ),
+    'caesar_1': (
+        "Caesar cipher with shift one.",
+        "Replace every letter with the next letter of the alphabet, with z wrapping around to a.",
+        "Move each letter one step forward in the alphabet, keeping the letters in the same order.",
+        "Increment every character to its alphabetical successor, looping from z back to a.",
+        "For each letter in the word, write the letter that immediately follows it in the alphabet instead; z is the only special case and becomes a. Nothing is added, removed or reordered.",
+        "Could you encode the word by bumping every letter up by one? So each letter turns into the one right after it in the alphabet, and if you reach z it cycles back to a.",
+        "Please apply a Caesar shift of one to the whole word, substituting each letter with the following letter of the alphabet and treating the alphabet as circular.",
+    ),
+    'caesar_3': (
+        "Caesar shift forward by three.",
+        "Advance each letter three places.",
+        "Shift each letter forward by 3 in the alphabet, so that x, y and z wrap around to a, b and c.",
+        "Encode the word with a Caesar cipher of shift three, moving each letter three steps ahead.",
+        "For each letter in the word, count three letters further along the alphabet and write that letter instead; if you run past z, keep counting from a. The word's length and letter order stay the same.",
+        "Could you apply a classic Caesar cipher with a key of 3? Every letter should move three spots forward in the alphabet, and the end of the alphabet loops back to the start.",
+        "Please substitute each character with the letter that comes three places after it, treating the alphabet as a circle so that the letters near the end wrap around to the beginning.",
+    ),
+    'caesar_back_1': (
+        "Caesar shift of minus one.",
+        "Replace every letter with the one just before it in the alphabet, with a wrapping around to z.",
+        "Move each letter one step backward in the alphabet, keeping the word's order.",
+        "Decrement every character to the preceding letter, looping from a back to z.",
+        "For each letter of the word, write down the letter that comes immediately before it in the alphabet; a has no predecessor, so it becomes z. Nothing is added or reordered.",
+        "Could you decode the word by moving every letter down by one? Each letter turns into the one right before it alphabetically, and the alphabet wraps so a goes to z.",
+        "Please apply a reverse Caesar shift of one, substituting each letter with its alphabetical predecessor and treating the alphabet as circular.",
+    ),
+    'atbash': (
+        "Mirror each letter's alphabet position.",
+        "Swap every letter for its reverse-alphabet partner: the first letter pairs with the last, the second with the second-to-last, and so on.",
+        "Encode the word by reflecting each letter across the alphabet, so a letter that is n places from the start becomes the one n places from the end.",
+        "Imagine writing the alphabet forwards and then backwards underneath it; for every letter in the word, look it up on the top row and write the letter directly beneath it. Keep the letters in their original order.",
+        "I need each letter flipped to its mirror image in the alphabet: a and z trade places, b and y trade places, c and x, and so on through m and n. Do this for every letter in the word.",
+        "Please run the word through an Atbash substitution, where every letter is replaced by the letter at the same distance from the other end of the alphabet, leaving the word's length and order unchanged.",
+    ),
+    'swap_pairs': (
+        "Swap each adjacent pair of letters.",
+        "Flip letters in pairs.",
+        "Split the word into consecutive pairs of letters and swap the two letters within each pair; a leftover final letter stays put.",
+        "Exchange the first and second letters, the third and fourth, the fifth and sixth, and so on, leaving any unpaired last letter in place.",
+        "Reverse every two-letter chunk of the word, working from the start, without moving the pairs themselves.",
+        "Go through the word two letters at a time from the beginning and switch the order of the two letters in each group; if the word has an odd length, the single letter at the end is left as it is.",
+        "I'd like you to transpose neighbouring letters pairwise: positions one and two trade places, positions three and four trade places, and so on. Pairs don't overlap, and a lone last letter isn't touched.",
+        "Please take the word in non-overlapping pairs starting from the first letter and swap the letters inside each pair, keeping the pairs in their original order; an odd final letter remains unchanged.",
+    ),
+    'double_letters': (
+        "Repeat each character twice.",
+        "Write each letter of the word two times in a row, keeping the original order.",
+        "Replace every character with two copies of itself, side by side.",
+        "Stutter each letter so it appears twice consecutively, making the word twice as long.",
+        "Go through the word one letter at a time and, for each letter, output it twice before moving on to the next one. Letters that were already repeated get doubled as well, so a pair becomes four.",
+        "I'd like each letter in the word duplicated in place: right after every letter, insert another copy of that same letter, and keep everything in its original sequence.",
+        "Please stretch the word out by doubling each individual character, so the result has every letter written twice consecutively rather than the whole word repeated.",
+    ),
+    'rotate_left': (
+        "Take the word's first letter off the front and attach it to the back.",
+        "Shift all letters one position to the left, with the first letter wrapping around to the end.",
+        "Relocate the leading character so it becomes the final character.",
+        "Remove the first letter of the word, keep the remaining letters in order, and then append that removed letter at the very end.",
+        "Could you cycle the word by one place? The letter at the start should go to the end, and everything else just slides forward one spot.",
+        "Please rotate the word once to the left: the output starts with the original second letter and finishes with what was originally the first letter.",
+    ),
+    'mask_vowels': (
+        "Replace each vowel (a, e, i, o, u) in the word with an asterisk, leaving consonants alone.",
+        "Swap every occurrence of a, e, i, o or u for a * character and keep all other letters where they are.",
+        "Turn each of the five vowels into an asterisk while every other letter, including y, stays unchanged.",
+        "Go through the word letter by letter; whenever you hit a vowel (a, e, i, o, or u, not y), write an asterisk in its place, otherwise copy the letter as it is. The length of the word doesn't change.",
+        "I'd like you to censor the vowels in a word. Every a, e, i, o and u should become a star symbol, and the consonants (y counts as one) should stay exactly where they are.",
+        "Please hide the vowels: keep the word the same length and in the same order, but put an asterisk wherever an a, e, i, o or u appears. Words without vowels come back untouched.",
+    ),
+    'drop_vowels': (
+        "Strip out the vowels.",
+        "Delete every a, e, i, o and u from the word, keeping the consonants in order.",
+        "Drop the vowels from the word and return only the remaining consonants as they appear.",
+        "Erase each vowel, treating y as a consonant, and close up the gaps.",
+        "Go through the word and throw away any letter that is a, e, i, o or u; the other letters, including y, stay in their original order. If the word has no vowels, it comes back unchanged.",
+        "I want the vowel-less version of a word: cut out all the a's, e's, i's, o's and u's and squash together whatever consonants are left, without reordering them.",
+        "Please filter the word so that only its consonants survive. Every vowel (a, e, i, o, u, but not y) gets deleted entirely, not replaced with anything, so the result may be shorter.",
+    ),
+    'sort': (
+        "Rearrange the letters of the word into alphabetical order from a to z.",
+        "Put all the word's letters in ascending alphabetical order, keeping any repeated letters.",
+        "Reorder the characters so they run from earliest to latest in the alphabet.",
+        "Take every letter of the word, including duplicates, and line them up in dictionary order from a to z; the output uses exactly the same letters, just sorted.",
+        "Could you scramble the word back into alphabetical order? Just list all its letters sorted from a through z, keeping repeats next to each other and not dropping any.",
+        "Please produce the sorted form of the word: the same multiset of letters, arranged so each letter comes no later in the alphabet than the one after it.",
+    ),
+    'repeat_twice': (
+        "Double the whole word.",
+        "Write the word and then write it again immediately after, with no space between.",
+        "Concatenate the word with an exact copy of itself.",
+        "Output two copies of the input joined directly together.",
+        "Take the entire word and append a second copy of it to the end, so the result is the word followed by itself with nothing in between.",
+        "Could you duplicate the word? Just say it twice in a row, glued together without any space or separator, keeping the letters in the same order both times.",
+        "The task is simple repetition: the output should be the original word written out once and then a second time straight after, making a string twice as long.",
+    ),
+    'drop_first': (
+        "Remove the initial character.",
+        "Delete the first letter of the word and return the rest unchanged.",
+        "Chop off the leading character and keep everything after it.",
+        "Output the word minus its opening letter.",
+        "Take away just the very first character of the word; every remaining letter stays in its original order, so the result is one letter shorter.",
+        "Could you strip the first letter off the word? I only want what comes after it, exactly as written, with nothing else changed.",
+        "Please return the tail of the word: everything from the second letter through the end, discarding only the letter the word starts with.",
+    ),
+    'every_other': (
+        "Take odd-position letters.",
+        "Keep the 1st, 3rd, 5th and so on letters of the word and drop the ones in between.",
+        "Remove every second letter, so only the letters in odd positions (counting from one) remain.",
+        "Extract alternate characters beginning with the first one.",
+        "Go through the word keeping the first letter, skipping the second, keeping the third, skipping the fourth, and so on to the end; join the kept letters in their original order.",
+        "I'd like you to delete all the letters in even positions, meaning the second, fourth, sixth and so on, and give me whatever is left, still in the same order.",
+        "Please sample the word by taking the first character and then every second character after it, discarding the letters that fall in between.",
+    ),
+    'first_last_swap': (
+        "Exchange the outer two letters.",
+        "Switch the positions of the word's first and last letters, leaving the middle unchanged.",
+        "Trade the opening letter with the closing letter and keep everything in between as it is.",
+        "Put the final letter at the front and the first letter at the end, without touching the inner letters.",
+        "Take the word's first character and its last character and swap them; all the letters between them stay in exactly the same order and position.",
+        "I want you to exchange the two end letters of the word: whatever letter begins the word should end it, and whatever letter ends it should begin it, with the middle untouched.",
+        "Please transpose only the first and the last character of the word. The interior letters remain in place, so the result is the same length with just its two ends flipped.",
+    ),
+}
+
+BATCH_5: dict[str, tuple[str, ...]] = {
+    'reverse': (
+        "Write the letters of the word in reverse order, from last to first.",
+        "Flip the word so its final letter comes first and its first letter comes last.",
+        "Produce the mirror image of the word by reading its characters from right to left.",
+        "Take the word and output its letters starting with the last one and working back to the first, so the whole sequence is inverted.",
+        "Could you read the word back to front for me? The result should contain the same letters, just in the completely opposite order.",
+        "I need the word turned around end to end: the last character becomes the first, the second-to-last becomes the second, and so on until the original first letter ends the output.",
+    ),
+    'caesar_1': (
+        "Shift each letter forward by one.",
+        "Replace letters with their successors.",
+        "Change every letter to the next letter of the alphabet, with z wrapping around to a.",
+        "Apply a Caesar shift of one, moving each letter one step later in the alphabet.",
+        "Advance each character by a single position in the alphabet, so a becomes b and z cycles back to a.",
+        "For each letter in the word, write the letter that comes right after it alphabetically instead; since nothing follows z, it turns into a. Keep the letters in the same order.",
+        "Please encode the word by bumping every letter up one place in the alphabet, wrapping the end of the alphabet back to the beginning, and leave the word's length and letter order as they are.",
+        "I'd like each letter swapped for its alphabetical neighbour on the right, so b becomes c, m becomes n and so on, treating the alphabet as a circle where z is followed by a.",
+    ),
+    'caesar_3': (
+        "Shift each letter forward by three.",
+        "Caesar cipher with a shift of three.",
+        "Replace every letter with the one three places later in the alphabet, wrapping from z back to a.",
+        "Advance each character three steps through the alphabet, so x becomes a, y becomes b and z becomes c.",
+        "Encode the word by moving each letter three positions ahead in the alphabet, treating the alphabet as circular.",
+        "For each letter, count three letters further along the alphabet and write that letter instead; when you run past z, continue from a. Keep the word's letter order.",
+        "Please apply the classic Caesar encryption with a key of three: a turns into d, b into e, and so on, with the last three letters of the alphabet wrapping around to the first three.",
+        "I'd like every letter pushed forward by three spots in the alphabet, looping back to the start after z, while the length and order of the word stay the same.",
+    ),
+    'caesar_back_1': (
+        "Replace letters with their predecessors.",
+        "Change every letter to the one before it in the alphabet, with a wrapping around to z.",
+        "Apply a Caesar shift of minus one, moving each letter one step earlier in the alphabet.",
+        "Move each character down a single position in the alphabet, so b becomes a and a cycles to z.",
+        "For every letter in the word, write the letter that comes just before it alphabetically; since nothing precedes a, it becomes z. Keep the letters in the same order.",
+        "Please decode the word by stepping each letter back one place in the alphabet, wrapping the start of the alphabet around to the end, while keeping the length and order the same.",
+        "I'd like each letter swapped for its alphabetical neighbour on the left, so c becomes b, n becomes m and so on, treating the alphabet as a loop where a is preceded by z.",
+    ),
+    'atbash': (
+        "Mirror each letter in the alphabet.",
+        "Swap every letter for its reverse-alphabet equivalent: a and z trade, b and y trade, c and x trade, and so forth.",
+        "Map each letter to the letter in the same position counting backward from z, so the first letter of the alphabet turns into the last.",
+        "For every letter, find how far it is from the start of the alphabet and replace it with the letter that is the same distance from the end; a becomes z, m becomes n, z becomes a.",
+        "Please encode the word by flipping the alphabet around: letters are paired up from the two ends inward (a with z, b with y, m with n), and each letter is replaced by its partner, keeping the order of the word.",
+        "I need each letter reflected across the middle of the alphabet, meaning the 1st letter becomes the 26th, the 2nd becomes the 25th, and in general a letter's position p becomes 27 minus p.",
+    ),
+    'swap_pairs': (
+        "Flip each consecutive pair of letters.",
+        "Exchange the first and second letters, the third and fourth, and so on; an unpaired final letter stays put.",
+        "Split the word into pairs of letters from the start and reverse the order within each pair, leaving any leftover last letter where it is.",
+        "Trade the positions of each letter in an odd position with the letter right after it, working in non-overlapping pairs.",
+        "Starting at the beginning, group the letters two at a time and swap the two letters in every group. If the word has an odd number of letters, the last one has no partner and is left alone at the end.",
+        "Please go through the word in steps of two: letters one and two switch places, letters three and four switch places, letters five and six switch places, and so on to the end. An odd letter out at the end is not moved.",
+        "What I want is a pairwise swap: break the word into consecutive, non-overlapping pairs from the left, turn each pair around, and join them back up, with a single leftover letter kept as the final character.",
+    ),
+    'double_letters': (
+        "Produce a word in which every character is immediately followed by a copy of itself.",
+        "Replace each letter with a pair of that same letter, so the result is twice as long.",
+        "Go through the word from start to finish and, for every letter you meet, write it down twice before moving on to the next one.",
+        "Could you stutter each letter of the word? Every single character should appear twice consecutively, and the letters should stay in the same sequence as the original.",
+        "Take the word and duplicate each of its letters in place, so that each letter is written twice back to back; do this for every letter, even ones that are already repeated.",
+    ),
+    'rotate_left': (
+        "Take the word's first letter off the front and attach it to the end.",
+        "Shift every letter one place toward the front, with the original first letter wrapping around to become the last.",
+        "Rewrite the word so it starts from its second letter and finishes with what used to be its first letter.",
+        "For any word I give you, pull off the opening letter and tack it onto the back; all the other letters stay in their original order.",
+        "I'd like you to do a one-step left rotation on the word: everything after the first character slides forward by one position, and that first character goes to the very end.",
+        "Here's the job: detach the initial letter of the word and put it after the final letter, leaving the rest of the word unchanged in between.",
+    ),
+    'mask_vowels': (
+        "Swap each vowel (a, e, i, o, u) in the word for an asterisk and leave the consonants alone.",
+        "Mask the word by turning every occurrence of a, e, i, o or u into a * character.",
+        "Wherever a vowel appears, write an asterisk in its place, keeping the word the same length.",
+        "Go through the word letter by letter; if a letter is one of a, e, i, o, u, put an asterisk there instead, otherwise keep the letter as it is. The letter y counts as a consonant here.",
+        "Please censor the vowels: every a, e, i, o and u should become an asterisk, while all other letters stay exactly where they are. A word without vowels comes back unchanged.",
+        "I need a version of the word where the five vowels are hidden behind asterisks, one asterisk per vowel, and every consonant, including y, is left untouched in its original spot.",
+    ),
+    'drop_vowels': (
+        "Delete every a, e, i, o and u from the word, keeping the remaining letters in order.",
+        "Drop the vowels from the word and keep only its consonants, treating y as a consonant.",
+        "Return the word with all of its vowels taken out, leaving it unchanged if it has none.",
+        "Go through the word and discard each letter that is a, e, i, o or u; the other letters, including y, stay in their original order with no gaps.",
+        "Could you erase the vowels from this word? Every occurrence of the five vowels should be removed entirely, and the consonants should be joined together in the sequence they originally appeared.",
+        "What I need is the consonant skeleton of the word: cut out each vowel (a, e, i, o, u) wherever it occurs and close up the spaces, without changing anything else.",
+    ),
+    'sort': (
+        "Rearrange all the letters of the word into alphabetical order, keeping any repeats.",
+        "Put the word's characters in order from a to z, with duplicate letters kept next to each other.",
+        "Reorder the letters so they run in ascending alphabetical order, using every letter exactly as many times as it appears.",
+        "Take every letter of the word, including repeated ones, and write them out again sorted from the earliest in the alphabet to the latest.",
+        "Could you scramble the word into alphabetical order? Each letter should be used as often as it occurs in the original, just arranged from a toward z.",
+        "Here's the task: list the word's letters in dictionary order, so the letter closest to a comes first and the one closest to z comes last, without dropping or adding any letters.",
+    ),
+    'repeat_twice': (
+        "Write the word two times.",
+        "Duplicate the whole word so that it appears twice back to back as one string.",
+        "Take the entire word and append an exact copy of it to its end, producing a single string twice as long with nothing separating the two copies.",
+        "Please just say the word twice with no gap: the result should be the original word and then the same word again, joined together.",
+        "I want the full word doubled, meaning you write it once and then write it again right after, all in one run of letters without spaces or punctuation.",
+    ),
+    'drop_first': (
+        "Drop the initial character.",
+        "Remove the word's first letter and keep the rest exactly as it is.",
+        "Return everything from the second letter onward.",
+        "Chop off the opening character of the word and leave the remainder unchanged.",
+        "Take the word and cut away its very first letter only, regardless of what that letter is; all later letters stay in the same order.",
+        "Please give me the word minus its leading letter, so the output starts with what was originally the second letter and runs to the end.",
+        "Here's what I want: strip exactly one character from the front of the word, and output the remaining letters without any other changes.",
+    ),
+    'every_other': (
+        "Take the odd-position letters.",
+        "Keep the 1st, 3rd, 5th and subsequent alternate letters, dropping the ones in between.",
+        "Remove every second letter of the word, so the 2nd, 4th, 6th and so on are deleted.",
+        "Extract the letters in odd-numbered positions, counting the first letter as position one.",
+        "Starting with the first letter, keep one letter, skip the next, keep the one after, and so on to the end of the word, joining the kept letters together.",
+        "Please thin the word out by discarding the letters in even positions; what remains is the first letter, the third, the fifth, and every alternate one after that, in order.",
+        "What I'd like is every second character of the word beginning with the very first: count positions from one, keep the odd-numbered ones, and throw away the even-numbered ones.",
+    ),
+    'first_last_swap': (
+        "Exchange the word's end letters.",
+        "Switch the positions of the word's first letter and its last letter, keeping everything in between.",
+        "Put the final letter at the front and the initial letter at the back, leaving the middle untouched.",
+        "Trade the opening and closing characters of the word while every inner letter stays where it is.",
+        "Take the word, and make its last letter the new first letter and its first letter the new last letter; all the letters between them keep their original order and positions.",
+        "Could you swap the two outermost letters of the word? Only the very first and very last characters change places, and the rest of the word is unchanged.",
+        "Here's what to do: interchange the letter at the start of the word with the letter at the end of it, and copy the remaining middle letters across exactly as they are.",
+    ),
+}
+
+BLIND_BATCHES: tuple[dict[str, tuple[str, ...]], ...] = (BATCH_1, BATCH_2, BATCH_3, BATCH_4, BATCH_5)
 BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
     task: tuple(text for batch in BLIND_BATCHES for text in batch.get(task, ())) for task in BATCH_1
 }

@@ -2,7 +2,8 @@
 
 The last description of each task is kept out of the registry: it is the unseen paraphrase that
 evaluation uses to check that generation follows meaning, not wording. The registry gets the others
-plus the extra paraphrases of `demo_paraphrases` and `demo_styled_paraphrases`.
+plus the extra paraphrases of `demo_paraphrases`, `demo_styled_paraphrases` and
+`demo_written_paraphrases`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from .demo_paraphrases import EXTRA_DESCRIPTIONS
 from .demo_styled_paraphrases import STYLED_DESCRIPTIONS
+from .demo_written_paraphrases import WRITTEN_DESCRIPTIONS
 from .tasks import Instance, Task
 
 VOWELS = set("aeiou")
@@ -159,7 +161,7 @@ def demo_tasks(instances_per_task: int = 300, seed: int = 0, *, extra_descriptio
     for i, t in enumerate(DEMO_TASKS):
         rng = random.Random(seed * 1000 + i)
         words = [random_word(rng) for _ in range(instances_per_task)]
-        extra = [*EXTRA_DESCRIPTIONS[t.name], *STYLED_DESCRIPTIONS[t.name]] if extra_descriptions else []
+        extra = [*EXTRA_DESCRIPTIONS[t.name], *STYLED_DESCRIPTIONS[t.name], *WRITTEN_DESCRIPTIONS[t.name]] if extra_descriptions else []
         tasks.append(Task(
             name=t.name,
             descriptions=[*t.descriptions[:-1], *extra, t.descriptions[-1]],
