@@ -33,7 +33,7 @@ from .demo_tasks import demo_tasks, random_word
 from .experts import ExpertConfig
 from .tasks import Task, read_tasks, write_tasks
 
-DEMO_VERSION = 15  # 14 was the direction-word grammar, never on main
+DEMO_VERSION = 16  # 14 was the direction-word grammar, never on main
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]

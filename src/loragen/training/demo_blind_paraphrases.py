@@ -1,6 +1,6 @@
-"""Blind paraphrases of the demo tasks: 479 descriptions of the 15 tasks with an expert in the registry.
+"""Blind paraphrases of the demo tasks: 664 descriptions of the 15 tasks with an expert in the registry.
 
-Written last, in five batches by five writers (separate helper sessions). Each saw nothing but
+Written last, in seven batches by seven writers (separate helper sessions). Each saw nothing but
 6 input/output examples of each task under an opaque label: no task name, registry description,
 held-back or dev paraphrase. All wrote in plain English with no code or worked examples.
 - Batches 1 and 2 (fourteenth session): 6 per task each (2 terse, 2 plain, 2 longer or
@@ -11,9 +11,13 @@ held-back or dev paraphrase. All wrote in plain English with no code or worked e
 - Batches 4 and 5 (sixteenth session): the same brief as batch 3, fresh examples, written alongside
   the five writers of `demo_written_paraphrases` (whose texts are registry descriptions); 19 and 23
   of 120 repeat a text already written and were dropped, 101 and 97 kept.
+- Batches 6 and 7 (sixteenth session, later): the same brief, written alongside five more writers
+  of `demo_written_paraphrases`; 26 and 29 of 120 dropped as repeats, 94 and 91 kept.
 No default or choice was made on them: with the held-back paraphrases they are the test of
 "unseen paraphrases" in `loragen eval demo`. Batches 1 and 2 were read (their failures) in the
-fourteenth session, so for anything chosen after that, batches 3-5 are the clean test.
+fourteenth session, so for anything chosen after that, batches 3-5 are the clean test; batches
+3-5 then chose to double the writers of `demo_written_paraphrases` (by their totals, no failure
+read), so for that choice batches 6 and 7 are.
 """
 
 from __future__ import annotations
@@ -662,7 +666,259 @@ BATCH_5: dict[str, tuple[str, ...]] = {
     ),
 }
 
-BLIND_BATCHES: tuple[dict[str, tuple[str, ...]], ...] = (BATCH_1, BATCH_2, BATCH_3, BATCH_4, BATCH_5)
+BATCH_6: dict[str, tuple[str, ...]] = {
+    'reverse': (
+        "Write the letters of the word in reverse order, last to first.",
+        "Output the word read from right to left.",
+        "Flip the order of the characters so the final letter comes first and the first letter comes last.",
+        "Take the word and reverse it completely: begin with its last letter, then the second-to-last, and keep going until you end on its first letter.",
+        "Could you write the word backwards for me? Every letter should be kept, just in the opposite sequence, so it reads end to start.",
+        "Please mirror the sequence of letters in the word, producing the same letters in exactly reversed order, with nothing added or removed.",
+    ),
+    'caesar_1': (
+        "Replace every letter with the next one in the alphabet.",
+        "Advance each letter one position in the alphabet, with z wrapping around to a.",
+        "Change every letter to the letter that follows it alphabetically, turning z into a.",
+        "Apply a Caesar shift of one to the word, moving each letter up one place and wrapping past z back to the start.",
+        "Go through the word letter by letter and swap each one for its successor in the alphabet, keeping the order of the letters; since nothing comes after z, it loops back around to a.",
+        "Please move every character one step later in the alphabet, keeping the letters in their original order. The last letter of the alphabet should wrap around to become the first.",
+        "I'd like each letter bumped up by exactly one alphabetical position. Nothing gets added or removed, and if a letter is z it cycles back to a.",
+    ),
+    'caesar_3': (
+        "Replace each letter with the one three places later in the alphabet, wrapping from z back to a.",
+        "Move every letter three positions ahead alphabetically, looping around past z.",
+        "Encode the word by advancing each letter by three in the alphabet, treating the alphabet as a circle.",
+        "Go letter by letter and swap each one for the letter that sits three steps further along the alphabet. If counting forward runs past z, continue from a, so the last three letters of the alphabet become the first three.",
+        "Please apply a classic Caesar shift of three to the word: every character moves three alphabetical places later, the order of letters is kept, and the alphabet wraps around at the end.",
+        "I'd like each letter pushed forward by exactly three positions in the alphabet. Think of the alphabet as a loop, so letters near the end wrap around to the start.",
+    ),
+    'caesar_back_1': (
+        "Use the previous letter of the alphabet for each.",
+        "Move each letter one position earlier in the alphabet, turning a into z.",
+        "Apply a backward Caesar shift of one, decrementing every letter and wrapping from the start of the alphabet to the end.",
+        "Go through the word and substitute each letter with its alphabetical predecessor, keeping the letter order the same; since nothing comes before a, it loops around to z.",
+        "Please step every character one place back in the alphabet. The word stays the same length and the letters stay in the same order, and the first letter of the alphabet wraps to the last.",
+        "For each letter, I want you to write the letter that comes immediately before it alphabetically instead. Treat the alphabet as circular, so a turns into z.",
+    ),
+    'atbash': (
+        "Replace every letter with its counterpart from the opposite end of the alphabet, so the first letter becomes the last, the second becomes the second-to-last, and so on.",
+        "Swap each letter for the one at the same distance from the other end of the alphabet.",
+        "Substitute each letter using a reversed alphabet, where the letter in each position is traded for the letter in the matching position counting from the back.",
+        "Turn each letter into its mirror image in the alphabet: if it is the nth letter counting forward from a, replace it with the nth letter counting backward from z. Keep the letters in their original order.",
+        "Please encode the word with a reversed-alphabet substitution. For every letter, count how far it is from the start of the alphabet and write the letter that is the same distance from the end instead, keeping the letter order intact.",
+        "I want each letter flipped across the middle of the alphabet, so letters near the beginning turn into letters near the end and vice versa; precisely, the first letter maps to the twenty-sixth, the second to the twenty-fifth, and so forth.",
+    ),
+    'swap_pairs': (
+        "Flip letters two at a time.",
+        "Exchange the first and second letters, the third and fourth, and so on, leaving a final unpaired letter where it is.",
+        "Split the word into consecutive pairs of letters and reverse the order within each pair; an odd leftover letter at the end stays put.",
+        "Trade places between every letter in an odd position and the letter right after it, leaving a lone final letter alone.",
+        "Go through the word two characters at a time from the beginning: within each pair, switch the two letters. If the word has an odd length, the last letter has no partner and is simply left at the end unchanged.",
+        "Please group the word into back-to-back pairs starting at the first letter, then swap the two letters in every pair. Pairs don't overlap, and if one letter is left over at the end, just keep it as is.",
+        "What I want is for letters one and two to trade spots, then letters three and four, then five and six, continuing to the end of the word. When the length is odd, the final letter doesn't get swapped with anything.",
+    ),
+    'double_letters': (
+        "Write each character twice.",
+        "Repeat each letter of the word twice in place, so every letter is immediately followed by a copy of itself.",
+        "Replace each letter with two copies of that letter, keeping the original order.",
+        "Duplicate every individual character so the word becomes twice as long.",
+        "Go through the word one letter at a time and write each letter down twice in a row before moving on to the next, so the output keeps the same order but every letter appears as a doubled pair.",
+        "Please stutter each letter: for every character in the word, output it and then output it again right away. Letters that were already repeated still get doubled individually.",
+        "I'd like each letter of the input doubled where it stands, rather than the whole word being repeated. The result should be exactly twice the original length, with each letter sitting next to its copy.",
+    ),
+    'rotate_left': (
+        "Take the first letter off the front and attach it after the last letter.",
+        "Shift the opening character to the end of the word, keeping the others in order.",
+        "Cycle the word by one position so its initial letter becomes its final letter.",
+        "Remove the leading letter of the word, then tack that same letter onto the end; the remaining letters keep their original order and nothing else changes.",
+        "Please rotate the letters one place to the left: every letter slides forward one position, and the letter that falls off the front wraps around to the back.",
+        "I want the word to start from its second letter and run through to the end, with the original first letter appended at the very end.",
+    ),
+    'mask_vowels': (
+        "Change every a, e, i, o and u in the word to an asterisk, leaving consonants (including y) untouched.",
+        "Substitute an asterisk for each vowel, keeping all other letters where they are.",
+        "Mask each vowel (a, e, i, o, u) with an asterisk symbol, one per vowel.",
+        "Go through the word and wherever you see one of the five vowels a, e, i, o or u, put an asterisk in its place. Every other letter, y included, stays exactly as it is, and the length doesn't change.",
+        "Please hide the vowels in the word by swapping each one for an asterisk character. Consonants should remain unchanged and in their original positions; y counts as a consonant here.",
+        "I'd like a version of the word where all the vowels are blanked out with stars: each a, e, i, o or u becomes an asterisk, one star per vowel, and the rest of the letters are left alone.",
+    ),
+    'drop_vowels': (
+        "Delete the vowels.",
+        "Strip out every a, e, i, o and u, keeping the remaining letters in order; y is not treated as a vowel.",
+        "Return the word with its vowels deleted and its consonants left as they are.",
+        "Drop each occurrence of a, e, i, o or u from the word.",
+        "Go through the word and throw away any letter that is one of the five vowels a, e, i, o, u, then output what's left in its original order. Y counts as a consonant, and a word with no vowels comes back unchanged.",
+        "Please give me just the consonants of the word, in the same order they appear, by removing every vowel. Treat only a, e, i, o and u as vowels.",
+        "I want the vowels cut out of the word entirely, not replaced with anything. Whatever letters remain (y included) should stay in their original sequence.",
+    ),
+    'sort': (
+        "Rearrange the letters of the word so they appear in alphabetical order from a to z, keeping any repeated letters.",
+        "Return the word's letters sorted in ascending alphabetical order.",
+        "Put every letter of the word into alphabetical order, duplicates included.",
+        "Take the word, break it into its individual letters, and then line them back up in dictionary order from a through z. Repeated letters should all be kept, just placed next to each other.",
+        "I'd like you to reorder the characters of whatever word I give you so that they run alphabetically, starting with the letter closest to a and ending with the one closest to z. Don't drop or add any letters.",
+        "Can you output the same letters as the input, but arranged in ascending alphabetical sequence? Every occurrence of each letter should be kept, so the result has the same length as the original.",
+    ),
+    'repeat_twice': (
+        "Write the word two times in a row with nothing in between.",
+        "Output the input word followed immediately by the same word again.",
+        "Take the entire word and append an exact copy of it to its end, so the result is the word written back to back twice with no space or separator.",
+        "Could you just say the word twice, glued together? The output should be the original word and then that same word again, with no gap, making it exactly double the length.",
+        "I need the word duplicated: produce it once, then immediately produce it a second time right after, without any spaces, hyphens or other characters in between.",
+    ),
+    'drop_first': (
+        "Delete the word's first letter and keep everything after it.",
+        "Output all of the word except the opening letter.",
+        "Chop off the very first letter of the word and give back the rest unchanged, in the same order; only one letter is removed, even if the next letter is the same.",
+        "Please strip the first character from the start of the word. Everything from the second letter onward should stay exactly as it was.",
+        "I'd like the word with its beginning letter cut away, so the output starts at what was the second letter and runs to the end.",
+    ),
+    'every_other': (
+        "Take the odd-positioned letters.",
+        "Return only the letters at positions one, three, five and so on, dropping the rest.",
+        "Remove every second letter of the word, keeping the first letter.",
+        "Delete the letters in even positions (second, fourth, sixth, and so on) and keep the others in order.",
+        "Starting from the first letter, keep one, skip one, keep one, skip one, all the way to the end of the word, and output the letters you kept in their original order.",
+        "Please pick out the first, third, fifth letter and so on from the word, counting from one, and join those together. Every letter in the second, fourth, sixth position and beyond should be left out.",
+        "I want a shortened word made by alternating: hold onto the opening letter, discard the next, hold onto the one after that, and continue this pattern through the whole word.",
+    ),
+    'first_last_swap': (
+        "Exchange the end letters.",
+        "Switch the positions of the word's first and final letters, leaving the middle untouched.",
+        "Trade the opening letter with the closing letter, keeping every letter in between in place.",
+        "Put the last letter at the front and the first letter at the back, with the interior unchanged.",
+        "Take the word's first character and its last character and let them change places. Everything in between stays exactly where it was, so only the two ends differ from the original.",
+        "Please interchange the initial and terminal letters of the word. The inner letters should not be moved or altered; if both ends are the same letter the word comes out unchanged.",
+        "I'd like you to flip just the two outermost letters: the final letter goes to the beginning and the beginning letter goes to the end, while the rest of the word stays in its original order.",
+    ),
+}
+
+BATCH_7: dict[str, tuple[str, ...]] = {
+    'reverse': (
+        "Flip the word so that its final letter comes first and its first letter comes last.",
+        "Output the word's characters in the opposite sequence, reading it from right to left.",
+        "Take the word and read it starting from its last letter, working back to its first, and write down the letters in that order. No letters are added, removed or changed.",
+        "I'd like the word mirrored end to end, so you give me the same letters but in backwards order, beginning with the last one and finishing with the first.",
+        "Could you invert the order of the letters in the word? The result should contain exactly the same letters, just running from the end of the original back to its start.",
+    ),
+    'caesar_1': (
+        "Change each letter to the letter that comes right after it in the alphabet, with z wrapping around to a.",
+        "Advance every character by one alphabet position, so a becomes b and z loops back to a.",
+        "Apply a Caesar shift of one to the word, moving each letter one step forward in the alphabet.",
+        "Go through the word and swap each letter for its successor in the alphabet; the letter z has no successor, so it should wrap around to become a. Keep the letters in their original order.",
+        "For any word I give you, bump each letter up by one place in the alphabet, so b turns into c, m into n, and so on, with z cycling back to a. The length of the word stays the same.",
+        "Please encode the word by moving every letter one position later in the alphabet. Treat the alphabet as circular, so that z turns into a, and leave the order of the letters unchanged.",
+    ),
+    'caesar_3': (
+        "Apply a Caesar cipher with shift three.",
+        "Replace every letter with the letter three places later in the alphabet, wrapping from z back around to a.",
+        "Move each character three positions forward in the alphabet, so x, y and z wrap around to a, b and c.",
+        "Encode the word by advancing every letter three steps along a circular alphabet.",
+        "Go letter by letter through the word and substitute each one with the letter that comes three places after it in the alphabet. When counting past z, continue from a, so the alphabet loops. The letter order stays the same.",
+        "For any word, I want each letter pushed three spots later in the alphabet, so a becomes d and b becomes e, with the end of the alphabet wrapping back to the beginning.",
+        "Please translate the word using the classic Caesar shift of three: every letter is swapped for the one three positions further along, treating the alphabet as a loop so nothing runs off the end.",
+    ),
+    'caesar_back_1': (
+        "Replace each letter with the previous one.",
+        "Change every letter to the one that comes just before it in the alphabet, with a wrapping around to z.",
+        "Move each character one position backward in the alphabet, so b becomes a and a loops to z.",
+        "Apply a Caesar shift of one in reverse, stepping each letter one place earlier in the alphabet.",
+        "Go through the word and swap each letter for its predecessor in the alphabet. Since nothing comes before a, it should wrap around to become z. The order and number of letters stay the same.",
+        "For any word I give you, knock each letter down by one place in the alphabet, so c turns into b, n into m, and so on, treating the alphabet as circular so a goes to z.",
+        "Please decode the word by moving every letter one step earlier in the alphabet, wrapping from a back to z, and leave the letters in their original order.",
+    ),
+    'atbash': (
+        "Swap every letter for the letter in the same position counting backward from z, so that m and n trade places.",
+        "Substitute each character with its reverse-alphabet partner, where the alphabet is read from z back to a.",
+        "For every letter in the word, find how far it is from the start of the alphabet and replace it with the letter that is the same distance from the end. So the first letter of the alphabet maps to the last, the second to the second-last, and so forth, keeping the word's letter order.",
+        "I want the word encoded with a reversed alphabet: pair up a with z, b with y, c with x and keep going, then swap each letter in the word for its partner.",
+        "Please flip each letter to its mirror image in the alphabet, so letters near the beginning turn into ones near the end and vice versa; doing it twice would give back the original word.",
+    ),
+    'swap_pairs': (
+        "Swap the first and second letters, the third and fourth, and so on, leaving a final unpaired letter where it is.",
+        "Split the word into consecutive pairs of letters starting from the beginning and reverse the order within each pair; if the length is odd, the last letter stays put.",
+        "Exchange the positions of every two neighbouring letters, pair by pair from the start of the word, without overlapping pairs.",
+        "Starting at the front of the word, group the letters into pairs: first with second, third with fourth, and so on. Within each pair, switch the two letters around. If there's a single letter left over at the end, just leave it unchanged at the end.",
+        "I want the word scrambled in a specific way: take letters in non-overlapping twos from the left and swap the two letters in each pair. An odd-length word will have one leftover letter at the end, which keeps its place.",
+        "Can you transpose each consecutive pair of characters in the word? That means the letters in positions one and two trade places, positions three and four trade places, and so on through the word, with any lone last letter left alone.",
+    ),
+    'double_letters': (
+        "Write each letter of the word two times in a row, keeping the letters in their original order.",
+        "Replace every character with two copies of itself, so the output is twice as long.",
+        "Stutter each letter of the word once, printing it twice before moving on to the next.",
+        "Go through the word one letter at a time and, for each letter, output that letter twice consecutively before continuing. The overall order of letters stays the same, and letters that were already repeated get doubled too.",
+        "For whatever word I give you, I'd like every single letter duplicated in place, so each one is immediately followed by an identical copy of itself.",
+        "Please make a version of the word where each character appears as a back-to-back pair; every letter gets doubled right where it sits, rather than repeating the whole word.",
+    ),
+    'rotate_left': (
+        "Shift all the letters one position to the left, wrapping the original first letter around to the end.",
+        "Relocate the opening letter of the word so it becomes the final letter, keeping the rest in order.",
+        "Remove the word's initial letter, keep the remaining letters in exactly the same order, and then tack that removed letter onto the end so the word length doesn't change.",
+        "For each word, I'd like you to do a single left rotation: everything slides one place toward the front, and the letter that was at the front wraps around to the back.",
+        "Please rewrite the word so it starts from its second letter and continues to the end, then finishes with the letter that originally began the word.",
+    ),
+    'mask_vowels': (
+        "Mask each vowel with a star.",
+        "Change every a, e, i, o and u in the word into an asterisk, leaving the other letters untouched.",
+        "Substitute an asterisk for each vowel in the word, keeping consonants and the word's length the same; y is not treated as a vowel.",
+        "Star out the vowels a, e, i, o and u, one asterisk per vowel, without moving any other letter.",
+        "Go through the word and, wherever you find one of the vowels a, e, i, o or u, put an asterisk in its place. Consonants, including y, stay exactly as they are, and a word with no vowels comes back unchanged.",
+        "I want the vowels hidden: every time the letter a, e, i, o or u shows up, swap it for an asterisk character, and keep everything else in its original position.",
+        "Please censor the vowels in the word by overwriting each a, e, i, o and u with the * symbol, one for one, so the output has the same length and all the consonants remain where they were.",
+    ),
+    'drop_vowels': (
+        "Delete the vowels a, e, i, o, u.",
+        "Strip every occurrence of a, e, i, o and u from the word, keeping the other letters in order; y counts as a consonant and stays.",
+        "Return only the consonants of the word in their original order, dropping each a, e, i, o and u.",
+        "Take out all the vowels from the word, where vowels means a, e, i, o and u but not y.",
+        "Go through the word and discard any letter that is one of the five vowels a, e, i, o or u, wherever it appears. All other letters, including y, should be kept exactly in the order they appeared.",
+        "I want the word with its vowels gone: erase every a, e, i, o and u, and just close up the gaps so the remaining letters sit together in the same order. Leave y alone.",
+        "Could you filter the word so that only its non-vowel letters remain? Treat a, e, i, o and u as vowels to be removed, treat y as a consonant, and don't rearrange anything.",
+    ),
+    'sort': (
+        "Rearrange the letters of the word so they appear in alphabetical order from a to z.",
+        "Output the same letters as the input, sorted in ascending alphabetical order, keeping any repeated letters.",
+        "Put every letter of the word in dictionary order, from earliest in the alphabet to latest.",
+        "Take the word apart letter by letter and reassemble it with the letters arranged alphabetically; if a letter appears more than once, keep all of its copies next to each other.",
+        "I'd like you to reorder the characters of whatever word I give you so that they run in alphabetical order, a first and z last. Don't drop or add any letters, duplicates included.",
+        "Could you return the word with its letters sorted from a through z? Every letter from the original should still be there the same number of times, just moved into alphabetical sequence.",
+    ),
+    'repeat_twice': (
+        "Duplicate the whole word and join the two copies with no space in between.",
+        "Concatenate the word with itself so the result is the original word written out twice.",
+        "Take the entire word as it is and append an exact copy of it to its end, producing a string twice as long with no separator between the copies.",
+        "For whatever word you're given, just say it twice back to back as one continuous string, with no gap, no change to the letters, and the same order both times.",
+        "Please double the word by writing it out once and then writing it out again directly after, so the output consists of two identical copies of the input glued together.",
+    ),
+    'drop_first': (
+        "Remove the first letter of the word and keep everything else as it is.",
+        "Return the word with its leading letter cut off, leaving the remaining letters in order.",
+        "Strip away the opening character so the output begins with what was the second letter.",
+        "Take the word and chop off just the very first letter. Every other letter stays in its original order, so the result is one character shorter than the input.",
+        "I'd like the word without its first letter: simply lose the character at the front and give me the rest of the word unchanged.",
+        "Could you output everything from the second letter of the word onward? In other words, discard only the first character and leave the remainder untouched.",
+    ),
+    'every_other': (
+        "Keep the letters in the first, third, fifth and following odd positions, and drop the ones in even positions.",
+        "Remove every second letter of the word, starting by deleting the second letter, so the first letter is always kept.",
+        "Output alternate characters of the word beginning with its first character.",
+        "Count the letters of the word from one. Keep only the letters in odd-numbered positions, that is the first, third, fifth and so on, and throw away those in the second, fourth, sixth and other even positions, keeping the survivors in order.",
+        "I'd like you to skip through the word taking one letter and skipping the next, starting with taking the very first letter, and give me the letters you took, in order.",
+        "Could you thin the word out by deleting the letters at positions two, four, six and so on? What's left should be the first letter and every second letter after it.",
+    ),
+    'first_last_swap': (
+        "Exchange the word's outer letters.",
+        "Switch the positions of the first letter and the last letter, leaving all the letters in between untouched.",
+        "Put the last letter at the start and the first letter at the end, with the middle of the word unchanged.",
+        "Trade the opening and closing letters of the word with each other while keeping the inner letters in place.",
+        "Take the word and interchange its first and final characters. Nothing else moves: every letter between them stays exactly where it was.",
+        "I need the word back with its two end letters swapped, so whatever letter it began with now ends it and whatever letter it ended with now begins it, and the middle stays as is.",
+        "Could you swap the letter at the very beginning of the word with the letter at the very end? Leave the interior letters in the same order and positions.",
+    ),
+}
+
+BLIND_BATCHES: tuple[dict[str, tuple[str, ...]], ...] = (
+    BATCH_1, BATCH_2, BATCH_3, BATCH_4, BATCH_5, BATCH_6, BATCH_7)
 BLIND_PARAPHRASES: dict[str, tuple[str, ...]] = {
     task: tuple(text for batch in BLIND_BATCHES for text in batch.get(task, ())) for task in BATCH_1
 }
