@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from loragen.training.demo_blind_paraphrases import BLIND_PARAPHRASES
 from loragen.training.demo_dev_paraphrases import DEV_PARAPHRASES
 from loragen.training.demo_tasks import DEMO_TASKS, demo_tasks
+from loragen.training.demo_written_paraphrases import WRITTEN_DESCRIPTIONS
 from loragen.training.tasks import TaskFileError, read_tasks, write_tasks
 
 
@@ -84,3 +86,14 @@ def test_no_registry_description_is_a_scored_paraphrase():
     scored = {key(d) for ds in (*DEV_PARAPHRASES.values(), *BLIND_PARAPHRASES.values()) for d in ds}
     assert not registry & unseen and not registry & scored
     assert all(t.descriptions.count(t.descriptions[-1]) == 1 for t in tasks)
+
+
+def test_written_descriptions_keep_clear_of_the_held_back_paraphrase():
+    # the rule they were filtered by: two shared content-word stems (first five letters) is too close
+    stop = set("a an the of to in on and or with each every its it is be by for from as at that this so "
+               "word words letter letters character characters into one".split())
+    stems = lambda d: {w[:5] for w in re.findall(r"[a-z]+", d.lower()) if w not in stop and len(w) > 2}  # noqa: E731
+    for task in DEMO_TASKS:
+        held_back = stems(task.descriptions[-1])
+        assert WRITTEN_DESCRIPTIONS[task.name]
+        assert all(len(stems(d) & held_back) < 2 for d in WRITTEN_DESCRIPTIONS[task.name])

@@ -11,11 +11,13 @@ with a typo; (7) ten settings (homework, puzzle book, bug ticket, text message, 
 (8) what the output looks like against the input rather than an action; (9) 3-8 word labels;
 (10) 2-3 sentences, step by step. Of 1,800, removed: 102 that repeat a text already written
 (registry, dev, blind or another writer) and 298 sharing two content-word stems with their task's
-held-back paraphrase (the rule the styled descriptions followed), leaving 1,400.
+held-back paraphrase (the rule the styled descriptions followed; a stem is a content word's first
+five letters), leaving 1,400.
 
-This is the registry being described the way its users describe tasks, by many people rather than
-one author: blind batches 1-2 top-1 expert 0.91 -> 0.99 with these added (benchmarks/RESULTS.md,
-"Descriptions from many writers").
+The registry is described by many writers rather than one author, as a registry's users would
+describe it: blind batches 1-2 top-1 expert 0.91 -> 0.99 with these added (benchmarks/RESULTS.md,
+"Descriptions from many writers"). Every writer here, like every blind batch's, is a language-model
+session; how far the gain carries to people's wording is not measured.
 """
 
 from __future__ import annotations
