@@ -161,7 +161,8 @@ def demo_tasks(instances_per_task: int = 300, seed: int = 0, *, extra_descriptio
     for i, t in enumerate(DEMO_TASKS):
         rng = random.Random(seed * 1000 + i)
         words = [random_word(rng) for _ in range(instances_per_task)]
-        extra = [*EXTRA_DESCRIPTIONS[t.name], *STYLED_DESCRIPTIONS[t.name], *WRITTEN_DESCRIPTIONS[t.name]] if extra_descriptions else []
+        extra = ([*EXTRA_DESCRIPTIONS[t.name], *STYLED_DESCRIPTIONS[t.name], *WRITTEN_DESCRIPTIONS[t.name]]
+                 if extra_descriptions else [])
         tasks.append(Task(
             name=t.name,
             descriptions=[*t.descriptions[:-1], *extra, t.descriptions[-1]],
