@@ -8,11 +8,11 @@ Five description sets:
   `unseen`, so a steadier figure, for nearest, icm and sg (with and without examples). Their
   oracle is each task's expert (the same LoRA on the same test inputs as in `registry`, so scored
   once there);
-- `blind`: ~19 more paraphrases per task, written after everything else by writers who saw only
-  each task's input/output examples (`training/demo_blind_paraphrases.py`); never used for a
-  choice, so with `unseen` the test of paraphrases, and enough of them to read 95 % against
-  (the third batch is the clean one for anything chosen after the fourteenth session); scored
-  like `dev`, and each writer's batch also on its own (`blind_batches`);
+- `blind`: ~44 more paraphrases per task, written after everything else by writers who saw only
+  each task's input/output examples (`training/demo_blind_paraphrases.py`); never in the registry,
+  so with `unseen` the test of paraphrases, and enough of them to read 95 % against (which batch
+  is clean for which choice, the data file says); scored like `dev`, and each writer's batch also
+  on its own (`blind_batches`);
 - `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
   (the generators evaluated there are the `*-holdout` ones built by the demo).
 `icm+examples` and `sg+examples` give the same description with 4 input/output pairs from the
@@ -154,8 +154,8 @@ def oracle_share_interval(rows: list[dict[str, Any]], method: str, split: str, *
 
 
 def blind_batch_shares(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    """Per method and blind batch: [share of the oracle, 90 % interval low, high]. Batch 3 is the one
-    whose failures no one has read, the clean test of anything chosen after its predecessors."""
+    """Per method and blind batch: [share of the oracle, 90 % interval low, high]. A batch written after
+    a choice is the clean test of that choice, so each is reported on its own."""
     out: dict[str, dict[str, list[float]]] = {}
     for batch in sorted({r["batch"] for r in rows if "batch" in r}):
         part = [r for r in rows if r.get("batch") == batch]
