@@ -13,7 +13,9 @@ import pytest
 from loragen.evaluation.cls_bench import ClsBenchConfig, ClsBenchError, run_cls_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ClsBenchConfig(steps=6, rows_per_task=2, checkpoints=2, generator_epochs=2, latent=16)
+TINY = ClsBenchConfig(steps=6, rows_per_task=2, checkpoints=2, generator_epochs=2, latent=16, task_steps=2,
+                      multitask_steps=2, examples_per_request=(4,), train_controls=True)
+GENERATORS = ("icm:reconstruction", "sg:reconstruction", "icm:task", "sg:task")
 
 
 def _toy_tasks(path: Path, keep: int = 24) -> list[dict]:
@@ -33,7 +35,7 @@ def test_bench_cls_runs_on_another_file_and_reuses_its_experts(tmp_path):
     tasks = _toy_tasks(data)
     logs: list[str] = []
     bench = run_cls_bench(data, tmp_path / "out", TINY, log=logs.append)
-    for name in ("report.json", "report.md", "report.png", "bench.json"):
+    for name in ("report.json", "report.md", "report.png", "bench.json", "transfer.md"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -41,8 +43,14 @@ def test_bench_cls_runs_on_another_file_and_reuses_its_experts(tmp_path):
     splits = {(r["item"], r["split"]) for r in report["rows"]}
     assert splits == {(t["task"], "heldout" if t["split"] == "heldout" else "train") for t in tasks}
     methods = {r["method"] for r in report["rows"]}
-    assert methods == {"base", "oracle", "uniform", "nearest", "topk", "weighted", "icm", "sg",
-                       "random(icm)", "random(sg)", "icm+examples"}
+    controls = {f"{c}({g})" for g in (*GENERATORS, "weighted") for c in ("mismatched", "random")} - {"random(weighted)"}
+    assert methods == {"base", "oracle", "uniform", "nearest", "topk", "weighted", "multitask", *GENERATORS,
+                       *controls, "icm:reconstruction+4 examples"}
+    # One held-out task has no other to mismatch with: the controls run on the train tasks only.
+    assert not {r["method"] for r in report["rows"] if r["split"] == "heldout"} & controls
+    train = bench["transfer"]["train"]
+    assert set(train["sg:task"]) >= {"share", "share_ci", "over_multitask", "description_effect"}
+    assert train["sg:task"]["mean_ci"][0] <= train["sg:task"]["mean"] <= train["sg:task"]["mean_ci"][1]
     assert all(0.0 <= r["score"] <= 1.0 for r in report["rows"])
     assert bench["tasks"] == {"train": 4, "heldout": 1}
     # The held-out task's expert is an oracle only: never in the registry the generators train on.

@@ -56,6 +56,22 @@ class EncoderModel:
         return F.normalize(pooled, dim=-1)
 
 
+    def embed_rows(self, texts: Sequence[str], rows: Rows, index: Sequence[int], chunk: int = 64) -> torch.Tensor:
+        """`embed` with row i under LoRA `index[i]` of the applied stack, in input order. Texts go
+        through in chunks of similar length, so short inputs are not padded to the longest one
+        in the batch (most are far shorter than the encoder's limit)."""
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        parts = []
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            rows.set([index[i] for i in part])
+            parts.append(self.embed([texts[i] for i in part]))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(parts)[inverse.to(parts[0].device)]
+
+
 def score(input_vecs: torch.Tensor, label_vecs: torch.Tensor, offsets: list[tuple[int, int]],
           group_of_input: Sequence[int]) -> list[torch.Tensor]:
     """Per input: cosine similarities to its group's labels."""
@@ -73,6 +89,10 @@ def accuracy(encoder: EncoderModel, loras: Sequence[Lora | None], labels: Sequen
         slot.append(-1 if lo is None else n)
         n += lo is not None
     pairs = [(g, inst) for g, group in enumerate(instances) for inst in group]
+    # batches of similar length pad less; each pair's outcome does not depend on its batch
+    lengths = [len(ids) for ids in encoder.tokenizer([inst.input for _, inst in pairs], truncation=True,
+                                                     max_length=encoder.max_length)["input_ids"]]
+    pairs = [pairs[i] for i in sorted(range(len(pairs)), key=lambda i: lengths[i])]
     hits = [0] * len(loras)
     rows = Rows()
     ctx = applied(encoder.model, stack, rows) if stack is not None else None

@@ -119,11 +119,26 @@ def cls(
     kl_icm: Annotated[float | None, typer.Option(min=0, help="KL weight of icm (default 0.005).")] = None,
     kl_sg: Annotated[float | None, typer.Option(min=0, help="KL weight of sg (default 1.0).")] = None,
     labels_in_description: Annotated[bool, typer.Option(help="Append the label set to descriptions.")] = True,
-    examples: Annotated[int, typer.Option(min=0, help="icm+examples: pairs per request (0: off).")] = 4,
+    examples: Annotated[str, typer.Option(help="icm+N examples: comma-separated pairs per request ('' or 0: off).")] = "4,16",
+    generators: Annotated[str, typer.Option(help="Generators to train, comma-separated method:objective[+derived]"
+                          "[+plain] (objective reconstruction, task or mixed; +derived: also one-vs-rest tasks "
+                          "derived from the train tasks; +plain: task objective without the multi-task residual).")]
+    = "icm:reconstruction,sg:reconstruction,icm:task,sg:task",
+    multitask_steps: Annotated[int, typer.Option(min=1, help="Multi-task LoRA training steps.")] = 100,
+    task_steps: Annotated[int, typer.Option(min=1, help="Task-loss training steps of each generator.")] = 150,
+    task_lr: Annotated[float, typer.Option(min=0, help="Task-loss learning rate.")] = 1e-3,
+    train_controls: Annotated[bool, typer.Option(help="Also score the controls on the train tasks.")] = False,
     seed: int = 0,
 ) -> None:
-    """Train experts on cls-tasks, train icm and sg on the train split, and score every method."""
+    """Train experts, a multi-task LoRA and the generators on the train split, and score every method."""
     from ..evaluation.cls_bench import ClsBenchConfig, ClsBenchError, run_cls_bench
+    from ..evaluation.cls_bench import Variant
+
+    chosen = tuple(Variant.parse(g).name for g in generators.split(",") if g.strip())
+    try:
+        shots = tuple(int(n) for n in examples.split(",") if n.strip())
+    except ValueError:
+        raise ClsBenchError(f"--examples takes comma-separated integers, not {examples!r}") from None
 
     if device not in ("cpu", "cuda"):
         raise ClsBenchError(f"unknown device {device!r}; choose cpu or cuda")
@@ -134,11 +149,13 @@ def cls(
     cfg = ClsBenchConfig(steps=steps, rows_per_task=rows_per_task, checkpoints=checkpoints, rank=rank,
                          generator_epochs=epochs, top_k=k, temperature=temperature, latent=latent,
                          kl_weight_icm=kl_icm, kl_weight_sg=kl_sg, labels_in_description=labels_in_description,
-                         examples_per_request=examples,
-                         seed=seed, device=device)
+                         examples_per_request=tuple(n for n in shots if n > 0), generators=chosen,
+                         multitask_steps=multitask_steps, task_steps=task_steps, task_lr=task_lr,
+                         train_controls=train_controls, seed=seed, device=device)
     out.mkdir(parents=True, exist_ok=True)
     bench = run_cls_bench(data, out, cfg, cache=cache, base=base, log=lambda s: typer.echo(s, err=True))
     typer.echo((out / "report.md").read_text())
+    typer.echo((out / "transfer.md").read_text())
     typer.echo(f"total {bench['timings']['total_s']:.0f} s; wrote {out}/report.json, report.md, report.png, bench.json")
 
 

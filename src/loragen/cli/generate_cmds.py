@@ -136,6 +136,7 @@ def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: boo
 
     from ..generator import GenerationError
     from ..generator.learned import STATE_NAME
+    from ..training.generator_task import TASK_STATE_NAME
 
     if not out.exists():
         return
@@ -144,7 +145,7 @@ def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: boo
     held = {p.name for p in out.iterdir()}
     if not held:
         return
-    if not held <= {"config.json", "model.safetensors", STATE_NAME}:
+    if not held <= {"config.json", "model.safetensors", STATE_NAME, TASK_STATE_NAME}:
         raise GenerationError(f"--out {out} holds files that are not a generator's; give a new or empty directory")
     try:
         saved = json.loads((out / "config.json").read_text()).get("method") if "config.json" in held else None
@@ -187,11 +188,25 @@ def train_generator_cmd(
                                    "registry's paraphrases (BERT encoders such as MiniLM).")] = True,
     description_head: Annotated[bool, typer.Option(help="Learn a linear map of the (tuned) encoder's description "
                                 "embeddings from the registry's paraphrases.")] = True,
+    objective: Annotated[str, typer.Option(help="reconstruction: fit the experts' checkpoints; task: the base "
+                         "model's own loss on the registry tasks' training instances (--tasks); mixed: both.")]
+    = "reconstruction",
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="task/mixed: task file with the registry experts' "
+                     "tasks (matched by name); only each task's training split is used.")] = None,
+    task_steps: Annotated[int, typer.Option(min=1, help="task/mixed: optimiser steps.")] = 150,
+    task_lr: Annotated[float, typer.Option(min=0, help="task/mixed: learning rate.")] = 1e-3,
+    reconstruction_weight: Annotated[float, typer.Option(min=0, help="mixed: weight of the reconstruction "
+                                     "loss.")] = 1.0,
+    residual: Annotated[bool, typer.Option(help="task: decode on top of the registry's multi-task LoRA "
+                        "(`loragen train multitask`).")] = False,
     seed: int = 0,
 ) -> None:
-    """Train an ICM-LoRA or SG-LoRA generator on every checkpoint of the registry's experts."""
-    from ..generator import LEARNED_METHODS, GenerationError, train_generator
+    """Train an ICM-LoRA or SG-LoRA generator on the registry's experts (or through the task loss)."""
+    from ..generator import LEARNED_METHODS, GenerationError
     from ..registry import Registry
+    from ..training.generator_task import OBJECTIVES, TaskTrainingConfig, train_generator_for
+    from ..training.objective import TaskModel
+    from ..training.tasks import read_tasks
 
     if method not in LEARNED_METHODS:
         raise GenerationError(f"unknown generator method {method!r}; choose icm or sg")
@@ -200,19 +215,51 @@ def train_generator_cmd(
     names = [h.strip() for h in holdout.split(",") if h.strip()]
     for name in names:
         reg.get(name)  # an unknown expert is an error, not a silent no-op
+    if objective not in OBJECTIVES:
+        raise GenerationError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective != "reconstruction" and tasks is None:
+        raise GenerationError(f"--objective {objective} needs --tasks (the registry tasks' instances)")
+    task_list = read_tasks(tasks) if tasks is not None and objective != "reconstruction" else None
     pairs = None
     if examples is not None:
-        from ..training.tasks import read_tasks
-
         if method != "icm":
             raise GenerationError("--examples trains ICM-LoRA's task vectors; use it with --method icm")
         pairs = {t.name: t.example_pairs(train_fraction, seed) for t in read_tasks(examples)}
-    train_generator(reg, method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
-                    patience=patience, out_dir=out, resume=resume, holdout=names, examples=pairs,
-                    temperature=temperature, prior_weight=prior_weight, self_fraction=self_fraction,
-                    description_head=description_head, condition_from=condition_from,
-                    description_encoder=description_encoder, progress=True)
-    typer.echo(f"wrote {method} generator to {out}")
+    base = TaskModel.for_registry(reg) if task_list is not None else None
+    config = TaskTrainingConfig(steps=task_steps, lr=task_lr, seed=seed, train_fraction=train_fraction,
+                                reconstruction_weight=reconstruction_weight if objective == "mixed" else 0.0)
+    train_generator_for(objective, reg, method, task_list, base, config, residual=residual, out_dir=out,
+                        resume=resume, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
+                        patience=patience, holdout=names, examples=pairs, temperature=temperature,
+                        prior_weight=prior_weight, self_fraction=self_fraction, description_head=description_head,
+                        condition_from=condition_from, description_encoder=description_encoder, progress=True)
+    typer.echo(f"wrote {method} generator ({objective}) to {out}")
+
+
+@train_app.command("multitask")
+def train_multitask_cmd(
+    tasks: Annotated[Path, typer.Option("--tasks", help="Task file with the registry experts' tasks (matched by "
+                     "name); only each task's training split is used.")],
+    registry: RegistryOpt = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps; each sees every task.")] = 200,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-2,
+    rows_per_task: Annotated[int, typer.Option(min=1, help="Rows of each task per step.")] = 1,
+    train_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="The experts' train split.")] = 0.7,
+    seed: int = 0,
+) -> None:
+    """Train one LoRA in the registry's basis on all its tasks, stored as the method `multitask`."""
+    from ..registry import Registry
+    from ..registry.multitask import save_multitask
+    from ..training.multitask import MultitaskConfig, train_multitask
+    from ..training.objective import TaskModel
+    from ..training.tasks import read_tasks
+
+    task_list = read_tasks(tasks)
+    reg = Registry.open(_registry_path(registry))
+    config = MultitaskConfig(steps=steps, lr=lr, rows_per_task=rows_per_task, seed=seed, train_fraction=train_fraction)
+    lora = train_multitask(reg, task_list, TaskModel.for_registry(reg), config)
+    save_multitask(reg, lora)
+    typer.echo(f"wrote the multi-task LoRA ({len(lora.metadata['tasks'])} tasks) to {reg.path / 'multitask'}")
 
 
 @train_app.command("experts")

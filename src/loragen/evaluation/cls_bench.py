@@ -3,13 +3,20 @@
 1. Each task's instances are split into train and test deterministically.
 2. One label-scoring expert per task on the real all-MiniLM-L6-v2, in one shared basis. Experts of
    `train` tasks form the registry; experts of every other split are kept apart as oracles only.
-3. ICM-LoRA and SG-LoRA are trained on that registry.
-4. Every method is scored on the held-out tasks' test instances (zero-shot) and on the train tasks'
-   test instances with their own descriptions (reconstruction). `icm+examples` also gives ICM-LoRA
-   a few input/output pairs from the task's training split (few-shot, not zero-shot).
+3. A multi-task LoRA is trained on all registry tasks' training instances and stored in the
+   registry (method `multitask`, the baseline a generator must beat).
+4. ICM-LoRA and SG-LoRA are trained on that registry under each objective asked for
+   (`reconstruction`, `task`, `mixed`; `training/generator_task.py`); their rows are `icm:task` etc.
+5. Every method is scored on the held-out tasks' test instances (zero-shot) and on the train tasks'
+   test instances with their own descriptions. On held-out tasks each learned method also runs
+   with two controls: `mismatched(m)`, the description of another held-out task from another
+   family, and `random(m)`, unrelated text. `icm+N examples` gives ICM-LoRA N input/output pairs
+   from the task's training split (few-shot, not zero-shot).
+6. `transfer.md`/`bench.json` give, per method and split, the share of the oracle's gain and the
+   margins over `multitask` and over `mismatched(m)`, with 90 % bootstrap intervals over tasks.
 
-Experts are cached by the task file's content and the expert settings, so runs that change only
-generator settings (the levers K, τ, latent size, KL weight) reuse them.
+Experts and the multi-task LoRA are cached by the task file's content and their settings, so runs
+that change only generator settings reuse them.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +34,20 @@ from ..adapters import Basis, Lora, spec_from_config
 from ..embeddings import TextEncoder, default_model_path
 from ..encoder import EncoderModel, accuracy
 from ..errors import LoragenError
-from ..generator import LearnedGenerator, RetrievalGenerator, train_generator
+from ..generator import LearnedGenerator, MultitaskGenerator, RetrievalGenerator
 from ..generator.task_vector import TaskVectors
 from ..registry import Registry
+from ..registry.multitask import has_multitask, load_multitask, save_multitask
 from ..training.classify import train_classifier_experts
+from ..training.derive import derived_tasks
 from ..training.experts import ExpertConfig
+from ..training.generator_task import OBJECTIVES, TaskTrainingConfig, train_generator_for
+from ..training.multitask import MultitaskConfig, train_multitask
+from ..training.objective import TaskModel
 from ..training.tasks import Task, read_tasks
-from .controls import unrelated_description
+from .controls import mismatched_index, unrelated_description
 from .report import write_report
+from .transfer import markdown_table, transfer_table
 
 RETRIEVAL = ("uniform", "nearest", "topk", "weighted")
 LEARNED = ("icm", "sg")
@@ -54,8 +67,18 @@ class ClsBenchConfig:
     lr: float = 1e-2
     checkpoints: int = 5
     labels_in_description: bool = True  # a user states the label set with the task
-    examples_per_request: int = 4  # icm+examples: pairs from the task's train split; 0 turns it off
+    examples_per_request: tuple[int, ...] = (4, 16)  # icm+N examples: pairs from the task's train split
     generator_epochs: int = 60
+    # Generators to train, each `method:objective[+derived][+plain]` (`Variant`)
+    generators: tuple[str, ...] = ("icm:reconstruction", "sg:reconstruction", "icm:task", "sg:task")
+    multitask_steps: int = 100
+    multitask_rows: int = 1  # rows of every task per multi-task step
+    task_steps: int = 150  # task-loss training (TaskTrainingConfig)
+    task_lr: float = 1e-3
+    tasks_per_step: int = 8
+    task_rows: int = 4
+    validation_tasks: float = 0.15
+    train_controls: bool = False  # also score the controls on the train tasks (slower)
     top_k: int = 4
     temperature: float = 0.05
     latent: int = 256
@@ -68,6 +91,34 @@ class ClsBenchConfig:
         fields = (self.train_fraction, self.rank, self.targets, self.steps, self.rows_per_task, self.lr,
                   self.checkpoints, self.labels_in_description, self.seed, base)
         return hashlib.sha256(data + json.dumps(fields).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One generator of the benchmark: `method:objective`, then `+derived` to train the task loss also
+    on one-vs-rest tasks derived from multi-class train tasks, `+plain` for a task-objective generator
+    that is not residual over the multi-task LoRA (which it is by default)."""
+
+    method: str
+    objective: str
+    derived: bool = False
+    residual: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        head, *flags = text.strip().split("+")
+        method, _, objective = head.partition(":")
+        if method not in ("icm", "sg") or objective not in OBJECTIVES or set(flags) - {"derived", "plain"}:
+            raise ClsBenchError(f"generator {text!r}: write method:objective[+derived][+plain] with method icm or sg "
+                                f"and objective one of {', '.join(OBJECTIVES)}")
+        if objective != "task" and ("plain" in flags or "derived" in flags):
+            raise ClsBenchError(f"generator {text!r}: +derived and +plain apply to the task objective")
+        return cls(method, objective, "derived" in flags, objective == "task" and "plain" not in flags)
+
+    @property
+    def name(self) -> str:
+        plain = self.objective == "task" and not self.residual
+        return f"{self.method}:{self.objective}" + ("+derived" if self.derived else "") + ("+plain" if plain else "")
 
 
 def describe(task: Task, text: str, with_labels: bool) -> str:
@@ -124,50 +175,96 @@ def build_experts(tasks: list[Task], cache: Path, cfg: ClsBenchConfig, encoder: 
     return registry, oracle
 
 
+def build_multitask(registry: Registry, tasks: list[Task], cfg: ClsBenchConfig, encoder: EncoderModel,
+                    say: Callable[[str], None]) -> None:
+    """The registry's multi-task LoRA, trained once per setting (kept in the cached registry)."""
+    config = MultitaskConfig(steps=cfg.multitask_steps, rows_per_task=cfg.multitask_rows, seed=cfg.seed,
+                             train_fraction=cfg.train_fraction)
+    if has_multitask(registry) and load_multitask(registry).metadata.get("config") == asdict(config):
+        say("multitask: cached in the registry")
+        return
+    t0 = time.perf_counter()
+    lora = train_multitask(registry, [t for t in tasks if t.split == "train"], TaskModel("classify", encoder), config)
+    lora.metadata["config"] = asdict(config)
+    save_multitask(registry, lora)
+    say(f"multitask: trained in {time.perf_counter() - t0:.0f} s")
+
+
 def build_generators(registry: Registry, tasks: list[Task], out: Path, cfg: ClsBenchConfig, encoder: EncoderModel,
                      say: Callable[[str], None]) -> dict[str, LearnedGenerator]:
+    """{variant name: generator} for every generator `cfg` names."""
     gens = {}
-    examples = {t.name: t.example_pairs(cfg.train_fraction, cfg.seed) for t in tasks if t.split == "train"}
-    for method, kl in (("icm", cfg.kl_weight_icm), ("sg", cfg.kl_weight_sg)):
+    seen = [t for t in tasks if t.split == "train"]
+    examples = {t.name: t.example_pairs(cfg.train_fraction, cfg.seed) for t in seen}
+    task_config = TaskTrainingConfig(steps=cfg.task_steps, lr=cfg.task_lr, tasks_per_step=cfg.tasks_per_step,
+                                     rows_per_task=cfg.task_rows, validation_tasks=cfg.validation_tasks,
+                                     seed=cfg.seed, train_fraction=cfg.train_fraction)
+    base = TaskModel("classify", encoder)
+    variants = [Variant.parse(g) for g in cfg.generators]
+    derived = []
+    if any(v.derived for v in variants):
+        derived = [replace(d, descriptions=[describe(d, d.description, cfg.labels_in_description)])
+                   for d in derived_tasks(seen, cfg.train_fraction, cfg.seed)]
+        say(f"derived tasks: {len(derived)}")
+    for v in variants:
+        kl = cfg.kl_weight_icm if v.method == "icm" else cfg.kl_weight_sg
         t0 = time.perf_counter()
-        tv = TaskVectors(registry.spec, loaded=encoder) if method == "icm" and cfg.examples_per_request else None
-        gens[method] = train_generator(registry, method, epochs=cfg.generator_epochs, latent=cfg.latent,
-                                       kl_weight=kl, seed=cfg.seed, top_k=cfg.top_k,
-                                       temperature=cfg.temperature, out_dir=out / "generators" / method,
-                                       examples=examples if tv is not None else None, task_vectors=tv)
-        say(f"{method}: trained in {time.perf_counter() - t0:.0f} s")
+        with_examples = v.method == "icm" and v.objective == "reconstruction" and any(cfg.examples_per_request)
+        tv = TaskVectors(registry.spec, loaded=encoder) if with_examples else None
+        gens[v.name] = train_generator_for(
+            v.objective, registry, v.method, seen, base, task_config, residual=v.residual,
+            derived=derived if v.derived else (), out_dir=out / "generators" / v.name.replace(":", "-"),
+            epochs=cfg.generator_epochs, latent=cfg.latent, kl_weight=kl, seed=cfg.seed, top_k=cfg.top_k,
+            temperature=cfg.temperature, examples=examples if tv is not None else None, task_vectors=tv)
+        say(f"{v.name}: trained in {time.perf_counter() - t0:.0f} s")
     return gens
 
 
 # ------------------------------------------------------------------------ evaluation
 
-def method_loras(tasks: list[Task], descs: list[str], registry: Registry, oracle: Registry | None,
-                 gens: dict[str, LearnedGenerator], cfg: ClsBenchConfig) -> dict[str, list[Lora | None]]:
-    """Every method's LoRA for each task (None: the base model; missing oracle: left out)."""
+def method_loras(tasks: list[Task], descs: list[str], mismatched: list[str] | None, registry: Registry,
+                 oracle: Registry | None, gens: dict[str, LearnedGenerator],
+                 cfg: ClsBenchConfig) -> dict[str, list[Lora | None]]:
+    """Every method's LoRA for each task (None: the base model; missing oracle: left out).
+    With `mismatched` descriptions, the learned methods and `weighted` also run the controls."""
     loras: dict[str, list[Lora | None]] = {"base": [None] * len(tasks)}
     known = {e.name: registry for e in registry.experts()}
     known |= {e.name: oracle for e in oracle.experts()} if oracle is not None else {}
     if all(t.name in known for t in tasks):
         loras["oracle"] = [known[t.name].lora(t.name) for t in tasks]  # type: ignore[union-attr]
+    if has_multitask(registry):
+        loras["multitask"] = list(MultitaskGenerator(registry).generate(descs))
     for method in RETRIEVAL:
         gen = RetrievalGenerator(registry, method, k=cfg.top_k, temperature=cfg.temperature)
         loras[method] = list(gen.generate(descs))
+        if method == "weighted" and mismatched is not None:
+            loras[f"mismatched({method})"] = list(gen.generate(mismatched))
     unrelated = [unrelated_description(t.name, cfg.seed) for t in tasks]
-    for method, gen in gens.items():
-        loras[method] = list(gen.generate(descs, seed=cfg.seed))
-        loras[f"random({method})"] = list(gen.generate(unrelated, seed=cfg.seed))
-        if gen.task_vector_dim:
-            shots = [t.example_pairs(cfg.train_fraction, cfg.seed, cfg.examples_per_request) for t in tasks]
-            loras[f"{method}+examples"] = list(gen.generate(descs, examples=shots, seed=cfg.seed))
+    for name, gen in gens.items():
+        loras[name] = list(gen.generate(descs, seed=cfg.seed))
+        if mismatched is not None:
+            loras[f"mismatched({name})"] = list(gen.generate(mismatched, seed=cfg.seed))
+            loras[f"random({name})"] = list(gen.generate(unrelated, seed=cfg.seed))
+            for n in (n for n in cfg.examples_per_request if n and gen.task_vector_dim):
+                shots = [t.example_pairs(cfg.train_fraction, cfg.seed, n) for t in tasks]
+                loras[f"{name}+{n} examples"] = list(gen.generate(descs, examples=shots, seed=cfg.seed))
     return loras
 
 
+def mismatched_descriptions(tasks: list[Task], cfg: ClsBenchConfig) -> list[str]:
+    """Each task gets the description of another task of the same split from another family."""
+    pick = [mismatched_index([t.name for t in tasks], [t.cluster for t in tasks], i, cfg.seed) for i in range(len(tasks))]
+    return [describe(tasks[j], tasks[j].description, cfg.labels_in_description) for j in pick]
+
+
 def evaluate(tasks: list[Task], split: str, registry: Registry, oracle: Registry | None,
-             gens: dict[str, LearnedGenerator], encoder: EncoderModel, cfg: ClsBenchConfig) -> list[dict[str, Any]]:
+             gens: dict[str, LearnedGenerator], encoder: EncoderModel, cfg: ClsBenchConfig,
+             controls: bool) -> list[dict[str, Any]]:
     if not tasks:
         return []
     descs = [describe(t, t.description, cfg.labels_in_description) for t in tasks]
-    loras = method_loras(tasks, descs, registry, oracle, gens, cfg)
+    mismatched = mismatched_descriptions(tasks, cfg) if controls and len(tasks) > 1 else None
+    loras = method_loras(tasks, descs, mismatched, registry, oracle, gens, cfg)
     tests = [t.split_instances(cfg.train_fraction, cfg.seed)[1] for t in tasks]
     methods = list(loras)
     flat = [lo for m in methods for lo in loras[m]]
@@ -185,6 +282,8 @@ def run_cls_bench(data: Path, out: Path, cfg: ClsBenchConfig, *, cache: Path | N
     say = log or (lambda _: None)
     start = time.perf_counter()
     tasks = load_tasks(data)
+    for g in cfg.generators:
+        Variant.parse(g)  # a typo is an error now, not after the experts are trained
     file = data / "tasks.jsonl" if data.is_dir() else data
     text_model = str(base) if base is not None else None
     base = base or default_model_path()
@@ -197,17 +296,24 @@ def run_cls_bench(data: Path, out: Path, cfg: ClsBenchConfig, *, cache: Path | N
     registry, oracle = build_experts(tasks, cache, cfg, encoder, text_model, say)
     timings["experts_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    build_multitask(registry, tasks, cfg, encoder, say)
+    timings["multitask_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     gens = build_generators(registry, tasks, out, cfg, encoder, say)
     timings["generators_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     held = [t for t in tasks if t.split != "train"]
     seen = [t for t in tasks if t.split == "train"]
-    rows = evaluate(held, "heldout", registry, oracle, gens, encoder, cfg)
-    rows += evaluate(seen, "train", registry, oracle, gens, encoder, cfg)
+    rows = evaluate(held, "heldout", registry, oracle, gens, encoder, cfg, controls=True)
+    rows += evaluate(seen, "train", registry, oracle, gens, encoder, cfg, controls=cfg.train_controls)
     timings["evaluation_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
     summary = write_report(rows, out, title=f"cls benchmark: {file.name}", metric="accuracy")["summary"]
+    transfer = {split: transfer_table(rows, split, seed=cfg.seed) for split in ("heldout", "train")}
+    (out / "transfer.md").write_text("".join(f"## {split} tasks\n\n{markdown_table(table)}\n\n"
+                                             for split, table in transfer.items() if table))
     bench = {"data": str(file), "tasks": {"train": len(seen), "heldout": len(held)}, "expert_cache": str(cache),
-             "config": asdict(cfg), "timings": {k: round(v, 1) for k, v in timings.items()}, "summary": summary}
+             "config": asdict(cfg), "timings": {k: round(v, 1) for k, v in timings.items()}, "summary": summary,
+             "transfer": transfer}
     (out / "bench.json").write_text(json.dumps(bench, indent=2, default=str) + "\n")
     return bench

@@ -1,13 +1,15 @@
-"""The random-description control: the real description swapped for unrelated text.
+"""Description controls: the real description swapped for unrelated text, or for another task's.
 
 A generator that ignores its condition scores as well with these as with the real description;
-one that reads it should score clearly worse. The texts are about nothing a string or
-classification task would ask for.
+one that reads it should score clearly worse. The unrelated texts are about nothing a string or
+classification task would ask for; the mismatched one is a real task description of another
+family, so it measures what the generator gains from reading *its own* task's description.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 UNRELATED_TEXTS = (
     "describe how glaciers carve valleys over thousands of years",
@@ -24,3 +26,13 @@ UNRELATED_TEXTS = (
 def unrelated_description(key: str, seed: int = 0) -> str:
     """A fixed unrelated text per (key, seed), the same on every run."""
     return random.Random(f"{seed}:{key}").choice(UNRELATED_TEXTS)
+
+
+def mismatched_index(names: Sequence[str], families: Sequence[str | None], i: int, seed: int = 0) -> int:
+    """Another task for task `i`: one of another family where there is one, else any other; fixed
+    per (name, seed)."""
+    others = [j for j in range(len(names)) if j != i]
+    if not others:
+        raise ValueError("a mismatched description needs at least two tasks")
+    apart = [j for j in others if families[j] is None or families[j] != families[i]]
+    return random.Random(f"{seed}:mismatched:{names[i]}").choice(apart or others)

@@ -10,13 +10,15 @@ import torch
 from ..registry import Registry
 from .errors import GenerationError
 from .learned import LearnedGenerator
+from .multitask import MultitaskGenerator
 from .retrieval import METHODS as RETRIEVAL_METHODS
 from .retrieval import Neighbour, RetrievalGenerator, check_descriptions
 from .task_vector import TaskVectors
 from .training import train_generator
 
 LEARNED_METHODS = ("icm", "sg")
-METHODS = RETRIEVAL_METHODS + LEARNED_METHODS
+MULTITASK = "multitask"
+METHODS = RETRIEVAL_METHODS + (MULTITASK,) + LEARNED_METHODS
 
 
 def load_generator(method: str, registry: Registry, *, k: int = 4, temperature: float = 0.05,
@@ -37,6 +39,8 @@ def _load(method: str, registry: Registry, k: int, temperature: float, generator
           device: str, dtype: torch.dtype | None) -> Any:
     if method in RETRIEVAL_METHODS:
         return RetrievalGenerator(registry, method, k=k, temperature=temperature)
+    if method == MULTITASK:
+        return MultitaskGenerator(registry)
     if method in LEARNED_METHODS:
         if generator_dir is None:
             raise GenerationError(f"method {method!r} needs a trained generator: pass its directory "
@@ -48,5 +52,6 @@ def _load(method: str, registry: Registry, k: int, temperature: float, generator
     raise GenerationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["LEARNED_METHODS", "METHODS", "RETRIEVAL_METHODS", "GenerationError", "LearnedGenerator", "Neighbour",
+__all__ = ["LEARNED_METHODS", "METHODS", "MULTITASK", "RETRIEVAL_METHODS", "GenerationError", "LearnedGenerator",
+           "MultitaskGenerator", "Neighbour",
            "RetrievalGenerator", "TaskVectors", "check_descriptions", "load_generator", "train_generator"]

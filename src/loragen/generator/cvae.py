@@ -45,6 +45,10 @@ class CVAEConfig:
     # icm: "text" reads the description embedding itself; "memory" reads it through the registry,
     # Σ α_k p_k over the top-K experts' description prototypes (α = softmax(sim / temperature)).
     condition_from: str = "text"
+    # Decode on top of the registry's multi-task LoRA: B = B_multitask + (decoded B − registry mean),
+    # so an untrained icm decoder starts at the multi-task LoRA and sg at it plus retrieval's shift.
+    # Trained through the task loss only: reconstruction targets do not know the offset.
+    residual: bool = False
 
 
 def normalise(groups: list[torch.Tensor], mean: list[torch.Tensor], std: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -81,6 +85,9 @@ class LoraCVAE(nn.Module):
         # descriptions differ by a word ("left"/"right") differ by O(1) inputs, not by a few hundredths.
         self.register_buffer("text_mean", torch.zeros(condition_dim))
         self.register_buffer("text_scale", torch.ones(condition_dim))
+        if config.residual:  # per group (T_g, W_g): the multi-task LoRA's tokens minus the registry mean
+            for i, g in enumerate(layout.groups):
+                self.register_buffer(f"offset_{i}", torch.zeros(len(g.tokens), g.width))
 
     # ------------------------------------------------------------ normalisation
     def set_stats(self, mean: list[torch.Tensor], std: list[torch.Tensor]) -> None:
@@ -103,6 +110,27 @@ class LoraCVAE(nn.Module):
 
     def normalise(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
         return normalise(groups, *self.stats())
+
+    def set_residual(self, base: list[torch.Tensor]) -> None:
+        """`base` per group (T_g, W_g) in weight space (the multi-task LoRA's tokens)."""
+        for i, (b, m) in enumerate(zip(base, self.stats()[0])):
+            getattr(self, f"offset_{i}").copy_(b - m[:, None])
+
+    def offsets(self) -> list[torch.Tensor] | None:
+        if not self.config.residual:
+            return None
+        return [getattr(self, f"offset_{i}") for i in range(len(self.layout.groups))]
+
+    def sample(self, text: torch.Tensor, mu_star: list[torch.Tensor] | None, sigma_star: list[torch.Tensor] | None,
+               eps: torch.Tensor) -> list[torch.Tensor]:
+        """Weight-space tokens per group (N, T_g, W_g) decoded from the prior, as at inference,
+        differentiable in the model's parameters (task-loss training)."""
+        cond, feats = self.encode_condition(text, mu_star, sigma_star)
+        mu_p, lv_p = self.prior(cond)
+        z = mu_p + (0.5 * lv_p).exp() * eps
+        out = denormalise(self.decode(z, cond, feats, mu_star, sigma_star), *self.stats())
+        offsets = self.offsets()
+        return out if offsets is None else [o + off for o, off in zip(out, offsets)]
 
     # ------------------------------------------------------------ pieces
     def encode_condition(self, text: torch.Tensor, mu_star: list[torch.Tensor] | None = None,

@@ -23,7 +23,7 @@ from einops import einsum, reduce, repeat
 from safetensors.torch import load_file, save_file
 
 from ..adapters import Lora, LoraStack, atomic
-from ..registry import Hit, Registry
+from ..registry import Expert, Hit, Registry
 from ..registry.index import normalised
 from .compiled_decode import CompiledDecode, Decode
 from .cvae import CVAEConfig, LoraCVAE, denormalise, normalise
@@ -125,6 +125,14 @@ class LearnedGenerator:
     def _prototypes(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         mean, second = self._tokens.prototypes(self.stats)  # type: ignore[arg-type]
         return [m.to(self.device) for m in mean], [s.to(self.device) for s in second]
+
+    def experts(self) -> list[Expert]:
+        """The registry experts the generator learned from, in its column order."""
+        return self._tokens.experts
+
+    def expert_tokens(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every checkpoint of those experts as normalised tokens per group, and each one's column."""
+        return self._tokens.tokens(self.stats)  # type: ignore[arg-type]
 
     def embed(self, descriptions: list[str]) -> np.ndarray:
         """Descriptions as the generator reads them: unit rows in its description space (the tuned
@@ -335,11 +343,16 @@ class LearnedGenerator:
         mu_p, lv_p = self.model.prior(cond)
         eps = repeat(noise.to(self.device, dt), "s d -> (n s) d", n=text.shape[0] // s)
         z = mu_p + (0.5 * lv_p).exp() * eps
+        offsets = self.model.offsets()
         if self.method == "icm":  # the heads write denormalised tokens in `dt` directly
             groups = self.model.decoder.denormalised(torch.cat([z, cond], dim=-1), self._folded, *self._stats_on)
+            if offsets is not None:
+                groups = [g + o.to(g) for g, o in zip(groups, offsets)]
             return self.model.layout.to_modules(groups)
         out = [g.float() for g in self.model.decode(z, cond, feats, mu, sigma)]
         groups = denormalise(out, *self._stats_on)
+        if offsets is not None:
+            groups = [g + o.to(g) for g, o in zip(groups, offsets)]
         return {m: b.to(dt) for m, b in self.model.layout.to_modules(groups).items()}
 
     @cached_property

@@ -14,6 +14,7 @@ import torch
 
 from ..registry import Registry
 from ..registry.index import normalised
+from ..registry.multitask import load_multitask
 from .cvae import CVAEConfig, FitConfig, LoraCVAE, TrainingSet, fit
 from .decoder import TokenLayout
 from .description_encoder import DescriptionEncoder, TuningConfig, fine_tune
@@ -51,7 +52,7 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
                     task_vectors: TaskVectors | None = None, self_fraction: float | None = None,
                     prior_weight: float | None = None, description_head: bool | DescriptionHead = True,
                     condition_from: str | None = None, description_encoder: bool | DescriptionEncoder = True,
-                    progress: bool = False) -> LearnedGenerator:
+                    residual: bool = False, progress: bool = False) -> LearnedGenerator:
     """Train ICM-LoRA (`icm`) or SG-LoRA (`sg`) on every checkpoint of the registry's experts.
 
     icm with `examples` (expert name -> {input, output} pairs, e.g. its task's training instances)
@@ -69,14 +70,19 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     conditions on Σ α_k key_k over the top-K experts (key = an expert's mean description in the
     generator's space, α = softmax(sim / temperature)), trained with each description's own registry
     entry left out unless that makes it read as another expert. `None` takes the per-method defaults
-    above."""
+    above.
+    `residual` decodes on top of the registry's multi-task LoRA (`CVAEConfig.residual`); such a
+    generator is trained through the task loss (`training/generator_task.py`), so pass `epochs=0`."""
     if method not in KL_DEFAULTS:
         raise GenerationError(f"unknown learned method {method!r}; choose icm or sg")
     if condition_from not in (None, "text", "memory") or (method == "sg" and condition_from == "memory"):
         raise GenerationError(f"condition_from {condition_from!r}: icm reads text or memory, sg reads text")
     cvae = CVAEConfig(method=method, latent=latent, hidden=hidden, top_k=top_k, temperature=temperature,
                       prior_weight=PRIOR_WEIGHT_DEFAULTS[method] if prior_weight is None else prior_weight,
-                      kl_weight=KL_DEFAULTS[method] if kl_weight is None else kl_weight)
+                      kl_weight=KL_DEFAULTS[method] if kl_weight is None else kl_weight, residual=residual)
+    if residual and epochs > 0:
+        raise GenerationError("a generator residual over the multi-task LoRA is trained on the task loss only "
+                              "(objective 'task'); reconstruction targets do not include the offset")
     layout = TokenLayout(registry.spec)
     tokens = RegistryTokens(registry, layout, set(holdout))
     cvae.condition_from = condition_from or default_condition(method, registry, tokens)
@@ -90,7 +96,12 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
         torch.manual_seed(seed)
         model = LoraCVAE(layout, cvae, registry.dim + (tv_dim + 1 if tv_dim else 0))
     model.set_stats(*tokens.stats())
-    lo, hi = norm_range([c for cps in tokens.raw for c in cps])
+    ranged = [c for cps in tokens.raw for c in cps]
+    if residual:
+        multitask = load_multitask(registry)
+        model.set_residual([g[0] for g in layout.to_groups({m: b[None] for m, b in multitask.B.items()})])
+        ranged.append(multitask.B)
+    lo, hi = norm_range(ranged)
     safety = Safety(lo, hi, -1.0)  # OOD threshold: calibrated below, in the generator's space
     config = {"format": FORMAT, "version": 1, "method": method, "cvae": asdict(cvae), "spec": registry.spec.to_dict(),
               "basis_sha256": registry.basis.sha256(), "embedding_model": registry.encoder.model_id,
@@ -120,7 +131,9 @@ def train_generator(registry: Registry, method: str, *, epochs: int = 60, lr: fl
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
     fit_config = FitConfig(epochs=epochs, lr=lr, batch=batch, seed=seed, val_fraction=val_fraction, patience=patience)
-    gen.config["training"] = fit(model, data, fit_config, state_path=state_path, resume=resume)
+    # epochs=0: the initial model, for a generator trained only through the task loss
+    gen.config["training"] = (fit(model, data, fit_config, state_path=state_path, resume=resume) if epochs > 0
+                              else {"epochs": 0})
     if out_dir is not None:
         gen.save_pretrained(out_dir)
     return gen

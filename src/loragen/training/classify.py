@@ -29,8 +29,7 @@ def classify_loss(encoder: EncoderModel, tasks: list[Task]) -> LossFn:
         for t in present:
             offsets[t] = (start, start + len(labels[t]))
             start += len(labels[t])
-        rows.set(task_rows)
-        input_vecs = encoder.embed([inst.input for inst in batch])
+        input_vecs = encoder.embed_rows([inst.input for inst in batch], rows, task_rows)
         sims = score(input_vecs, label_vecs, offsets, task_rows)
         losses = [
             F.cross_entropy((s / TEMPERATURE).unsqueeze(0), torch.tensor([labels[t].index(inst.output)], device=s.device))

@@ -56,17 +56,24 @@ def train_in_basis(
     config: ExpertConfig,
     *,
     desc: str = "experts",
+    shared: bool = False,
 ) -> list[list[dict[str, torch.Tensor]]]:
-    """Train one B per task; `loss_fn` runs the model under the hooks and returns the loss."""
+    """Train one B per task; `loss_fn` runs the model under the hooks and returns the loss.
+
+    `shared`: one B for all tasks (a multi-task LoRA); every task's rows then read the same
+    parameters, and each returned task's checkpoints are the same tensors."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     spec = basis.spec
     device = next(model.parameters()).device
     params = {
-        m.name: nn.Parameter(torch.zeros(len(tasks), spec.num_layers, m.out_features, spec.rank, device=device))
+        m.name: nn.Parameter(torch.zeros(1 if shared else len(tasks), spec.num_layers, m.out_features, spec.rank,
+                                         device=device))
         for m in spec.modules
     }
-    stack = LoraStack(spec, {m: a.to(device) for m, a in basis.A.items()}, params)
+    # Shared: every task index reads row 0 (an expanded view, so gradients from all tasks meet there).
+    views = {m: p.expand(len(tasks), *p.shape[1:]) for m, p in params.items()} if shared else params
+    stack = LoraStack(spec, {m: a.to(device) for m, a in basis.A.items()}, views)
     optim = torch.optim.Adam(params.values(), lr=config.lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / config.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
@@ -91,4 +98,4 @@ def train_in_basis(
             sched.step()
             if step >= keep_from and (step - keep_from) % config.checkpoint_every == 0:
                 saved.append({k: v.detach().to("cpu", copy=True) for k, v in params.items()})
-    return [[{k: v[t] for k, v in ckpt.items()} for ckpt in saved] for t in range(len(tasks))]
+    return [[{k: v[0 if shared else t] for k, v in ckpt.items()} for ckpt in saved] for t in range(len(tasks))]
