@@ -480,6 +480,40 @@ def test_write_routes_need_a_key_and_uploads_are_checked(server: str, world: Pat
         ok.experts.delete("uploaded")
 
 
+def test_bad_adapter_configs_get_4xx_that_say_what_is_wrong(server: str, world: Path, tmp_path: Path) -> None:
+    """Each upload is refused with a 4xx JSON error naming the problem, never a server-side path,
+    and nothing is written. A 5,000-level nesting once raised RecursionError (a 500)."""
+    import tempfile
+
+    good = _peft_dir(world, tmp_path)
+    config = json.loads((good / "adapter_config.json").read_text())
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    cases = {
+        "nested": (b'{"r": ' + b"[" * 5000 + b"]" * 5000 + b"}", weights, "nested too deeply"),
+        "nested object": (b'{"a": ' * 5000 + b"1" + b"}" * 5000, weights, "nested too deeply"),
+        "not json": (b'{"r": 4', weights, "not valid JSON"),
+        "long integer": (b'{"r": ' + b"9" * 5000 + b"}", weights, "not valid JSON"),
+        "r as text": (json.dumps({**config, "r": "eight"}).encode(), weights, "'r' must be a positive integer"),
+        "r as bool": (json.dumps({**config, "r": True}).encode(), weights, "'r' must be a positive integer"),
+        "alpha as list": (json.dumps({**config, "lora_alpha": [1]}).encode(), weights, "'lora_alpha' must be"),
+        "wrong rank": (json.dumps({**config, "r": 3}).encode(), weights, "do not have rank r=3"),
+        "dora": (json.dumps({**config, "use_dora": True}).encode(), weights, "DoRA"),
+        "truncated": (json.dumps(config).encode(), weights[:-7], "corrupt or truncated"),
+        "wrong shapes": (json.dumps(config).encode(), _wrong_shapes(good), "does not match the base model"),
+    }
+    with httpx.Client(base_url=server, timeout=60, headers={"authorization": f"Bearer {KEY}"}) as http:
+        before = http.get("/v1/experts", params={"limit": 500}).json()["total"]
+        for what, (config_bytes, weights_bytes, says) in cases.items():
+            r = http.post("/v1/experts", data={"name": f"bad-{what}", "description": ["x"]},
+                          files={"adapter_config": ("adapter_config.json", config_bytes),
+                                 "adapter_model": ("adapter_model.safetensors", weights_bytes)})
+            message = assert_error(r, 400, "bad_request")["message"]
+            assert says in message, (what, message)
+            assert "the uploaded adapter" in message or what == "wrong shapes", (what, message)
+            assert tempfile.gettempdir() not in message and "loragen-upload" not in message, (what, message)
+        assert http.get("/v1/experts", params={"limit": 500}).json()["total"] == before
+
+
 BAD_REQUESTS = [
     ("POST", "/v1/loras", {"json": {}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": ""}}, 422, "invalid_request"),

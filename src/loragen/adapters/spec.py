@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,22 @@ def spec_from_config(
     )
 
 
+def _target_order(targets: Any) -> Any:
+    """A sort key putting modules in the order the config's `target_modules` names them (how
+    loragen writes its spec's order), then by name: the same spec whatever order the tensors came in."""
+
+    def key(rel: str) -> tuple[int, str]:
+        if isinstance(targets, list):
+            for i, t in enumerate(targets):
+                if isinstance(t, str) and (rel == t or rel.endswith("." + t)):
+                    return i, rel
+        elif isinstance(targets, str) and (pos := targets.find(re.escape(rel))) >= 0:
+            return pos, rel
+        return sys.maxsize, rel
+
+    return key
+
+
 def spec_from_state_dict(
     tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
@@ -245,7 +262,7 @@ def spec_from_state_dict(
         raise SpecError("the adapter holds no LoRA tensors")
     rank = int(config["r"])
     conv1d = bool(config.get("fan_in_fan_out", False))
-    rels = list(dict.fromkeys(rel for rel, _ in pairs))
+    rels = sorted(dict.fromkeys(rel for rel, _ in pairs), key=_target_order(config.get("target_modules")))
     num_layers = 1 + max(layer for _, layer in pairs)
     modules, stacked = [], {}
     for rel in rels:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import zipfile
-from pathlib import Path
 
 from safetensors.torch import save
 
@@ -39,20 +37,19 @@ def looks_like_pickle(data: bytes, filename: str | None) -> bool:
 
 
 def read_upload(config: bytes, weights: bytes, weights_name: str | None) -> Lora:
-    """A `Lora` from uploaded `adapter_config.json` and `adapter_model.safetensors` bytes."""
+    """A `Lora` from uploaded `adapter_config.json` and `adapter_model.safetensors` bytes.
+
+    Read in memory: errors say what is wrong with the upload, never where the server keeps it.
+    """
     if looks_like_pickle(weights, weights_name):
         raise AdapterFormatError("the uploaded weights are a pickle, which can run code when loaded; "
                                  f"upload {WEIGHTS_NAME} (convert with safetensors)")
     # A safetensors file starts with the u64 length of its JSON header.
     if len(weights) < 10 or weights[8:9] != b"{":
         raise AdapterFormatError(f"the uploaded weights are not a safetensors file; upload {WEIGHTS_NAME}")
-    with tempfile.TemporaryDirectory(prefix="loragen-upload-") as tmp:
-        directory = Path(tmp)
-        (directory / CONFIG_NAME).write_bytes(config)
-        (directory / WEIGHTS_NAME).write_bytes(weights)
-        try:
-            return Lora.from_pretrained(directory)
-        except LoragenError:
-            raise
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # e.g. "r": "eight"
-            raise AdapterFormatError(f"the uploaded adapter is malformed: {exc!r}") from exc
+    try:
+        return Lora.from_bytes(config, weights, "the uploaded adapter")
+    except LoragenError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:  # e.g. "base_model_name_or_path": {}
+        raise AdapterFormatError(f"the uploaded adapter is malformed: {exc}") from exc
