@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,25 @@ class Lora:
             if self.metadata:
                 (tmp / "loragen.json").write_text(json.dumps(self.metadata, indent=2, default=str))
         return directory
+
+    def on_modules(self, spec: LoraSpec, what: str = "adapter") -> Lora:
+        """This adapter over every module of `spec`, in `spec`'s order, with zero factors (so ΔW = 0)
+        on the modules it does not target; its rank, alpha, rsLoRA setting and base model are kept.
+
+        Raises `SpecError` when its layers, or any module it targets, do not fit `spec`.
+        """
+        spec.check_compatible(self.spec, what, allow_subset=True)
+        full = replace(spec, rank=self.spec.rank, alpha=self.spec.alpha, use_rslora=self.spec.use_rslora,
+                       base_model=self.spec.base_model or spec.base_model)
+        ref = next(iter(self.B.values()))
+        A, B = {}, {}
+        for m in spec.modules:
+            if m.name in self.A:
+                A[m.name], B[m.name] = self.A[m.name], self.B[m.name]
+            else:
+                A[m.name] = ref.new_zeros(spec.num_layers, full.rank, m.in_features)
+                B[m.name] = ref.new_zeros(spec.num_layers, m.out_features, full.rank)
+        return Lora(full, A, B, dict(self.metadata))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Lora:

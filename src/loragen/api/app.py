@@ -20,7 +20,7 @@ from .errors import ApiError
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
 from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
-                      CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, LoraOut, ModelCard,
+                      CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, ImportedExpertOut, LoraOut, ModelCard,
                       ModelList, ReadyOut, SearchOut, SearchRequest, Usage, valid_unicode)
 from .service import Service, Stored
 from .settings import ApiSettings
@@ -159,7 +159,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     async def delete_expert(key: str) -> dict[str, Any]:
         return await service.in_engine(experts.remove, service, key)
 
-    @app.post("/v1/experts", response_model=ExpertOut, status_code=201, dependencies=writes)
+    @app.post("/v1/experts", response_model=ImportedExpertOut, status_code=201, dependencies=writes)
     async def add_expert(
         name: Annotated[str, Form(min_length=1, max_length=200)],
         description: Annotated[list[str], Form(min_length=1, max_length=64)],

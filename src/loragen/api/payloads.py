@@ -31,9 +31,18 @@ def adapter_zip(lora: Lora) -> bytes:
     return buffer.getvalue()
 
 
+def looks_like_safetensors(data: bytes) -> bool:
+    """A u64 little-endian header length that fits the data, then a JSON object."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 10 else 0
+    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
+
+
 def looks_like_pickle(data: bytes, filename: str | None) -> bool:
-    # Pickles start with the PROTO opcode 0x80; torch.save writes a zip archive ("PK").
-    return (filename or "").lower().endswith(PICKLE_SUFFIXES) or data[:1] == b"\x80" or data[:2] == b"PK"
+    """A pickle's name, or its bytes: the PROTO opcode 0x80, or torch.save's zip ("PK"). A header
+    length's low byte can be 0x80 too, so bytes shaped like safetensors are never taken for one."""
+    if (filename or "").lower().endswith(PICKLE_SUFFIXES):
+        return True
+    return not looks_like_safetensors(data) and (data[:1] == b"\x80" or data[:2] == b"PK")
 
 
 def read_upload(config: bytes, weights: bytes, weights_name: str | None) -> Lora:
@@ -44,8 +53,7 @@ def read_upload(config: bytes, weights: bytes, weights_name: str | None) -> Lora
     if looks_like_pickle(weights, weights_name):
         raise AdapterFormatError("the uploaded weights are a pickle, which can run code when loaded; "
                                  f"upload {WEIGHTS_NAME} (convert with safetensors)")
-    # A safetensors file starts with the u64 length of its JSON header.
-    if len(weights) < 10 or weights[8:9] != b"{":
+    if not looks_like_safetensors(weights):
         raise AdapterFormatError(f"the uploaded weights are not a safetensors file; upload {WEIGHTS_NAME}")
     try:
         return Lora.from_bytes(config, weights, "the uploaded adapter")

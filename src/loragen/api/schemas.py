@@ -168,6 +168,11 @@ class ExpertOut(BaseModel):
     fidelity: float | None
 
 
+class ImportedExpertOut(ExpertOut):
+    absent_modules: list[str] = Field(
+        description="The registry's modules the uploaded adapter does not target: imported with zero ΔW.")
+
+
 class ExpertList(BaseModel):
     data: list[ExpertOut]
     total: int

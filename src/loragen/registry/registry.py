@@ -342,12 +342,21 @@ class Registry:
 
     def import_adapter(self, lora: Lora, name: str, descriptions: list[str], *,
                        tags: list[str] | None = None) -> tuple[Expert, Projection]:
-        """Project a foreign adapter onto the basis; its original factors are kept for rebases."""
-        self._validate(name, descriptions)
-        self._check_spec(lora, name)
+        """Project a foreign adapter onto the basis; its original factors are kept for rebases.
+
+        Modules are matched by name and shape, in any order. An adapter that targets a subset of
+        the registry's modules imports with zero ΔW on the others, which the projection lists in
+        `absent_modules`. A module, shape or layer count the registry lacks raises a
+        `RegistryError` naming it. Every check runs before anything is written.
+        """
+        name, _ = self._validate(name, descriptions)
+        try:
+            full = lora.on_modules(self.spec, what=f"adapter {name!r}")
+        except SpecError as exc:
+            raise RegistryError(str(exc)) from exc
         projection = self.basis.project(lora)
         expert = self.add_expert(name, [projection.B], descriptions, tags=tags,
-                                 fidelity=projection.fidelity, source=lora)
+                                 fidelity=projection.fidelity, source=full)
         return expert, projection
 
     # ---------------------------------------------------------------- removing
