@@ -523,6 +523,17 @@ BAD_REQUESTS = [
     ("POST", "/v1/loras", {"json": {"description": "ok", "method": "magic"}}, 400, "unknown_method"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "method": "icm"}}, 400, "bad_request"),  # not trained
     ("POST", "/v1/loras", {"json": {"description": "ok", "num_samples": 17}}, 422, "invalid_request"),
+    # No coercion: false is not 0, true is not 1, "3" is not 3 (the schema says integer).
+    ("POST", "/v1/loras", {"json": {"description": "ok", "seed": False}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "k": True}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "seed": "3"}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "method": ""}}, 422, "invalid_request"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"], "seed": False}}, 422, "invalid_request"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"], "method": ""}}, 422, "invalid_request"),
+    ("POST", "/v1/search", {"json": {"description": "ok", "method": ""}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "temperature": True}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": False}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "seed": False}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "surprise": 1}}, 422, "invalid_request"),
     ("POST", "/v1/loras?format=pdf", {"json": {"description": "ok"}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": ["description"]}, 422, "invalid_request"),
@@ -556,6 +567,7 @@ BAD_REQUESTS = [
         "content-type": "multipart/form-data; boundary=x", "authorization": f"Bearer {KEY}"}}, 0, None),
     ("GET", "/v1/nowhere", {}, 404, "not_found"),
     ("PUT", "/v1/loras", {}, 405, "method_not_allowed"),
+    ("OPTIONS", "/v1/experts", {}, 405, "method_not_allowed"),
 ]
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
@@ -31,6 +32,22 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorOut, "description": "Still starting (see /readyz), or the base model is unavailable."},
 }
 Format = Literal["json", "zip", "safetensors"]
+
+
+class LoraId(Convertor[str]):
+    """A LoRA id in a path: any segment but "batch", so that GET /v1/loras/batch is a 405 of the
+    batch route (Allow: POST), as the schema says, rather than a lookup of a LoRA named "batch"."""
+
+    regex = "(?!batch$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("lora_id", LoraId())
 
 
 def lora_out(stored: Stored, cached: bool, timings: dict[str, float]) -> LoraOut:
@@ -128,7 +145,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         results = await service.generate_many(jobs)
         return BatchOut(data=[lora_out(stored[0], False, {"generate_ms": s * 1e3}) for stored, s in results])
 
-    @app.get("/v1/loras/{lora_id}", response_model=LoraOut)
+    @app.get("/v1/loras/{lora_id:lora_id}", response_model=LoraOut)
     async def get_lora(lora_id: str) -> LoraOut:
         return lora_out(service.lookup(lora_id), True, {})
 
