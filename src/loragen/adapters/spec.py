@@ -109,8 +109,8 @@ class LoraSpec:
         unknown = [n for n in theirs if n not in mine]
         if unknown:
             raise SpecError(
-                f"{what} does not match the base model: it targets {', '.join(unknown)}, which the "
-                f"registry does not have (it has {', '.join(mine)})"
+                f"{what} does not match the base model: it targets {', '.join(unknown)}, not among "
+                f"the modules here ({', '.join(mine)})"
             )
         wrong = [f"{n} is {_shape(theirs[n])}, expected {_shape(m)}"
                  for n, m in mine.items() if n in theirs and theirs[n] != m]
