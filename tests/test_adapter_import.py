@@ -259,3 +259,87 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_pa
     assert looks_like_pickle(b"\x80\x04\x95" + b"\x00" * 64, "adapter_model.safetensors")
     assert looks_like_pickle(b"PK\x03\x04" + b"\x00" * 64, "adapter_model.safetensors")
     assert looks_like_pickle(data, "adapter_model.bin")
+
+
+def test_sigkilled_server_keeps_whole_uploads_only(api_world: Path, encoder: TextEncoder, tmp_path: Path) -> None:
+    """`loragen serve` killed with SIGKILL while uploads of subset adapters stream in: every
+    acknowledged expert survives whole (zero ΔW on its absent modules), at most the one in
+    flight is added besides, and the registry opens with its index in step with SQLite."""
+    import os
+    import random
+    import shutil
+    import signal
+    import socket
+    import threading
+    import time
+
+    from loragen.client.types import adapter_upload
+
+    registry = tmp_path / "registry"
+    shutil.copytree(api_world / "registry", registry)
+    reg = Registry.open(registry, encoder=encoder)
+    earlier = {e.name for e in reg.experts()}  # other tests' uploads to the shared world
+    reg.close()
+    base = api_world / "base"
+    spec_qv = spec_from_config(base, targets=SUBSET, rank=4, base_model=str(base))
+    adapter = tmp_path / "qv"
+    loragen_adapter(spec_qv, adapter, seed=14)
+    files = adapter_upload(adapter)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "LORAGEN_HOME": str(tmp_path / "home")}
+    rng = random.Random(5)
+    acknowledged: list[str] = []
+    for rnd in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "loragen.cli", "serve", "--registry", str(registry),
+                                 "--port", str(port), "--log-level", "warning"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+
+            def upload(name: str) -> int:
+                r = httpx.post(f"{url}/v1/experts", data={"name": name, "description": [f"task {name}"]},
+                               files=files, timeout=60)
+                return r.status_code
+
+            for i in range(rng.randrange(2, 5)):
+                name = f"r{rnd}-{i}"
+                assert upload(name) == 201
+                acknowledged.append(name)
+            in_flight = f"r{rnd}-killed"
+            threading.Thread(target=lambda: _swallow(upload, in_flight), daemon=True).start()
+            time.sleep(rng.uniform(0.0, 0.3))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        reg = Registry.open(registry, encoder=encoder)
+        names = {e.name for e in reg.experts()} - earlier
+        assert set(acknowledged) <= names and names - set(acknowledged) <= {in_flight}
+        if in_flight in names:
+            acknowledged.append(in_flight)
+        for e in (e for e in reg.experts() if e.name in names):
+            lora = reg.lora(e)
+            assert e.descriptions == [f"task {e.name}"] and reg.source(e) is not None
+            for m in reg.spec.module_names:
+                assert lora.delta(m).any() == (m in spec_qv.module_names), (e.name, m)
+        assert sorted(reg.index.ids().tolist()) == reg.store.embeddings(reg.dim)[0].tolist()
+        reg.close()
+
+
+def _swallow(fn, *args) -> None:  # type: ignore[no-untyped-def]
+    """Run `fn`; the server being killed under it is expected."""
+    try:
+        fn(*args)
+    except httpx.HTTPError:
+        pass
