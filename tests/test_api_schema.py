@@ -63,6 +63,8 @@ def test_the_schema_refuses_what_the_server_refuses() -> None:
     assert valid("CompletionRequest", {"prompt": "a", "description": None, "lora_id": "lora-1"})
     assert valid("CompletionRequest", {"prompt": "a", "description": "x"})
     assert valid("BatchRequest", {"descriptions": ["a"], "seed": 3})
+    assert not valid("GenerateRequest", {"description": "ok", "examples": [{"input": "a"}]})
+    assert valid("GenerateRequest", {"description": "ok", "examples": [{"input": "a", "output": "b", "note": ""}]})
 
 
 def test_options_and_other_methods_get_405_with_every_allowed_method() -> None:

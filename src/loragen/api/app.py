@@ -122,7 +122,8 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     async def create_lora(body: GenerateRequest, request: Request, format: Format | None = None) -> Any:
         started = time.perf_counter()
         fmt = format or ("zip" if "application/zip" in request.headers.get("accept", "") else "json")
-        job = service.job(body.description, body.method, body.k, body.seed, body.num_samples, body.examples)
+        examples = [e.model_dump() for e in body.examples] if body.examples is not None else None
+        job = service.job(body.description, body.method, body.k, body.seed, body.num_samples, examples)
         if fmt != "json" and job.num_samples > 1:
             raise ApiError(400, "bad_request", "num_samples > 1 returns metadata only; download each of its "
                            "sample_ids from /v1/loras/{id}/adapter")

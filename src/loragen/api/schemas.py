@@ -37,13 +37,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class ExamplePair(BaseModel):
+    """One input/output pair; other keys are ignored, as the generators ignore them."""
+
+    model_config = ConfigDict(strict=True)
+    input: Text
+    output: Text
+
+
 class GenerateRequest(Strict):
     description: Text = Description
     method: str = Method
     k: int | None = Field(default=None, ge=1, le=64, description="Neighbours (retrieval methods).")
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     num_samples: int = Field(default=1, ge=1, le=16)
-    examples: list[dict[str, Text]] | None = Field(
+    examples: list[ExamplePair] | None = Field(
         default=None, max_length=64,
         description="Input/output pairs ({input, output}) the LoRA should reproduce. weighted, icm and sg score "
                     "the description's top experts by how well each explains them and re-weigh (each neighbour's "
