@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,7 @@ def spec_from_config(
     )
 
 
-def _target_order(targets: Any) -> Any:
+def _target_order(targets: Any) -> Callable[[str], tuple[int, str]]:
     """A sort key putting modules in the order the config's `target_modules` names them (how
     loragen writes its spec's order), then by name: the same spec whatever order the tensors came in."""
 
