@@ -480,6 +480,40 @@ def test_write_routes_need_a_key_and_uploads_are_checked(server: str, world: Pat
         ok.experts.delete("uploaded")
 
 
+def test_bad_adapter_configs_get_4xx_that_say_what_is_wrong(server: str, world: Path, tmp_path: Path) -> None:
+    """Each upload is refused with a 4xx JSON error naming the problem, never a server-side path,
+    and nothing is written. A 5,000-level nesting once raised RecursionError (a 500)."""
+    import tempfile
+
+    good = _peft_dir(world, tmp_path)
+    config = json.loads((good / "adapter_config.json").read_text())
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    cases = {
+        "nested": (b'{"r": ' + b"[" * 5000 + b"]" * 5000 + b"}", weights, "nested too deeply"),
+        "nested object": (b'{"a": ' * 5000 + b"1" + b"}" * 5000, weights, "nested too deeply"),
+        "not json": (b'{"r": 4', weights, "not valid JSON"),
+        "long integer": (b'{"r": ' + b"9" * 5000 + b"}", weights, "not valid JSON"),
+        "r as text": (json.dumps({**config, "r": "eight"}).encode(), weights, "'r' must be a positive integer"),
+        "r as bool": (json.dumps({**config, "r": True}).encode(), weights, "'r' must be a positive integer"),
+        "alpha as list": (json.dumps({**config, "lora_alpha": [1]}).encode(), weights, "'lora_alpha' must be"),
+        "wrong rank": (json.dumps({**config, "r": 3}).encode(), weights, "do not have rank r=3"),
+        "dora": (json.dumps({**config, "use_dora": True}).encode(), weights, "DoRA"),
+        "truncated": (json.dumps(config).encode(), weights[:-7], "corrupt or truncated"),
+        "wrong shapes": (json.dumps(config).encode(), _wrong_shapes(good), "does not match the base model"),
+    }
+    with httpx.Client(base_url=server, timeout=60, headers={"authorization": f"Bearer {KEY}"}) as http:
+        before = http.get("/v1/experts", params={"limit": 500}).json()["total"]
+        for what, (config_bytes, weights_bytes, says) in cases.items():
+            r = http.post("/v1/experts", data={"name": f"bad-{what}", "description": ["x"]},
+                          files={"adapter_config": ("adapter_config.json", config_bytes),
+                                 "adapter_model": ("adapter_model.safetensors", weights_bytes)})
+            message = assert_error(r, 400, "bad_request")["message"]
+            assert says in message, (what, message)
+            assert "the uploaded adapter" in message or what == "wrong shapes", (what, message)
+            assert tempfile.gettempdir() not in message and "loragen-upload" not in message, (what, message)
+        assert http.get("/v1/experts", params={"limit": 500}).json()["total"] == before
+
+
 BAD_REQUESTS = [
     ("POST", "/v1/loras", {"json": {}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": ""}}, 422, "invalid_request"),
@@ -489,6 +523,20 @@ BAD_REQUESTS = [
     ("POST", "/v1/loras", {"json": {"description": "ok", "method": "magic"}}, 400, "unknown_method"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "method": "icm"}}, 400, "bad_request"),  # not trained
     ("POST", "/v1/loras", {"json": {"description": "ok", "num_samples": 17}}, 422, "invalid_request"),
+    # No coercion: false is not 0, true is not 1, "3" is not 3 (the schema says integer).
+    ("POST", "/v1/loras", {"json": {"description": "ok", "seed": False}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "k": True}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "seed": "3"}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "method": ""}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "examples": [{"input": "a"}]}}, 422, "invalid_request"),
+    ("POST", "/v1/loras", {"json": {"description": "ok", "examples": [{"x": "a", "y": "b"}]}}, 422,
+     "invalid_request"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"], "seed": False}}, 422, "invalid_request"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"], "method": ""}}, 422, "invalid_request"),
+    ("POST", "/v1/search", {"json": {"description": "ok", "method": ""}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "temperature": True}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": False}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "seed": False}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "surprise": 1}}, 422, "invalid_request"),
     ("POST", "/v1/loras?format=pdf", {"json": {"description": "ok"}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": ["description"]}, 422, "invalid_request"),
@@ -522,6 +570,7 @@ BAD_REQUESTS = [
         "content-type": "multipart/form-data; boundary=x", "authorization": f"Bearer {KEY}"}}, 0, None),
     ("GET", "/v1/nowhere", {}, 404, "not_found"),
     ("PUT", "/v1/loras", {}, 405, "method_not_allowed"),
+    ("OPTIONS", "/v1/experts", {}, 405, "method_not_allowed"),
 ]
 
 
@@ -532,7 +581,9 @@ def test_bad_requests_get_4xx_json_errors(server: str, method: str, path: str, k
 
 
 def test_odd_ids_in_paths_are_404s(server: str) -> None:
-    odd = ["%00", "-1", "0", "%FF", "%F0%9F%98%80", "1.5", "%20", "a%2Fb", "x" * 3000, "9" * 40]
+    # %C2%B9 is "¹" and %D9%A3 an Arabic-Indic 3: digits to str.isdigit(), but not ids.
+    odd = ["%00", "-1", "0", "%FF", "%F0%9F%98%80", "1.5", "%20", "a%2Fb", "x" * 3000, "9" * 40, "9" * 5000,
+           "%C2%B9", "%D9%A3", "%EF%BC%93"]
     with httpx.Client(base_url=server, timeout=30, headers={"authorization": f"Bearer {KEY}"}) as http:
         for key in odd:
             for method, path in (("GET", f"/v1/experts/{key}"), ("DELETE", f"/v1/experts/{key}"),

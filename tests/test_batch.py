@@ -176,6 +176,26 @@ def test_bad_lines_are_recorded_the_rest_proceed_and_the_exit_code_counts_them(w
     assert "the limit is 4000" in errors["long"] and "unknown method 'bogus'" in errors["odd"]
 
 
+def test_reruns_leave_one_record_per_id_and_method(world, tmp_path):
+    """A rerun retries what failed (here an unknown per-item method, which fails again) and the
+    manifest keeps only the latest record of each (id, method), not one more per run."""
+    lines = [*_items(3), "not json", {"id": "no-desc"},
+             {"id": "odd", "description": "sort the letters", "methods": ["nearest", "bogus"]}]
+    config = BatchConfig(input=_write(tmp_path / "in.jsonl", lines), out=tmp_path / "out",
+                         registry=world / "registry", methods=["nearest"], batch_size=2)
+    first = run_batch(config)
+    keys = [(r["id"], r["method"]) for r in _manifest(config.out)]
+    assert len(keys) == len(set(keys)) == 7 and first.exit_code == 3
+    for _ in range(2):
+        again = run_batch(config)
+        assert again.failed_items == first.failed_items and again.skipped == 4 and again.written == 0
+        records = _manifest(config.out)
+        assert [(r["id"], r["method"]) for r in records] == keys  # same pairs, same order
+    by_key = {(r["id"], r["method"]): r for r in records}
+    assert by_key[("odd", "bogus")]["status"] == "error" and by_key[("odd", "nearest")]["status"] == "ok"
+    assert not list(config.out.glob(".manifest.jsonl.*"))  # no temp file left behind
+
+
 def test_an_unknown_method_flag_is_a_one_line_error(world, tmp_path):
     path = _write(tmp_path / "in.jsonl", _items(2))
     res = _cli(str(path), "--out", str(tmp_path / "out"), "--method", "nearest,nope", "--registry", str(world / "registry"))

@@ -105,6 +105,18 @@ def test_add_get_list_remove(reg):
     assert reopened.get(second.id) == second
 
 
+def test_only_ascii_digits_are_ids(reg):
+    """Other Unicode digits pass str.isdigit() but are names: "¹" made int() fail, "٣" read as 3."""
+    for i in range(3):
+        reg.add_expert(f"e{i + 1}", [random_b(reg, i)], [f"task {i}"])
+    assert reg.get("3").name == reg.get(" 3 ").name == reg.get(3).name == "e3"
+    for key in ["¹", "٣", "３", "9" * 5000, str(2**63), "-1"]:
+        with pytest.raises(RegistryError, match="no expert"):
+            reg.get(key)
+    reg.add_expert("٣", [random_b(reg, 9)], ["named with an Arabic-Indic three"])
+    assert reg.get("٣").name == "٣" and reg.get("٣").id == 4
+
+
 @pytest.mark.parametrize(
     "name, descriptions, match",
     [("dup", ["x"], "already exists"), ("new", [], "at least one description"),

@@ -26,6 +26,7 @@ class Projection:
     B: dict[str, torch.Tensor]
     relative_error: float  # ‖ΔW − ΔW'‖ / ‖ΔW‖ over all modules and layers
     module_errors: dict[str, float]
+    absent_modules: tuple[str, ...] = ()  # modules the adapter did not target: their B is zero
 
     @property
     def fidelity(self) -> float:
@@ -59,8 +60,14 @@ class Basis:
         return {m.name: torch.zeros(s.num_layers, m.out_features, s.rank, dtype=dtype) for m in s.modules}
 
     def project(self, lora: Lora) -> Projection:
-        """Express `lora`'s ΔW in this basis; exact when its A rows lie in the basis' span."""
-        self.spec.check_compatible(lora.spec)
+        """Express `lora`'s ΔW in this basis; exact when its A rows lie in the basis' span.
+
+        Modules are matched by name and shape, in any order. An adapter may target a subset of the
+        basis' modules: the others get zero B (no ΔW) and are listed in `absent_modules`. A module
+        or layer count the basis lacks raises `SpecError`.
+        """
+        absent = self.spec.check_compatible(lora.spec, allow_subset=True)
+        lora = lora.on_modules(self.spec)
         B, errors = {}, {}
         lost = total = 0.0
         for m in self.spec.modules:
@@ -83,7 +90,7 @@ class Basis:
             errors[m.name] = math.sqrt(lost_m / energy) if energy > 0 else 0.0
             lost, total = lost + lost_m, total + energy
         rel = math.sqrt(lost / total) if total > 0 else 0.0
-        return Projection(B, rel, errors)
+        return Projection(B, rel, errors, tuple(absent))
 
     @classmethod
     def rebased(cls, spec: LoraSpec, loras: Iterable[Lora], rank: int) -> Basis:

@@ -7,16 +7,17 @@ delta of every layer comes out of one einsum.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from einops import einsum
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from ..errors import LoragenError
@@ -114,8 +115,28 @@ class Lora:
                 (tmp / "loragen.json").write_text(json.dumps(self.metadata, indent=2, default=str))
         return directory
 
+    def on_modules(self, spec: LoraSpec, what: str = "adapter") -> Lora:
+        """This adapter over every module of `spec`, in `spec`'s order, with zero factors (so ΔW = 0)
+        on the modules it does not target; its rank, alpha, rsLoRA setting and base model are kept.
+
+        Raises `SpecError` when its layers, or any module it targets, do not fit `spec`.
+        """
+        spec.check_compatible(self.spec, what, allow_subset=True)
+        full = replace(spec, rank=self.spec.rank, alpha=self.spec.alpha, use_rslora=self.spec.use_rslora,
+                       base_model=self.spec.base_model or spec.base_model)
+        ref = next(iter(self.B.values()))
+        A, B = {}, {}
+        for m in spec.modules:
+            if m.name in self.A:
+                A[m.name], B[m.name] = self.A[m.name], self.B[m.name]
+            else:
+                A[m.name] = ref.new_zeros(spec.num_layers, full.rank, m.in_features)
+                B[m.name] = ref.new_zeros(spec.num_layers, m.out_features, full.rank)
+        return Lora(full, A, B, dict(self.metadata))
+
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Lora:
+        """Read a PEFT adapter directory (safetensors only: a pickle is refused, never loaded)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise AdapterFormatError(f"no adapter directory at {directory}")
@@ -129,19 +150,41 @@ class Lora:
                 )
             raise AdapterFormatError(f"{directory} has no {WEIGHTS_NAME}")
         config = read_config(directory)
+        metadata: dict[str, Any] = {}
+        meta_file = directory / "loragen.json"
+        if meta_file.is_file():
+            try:
+                metadata = json.loads(meta_file.read_text())
+            except (ValueError, RecursionError) as exc:
+                raise AdapterFormatError(f"{meta_file} is not valid JSON") from exc
+            if not isinstance(metadata, dict):
+                raise AdapterFormatError(f"{meta_file} must hold a JSON object")
+        return cls.from_parts(config, weights.read_bytes(), str(directory), metadata)
+
+    @classmethod
+    def from_bytes(cls, config: bytes, weights: bytes, where: str = "the adapter") -> Lora:
+        """An adapter from the bytes of its `adapter_config.json` and `adapter_model.safetensors`.
+
+        Nothing touches the disk, and error messages name `where` (e.g. "the uploaded adapter"),
+        never a file path. Raises `AdapterFormatError` saying what is wrong with the input.
+        """
+        return cls.from_parts(parse_config(config, f"{where}: {CONFIG_NAME}"), weights, where)
+
+    @classmethod
+    def from_parts(cls, config: dict[str, Any], weights: bytes, where: str,
+                   metadata: dict[str, Any] | None = None) -> Lora:
+        """An adapter from its checked config (`parse_config`) and safetensors bytes."""
         try:
-            tensors = load_file(str(weights))
+            tensors = load(weights)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterFormatError(f"{weights} is corrupt or truncated: {exc}") from exc
+            raise AdapterFormatError(f"{where}: {WEIGHTS_NAME} is corrupt or truncated: {exc}") from exc
         try:
             spec, stacked = spec_from_state_dict(tensors, config)
         except SpecError as exc:
-            raise AdapterFormatError(f"{directory}: {exc}") from exc
+            raise AdapterFormatError(f"{where}: {exc}") from exc
         A = {m.name: stacked[f"A:{m.name}"] for m in spec.modules}
         B = {m.name: stacked[f"B:{m.name}"] for m in spec.modules}
-        meta_file = directory / "loragen.json"
-        metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        return cls(spec, A, B, metadata)
+        return cls(spec, A, B, dict(metadata or {}))
 
     def merge_into(self, model: nn.Module) -> MergedLora:
         """Add ΔW to the model's weights in place; the handle's `unmerge()` restores them bitwise."""
@@ -180,24 +223,46 @@ class MergedLora:
 
 
 def read_config(directory: Path) -> dict[str, Any]:
+    """The checked `adapter_config.json` of an adapter directory (see `parse_config`)."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterFormatError(f"{directory} has no {CONFIG_NAME}")
+    return parse_config(path.read_bytes(), str(path))
+
+
+def parse_config(data: bytes, where: str) -> dict[str, Any]:
+    """A PEFT LoRA config from JSON bytes, refused with an `AdapterFormatError` naming `where`
+    when it is not JSON (or nested too deeply to read), not a plain LoRA, or its r/alpha are not
+    positive numbers."""
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from exc
+        config = json.loads(data)
+    except RecursionError:
+        raise AdapterFormatError(f"{where} is nested too deeply to be an adapter config") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to read
+        raise AdapterFormatError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type must be LORA")
+        raise AdapterFormatError(f"{where}: peft_type must be LORA")
     if config.get("use_dora"):
-        raise AdapterFormatError(f"{path}: DoRA adapters are not supported")
+        raise AdapterFormatError(f"{where}: DoRA adapters are not supported")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise AdapterFormatError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
+        raise AdapterFormatError(f"{where}: per-module rank_pattern/alpha_pattern is not supported")
     if config.get("modules_to_save"):
-        raise AdapterFormatError(f"{path}: modules_to_save cannot be represented as a LoRA")
+        raise AdapterFormatError(f"{where}: modules_to_save cannot be represented as a LoRA")
     if "r" not in config:
-        raise AdapterFormatError(f"{path}: missing 'r'")
+        raise AdapterFormatError(f"{where}: missing 'r'")
+    r, alpha = config["r"], config.get("lora_alpha", 1)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterFormatError(f"{where}: 'r' must be a positive integer, not {_what(r)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterFormatError(f"{where}: 'lora_alpha' must be a finite number, not {_what(alpha)}")
     return config
+
+
+def _what(value: Any) -> str:
+    """A short description of a bad config value (never its whole, possibly huge, contents)."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return json.dumps(value)[:40]
+    return f"a JSON {type(value).__name__.replace('dict', 'object').replace('list', 'array')}"
 
 
 def resolve_modules(model: nn.Module, spec: LoraSpec) -> dict[str, nn.Module]:

@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -91,16 +93,34 @@ class LoraSpec:
         """Everything that must agree for two specs' tensors to be interchangeable."""
         return (self.layer_prefix, self.num_layers, self.modules)
 
-    def check_compatible(self, other: LoraSpec, what: str = "adapter") -> None:
-        if self.shape_key() == other.shape_key():
-            return
-        mine = {m.name: (m.in_features, m.out_features) for m in self.modules}
-        theirs = {m.name: (m.in_features, m.out_features) for m in other.modules}
-        raise SpecError(
-            f"{what} does not match the base model: it has {other.num_layers} layers under "
-            f"{other.layer_prefix!r} with modules {theirs}; expected {self.num_layers} layers under "
-            f"{self.layer_prefix!r} with modules {mine}"
-        )
+    def check_compatible(self, other: LoraSpec, what: str = "adapter", *, allow_subset: bool = False) -> list[str]:
+        """Refuse `other` unless its tensors fit this spec's: the same layer stack, and each of its
+        modules present here by name with the same shape (the order of modules never matters).
+
+        Returns this spec's modules that `other` lacks, in this spec's order; unless
+        `allow_subset`, lacking any is refused too. Raises `SpecError` naming what differs.
+        """
+        if (other.layer_prefix, other.num_layers) != (self.layer_prefix, self.num_layers):
+            raise SpecError(
+                f"{what} does not match the base model: it has {other.num_layers} layers under "
+                f"{other.layer_prefix!r}; expected {self.num_layers} layers under {self.layer_prefix!r}"
+            )
+        mine = {m.name: m for m in self.modules}
+        theirs = {m.name: m for m in other.modules}
+        unknown = [n for n in theirs if n not in mine]
+        if unknown:
+            raise SpecError(
+                f"{what} does not match the base model: it targets {', '.join(unknown)}, not among "
+                f"the modules here ({', '.join(mine)})"
+            )
+        wrong = [f"{n} is {_shape(theirs[n])}, expected {_shape(m)}"
+                 for n, m in mine.items() if n in theirs and theirs[n] != m]
+        if wrong:
+            raise SpecError(f"{what} does not match the base model: {'; '.join(wrong)}")
+        absent = [n for n in mine if n not in theirs]
+        if absent and not allow_subset:
+            raise SpecError(f"{what} does not match the base model: it lacks {', '.join(absent)}")
+        return absent
 
     def fingerprint(self) -> str:
         blob = json.dumps([self.layer_prefix, self.num_layers, [asdict(m) for m in self.modules]])
@@ -116,6 +136,11 @@ class LoraSpec:
         d = dict(d)
         d["modules"] = tuple(ModuleSpec(**m) for m in d["modules"])
         return cls(**d)
+
+
+def _shape(m: ModuleSpec) -> str:
+    kind = ", Conv1D" if m.conv1d else ""
+    return f"({m.in_features} -> {m.out_features}{kind})"
 
 
 def load_config(config: Any) -> Any:
@@ -220,6 +245,22 @@ def spec_from_config(
     )
 
 
+def _target_order(targets: Any) -> Callable[[str], tuple[int, str]]:
+    """A sort key putting modules in the order the config's `target_modules` names them (how
+    loragen writes its spec's order), then by name: the same spec whatever order the tensors came in."""
+
+    def key(rel: str) -> tuple[int, str]:
+        if isinstance(targets, list):
+            for i, t in enumerate(targets):
+                if isinstance(t, str) and (rel == t or rel.endswith("." + t)):
+                    return i, rel
+        elif isinstance(targets, str) and (pos := targets.find(re.escape(rel))) >= 0:
+            return pos, rel
+        return sys.maxsize, rel
+
+    return key
+
+
 def spec_from_state_dict(
     tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
@@ -245,7 +286,7 @@ def spec_from_state_dict(
         raise SpecError("the adapter holds no LoRA tensors")
     rank = int(config["r"])
     conv1d = bool(config.get("fan_in_fan_out", False))
-    rels = list(dict.fromkeys(rel for rel, _ in pairs))
+    rels = sorted(dict.fromkeys(rel for rel, _ in pairs), key=_target_order(config.get("target_modules")))
     num_layers = 1 + max(layer for _, layer in pairs)
     modules, stacked = [], {}
     for rel in rels:

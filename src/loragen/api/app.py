@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
@@ -20,7 +21,7 @@ from .errors import ApiError
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
 from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
-                      CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, LoraOut, ModelCard,
+                      CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, ImportedExpertOut, LoraOut, ModelCard,
                       ModelList, ReadyOut, SearchOut, SearchRequest, Usage, valid_unicode)
 from .service import Service, Stored
 from .settings import ApiSettings
@@ -31,6 +32,22 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorOut, "description": "Still starting (see /readyz), or the base model is unavailable."},
 }
 Format = Literal["json", "zip", "safetensors"]
+
+
+class LoraId(Convertor[str]):
+    """A LoRA id in a path: any segment but "batch", so that GET /v1/loras/batch is a 405 of the
+    batch route (Allow: POST), as the schema says, rather than a lookup of a LoRA named "batch"."""
+
+    regex = "(?!batch$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("lora_id", LoraId())
 
 
 def lora_out(stored: Stored, cached: bool, timings: dict[str, float]) -> LoraOut:
@@ -105,7 +122,8 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     async def create_lora(body: GenerateRequest, request: Request, format: Format | None = None) -> Any:
         started = time.perf_counter()
         fmt = format or ("zip" if "application/zip" in request.headers.get("accept", "") else "json")
-        job = service.job(body.description, body.method, body.k, body.seed, body.num_samples, body.examples)
+        examples = [e.model_dump() for e in body.examples] if body.examples is not None else None
+        job = service.job(body.description, body.method, body.k, body.seed, body.num_samples, examples)
         if fmt != "json" and job.num_samples > 1:
             raise ApiError(400, "bad_request", "num_samples > 1 returns metadata only; download each of its "
                            "sample_ids from /v1/loras/{id}/adapter")
@@ -128,7 +146,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         results = await service.generate_many(jobs)
         return BatchOut(data=[lora_out(stored[0], False, {"generate_ms": s * 1e3}) for stored, s in results])
 
-    @app.get("/v1/loras/{lora_id}", response_model=LoraOut)
+    @app.get("/v1/loras/{lora_id:lora_id}", response_model=LoraOut)
     async def get_lora(lora_id: str) -> LoraOut:
         return lora_out(service.lookup(lora_id), True, {})
 
@@ -159,7 +177,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     async def delete_expert(key: str) -> dict[str, Any]:
         return await service.in_engine(experts.remove, service, key)
 
-    @app.post("/v1/experts", response_model=ExpertOut, status_code=201, dependencies=writes)
+    @app.post("/v1/experts", response_model=ImportedExpertOut, status_code=201, dependencies=writes)
     async def add_expert(
         name: Annotated[str, Form(min_length=1, max_length=200)],
         description: Annotated[list[str], Form(min_length=1, max_length=64)],

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from ..errors import LoragenError
 
@@ -49,6 +50,17 @@ def describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
     return 422, "invalid_request", "; ".join(messages) + more
 
 
+def allowed_methods(request: Request) -> str:
+    """The `Allow` header of a 405: every method some route serves at the request's path (the
+    router names only the first matching route's, e.g. GET where GET and POST are served)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -61,11 +73,14 @@ def install(app: FastAPI) -> None:
     async def on_loragen(_: Request, exc: Exception) -> JSONResponse:
         return error_response(400, "bad_request", str(exc))
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "error"), message,
-                              dict(exc.headers) if exc.headers else None)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+            message = f"{request.method} is not allowed here; use {headers['Allow']}"
+        return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "error"), message, headers or None)
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)

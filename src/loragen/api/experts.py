@@ -43,7 +43,10 @@ def remove(service: Service, key: str) -> dict[str, Any]:
 
 def add(service: Service, name: str, descriptions: list[str], tags: list[str], config: bytes, weights: bytes,
         weights_name: str | None) -> dict[str, Any]:
-    """Import an uploaded PEFT LoRA; every check runs before the registry writes anything."""
+    """Import an uploaded PEFT LoRA; every check runs before the registry writes anything.
+
+    The adapter may target a subset of the registry's modules; the answer lists the others
+    (imported with zero ΔW) in `absent_modules`."""
     reg = service.reg
     name = name.strip()
     if any(e.name == name for e in reg.experts()):
@@ -56,4 +59,5 @@ def add(service: Service, name: str, descriptions: list[str], tags: list[str], c
     service.changed()
     out = expert_out(expert)
     out["fidelity"] = projection.fidelity
+    out["absent_modules"] = list(projection.absent_modules)
     return out

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import zipfile
-from pathlib import Path
 
 from safetensors.torch import save
 
@@ -33,26 +31,33 @@ def adapter_zip(lora: Lora) -> bytes:
     return buffer.getvalue()
 
 
+def looks_like_safetensors(data: bytes) -> bool:
+    """A u64 little-endian header length that fits the data, then a JSON object."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 10 else 0
+    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
+
+
 def looks_like_pickle(data: bytes, filename: str | None) -> bool:
-    # Pickles start with the PROTO opcode 0x80; torch.save writes a zip archive ("PK").
-    return (filename or "").lower().endswith(PICKLE_SUFFIXES) or data[:1] == b"\x80" or data[:2] == b"PK"
+    """A pickle's name, or its bytes: the PROTO opcode 0x80, or torch.save's zip ("PK"). A header
+    length's low byte can be 0x80 too, so bytes shaped like safetensors are never taken for one."""
+    if (filename or "").lower().endswith(PICKLE_SUFFIXES):
+        return True
+    return not looks_like_safetensors(data) and (data[:1] == b"\x80" or data[:2] == b"PK")
 
 
 def read_upload(config: bytes, weights: bytes, weights_name: str | None) -> Lora:
-    """A `Lora` from uploaded `adapter_config.json` and `adapter_model.safetensors` bytes."""
+    """A `Lora` from uploaded `adapter_config.json` and `adapter_model.safetensors` bytes.
+
+    Read in memory: errors say what is wrong with the upload, never where the server keeps it.
+    """
     if looks_like_pickle(weights, weights_name):
         raise AdapterFormatError("the uploaded weights are a pickle, which can run code when loaded; "
                                  f"upload {WEIGHTS_NAME} (convert with safetensors)")
-    # A safetensors file starts with the u64 length of its JSON header.
-    if len(weights) < 10 or weights[8:9] != b"{":
+    if not looks_like_safetensors(weights):
         raise AdapterFormatError(f"the uploaded weights are not a safetensors file; upload {WEIGHTS_NAME}")
-    with tempfile.TemporaryDirectory(prefix="loragen-upload-") as tmp:
-        directory = Path(tmp)
-        (directory / CONFIG_NAME).write_bytes(config)
-        (directory / WEIGHTS_NAME).write_bytes(weights)
-        try:
-            return Lora.from_pretrained(directory)
-        except LoragenError:
-            raise
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # e.g. "r": "eight"
-            raise AdapterFormatError(f"the uploaded adapter is malformed: {exc!r}") from exc
+    try:
+        return Lora.from_bytes(config, weights, "the uploaded adapter")
+    except LoragenError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:  # e.g. "base_model_name_or_path": {}
+        raise AdapterFormatError(f"the uploaded adapter is malformed: {exc}") from exc

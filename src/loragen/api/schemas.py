@@ -26,17 +26,32 @@ Text = Annotated[str, AfterValidator(valid_unicode)]
 Description = Field(min_length=1, max_length=MAX_DESCRIPTION, description="What the LoRA should make the model do.")
 
 
+Method = Field(default="weighted", min_length=1, max_length=64,
+               description="nearest, weighted, topk, uniform, or a trained learned method (icm, sg).")
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are refused, and so is every type coercion (`"seed": false`
+    is not 0, `"k": "2"` is not 2), so the body is valid exactly when its JSON schema says so."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ExamplePair(BaseModel):
+    """One input/output pair; other keys are ignored, as the generators ignore them."""
+
+    model_config = ConfigDict(strict=True)
+    input: Text
+    output: Text
 
 
 class GenerateRequest(Strict):
     description: Text = Description
-    method: str = "weighted"
+    method: str = Method
     k: int | None = Field(default=None, ge=1, le=64, description="Neighbours (retrieval methods).")
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     num_samples: int = Field(default=1, ge=1, le=16)
-    examples: list[dict[str, Text]] | None = Field(
+    examples: list[ExamplePair] | None = Field(
         default=None, max_length=64,
         description="Input/output pairs ({input, output}) the LoRA should reproduce. weighted, icm and sg score "
                     "the description's top experts by how well each explains them and re-weigh (each neighbour's "
@@ -44,34 +59,34 @@ class GenerateRequest(Strict):
 
 
 class BatchRequest(Strict):
-    descriptions: list[Text] = Field(min_length=1, max_length=MAX_BATCH)
-    method: str = "weighted"
+    descriptions: list[Annotated[Text, Field(min_length=1, max_length=MAX_DESCRIPTION)]] = Field(
+        min_length=1, max_length=MAX_BATCH)
+    method: str = Method
     k: int | None = Field(default=None, ge=1, le=64)
     seed: int | None = Field(default=None, ge=0, lt=2**31)
-
-    @model_validator(mode="after")
-    def _lengths(self) -> BatchRequest:
-        for i, d in enumerate(self.descriptions):
-            if not 1 <= len(d) <= MAX_DESCRIPTION:
-                raise ValueError(f"descriptions[{i}] must have 1 to {MAX_DESCRIPTION} characters, not {len(d)}")
-        return self
 
 
 class SearchRequest(Strict):
     description: Text = Description
     k: int = Field(default=4, ge=1, le=100)
-    method: str | None = Field(default=None, description="Rank as this generation method does (icm and sg "
+    method: str | None = Field(default=None, min_length=1, max_length=64, description="Rank as this generation method does (icm and sg "
                                "score in their learned description space); omitted: the registry's own similarity.")
 
 
 class CompletionRequest(Strict):
+    # Both a description and a lora_id are refused; the schema says so too.
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["description", "lora_id"],
+        "properties": {"description": {"type": "string"}, "lora_id": {"type": "string"}}}})
+
     model: str | None = Field(default=None, min_length=1, max_length=1024, description=(
         "As in OpenAI's and vLLM's completions: the base model's id (no LoRA) or a LoRA's id, as "
         "GET /v1/models lists them. A LoRA here is the same as lora_id."))
     prompt: Text = Field(min_length=1, max_length=MAX_DESCRIPTION)
     description: Text | None = Field(default=None, min_length=1, max_length=MAX_DESCRIPTION)
-    lora_id: str | None = Field(default=None, min_length=1, max_length=128)
-    method: str = "weighted"
+    lora_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                description="A generated LoRA's id; not together with a description.")
+    method: str = Method
     max_tokens: int = Field(default=32, ge=1, le=256)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0,
                                description=f"0 (or below {MIN_TEMPERATURE}) decodes greedily.")
@@ -166,6 +181,11 @@ class ExpertOut(BaseModel):
     tags: list[str]
     metrics: dict[str, Any]
     fidelity: float | None
+
+
+class ImportedExpertOut(ExpertOut):
+    absent_modules: list[str] = Field(
+        description="The registry's modules the uploaded adapter does not target: imported with zero ΔW.")
 
 
 class ExpertList(BaseModel):

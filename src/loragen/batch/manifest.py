@@ -2,7 +2,8 @@
 
 Each append is one write followed by flush and fsync, so an interrupted run leaves every finished
 chunk on disk. A torn last line (a kill in the middle of a write) is ignored when read, and the
-next append starts on a fresh line. When a pair has several records, the last one wins.
+next append starts on a fresh line. When a pair has several records (a retried failure), the last
+one wins, and `compact()` rewrites the file atomically with that one record per pair.
 
 Records: `id`, `method` (None for a line that could not be read), `status` (`ok` | `error`),
 `path` (the adapter directory, relative to the manifest's folder), `neighbours`, `ood`,
@@ -20,6 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..adapters import atomic
+
 log = logging.getLogger(__name__)
 NAME = "manifest.jsonl"
 Key = tuple[str, str | None]
@@ -30,6 +33,7 @@ class Manifest:
         self.path = Path(path)
         self.latest: dict[Key, dict[str, Any]] = {}
         self._needs_newline = False
+        self._stale_lines = 0  # superseded records and torn lines that compact() drops
         if self.path.is_file():
             self._load()
 
@@ -44,7 +48,9 @@ class Manifest:
             except (ValueError, KeyError, TypeError):
                 torn += 1
                 continue
+            self._stale_lines += key in self.latest
             self.latest[key] = record
+        self._stale_lines += torn
         if torn:
             log.warning("%s: ignored %d unreadable line(s) (an interrupted write)", self.path, torn)
 
@@ -73,4 +79,17 @@ class Manifest:
             os.fsync(f.fileno())
         self._needs_newline = False
         for r in records:
-            self.latest[(str(r["id"]), r.get("method"))] = r
+            key = (str(r["id"]), r.get("method"))
+            self._stale_lines += key in self.latest
+            self.latest[key] = r
+
+    def compact(self) -> bool:
+        """Rewrite the file with one record per (id, method), the latest, in first-seen order, when
+        it holds superseded records or torn lines; returns whether it did. The new file replaces
+        the old in one rename, so a kill leaves one or the other, never a mix."""
+        if not self._stale_lines:
+            return False
+        text = "".join(json.dumps(r, default=str) + "\n" for r in self.latest.values())
+        atomic.write_bytes(self.path, text.encode("utf-8"))
+        self._stale_lines, self._needs_newline = 0, False
+        return True

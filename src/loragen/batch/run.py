@@ -3,13 +3,15 @@ chunk, append each chunk's records to the manifest, and optionally evaluate.
 
 Ctrl-C between or during chunks leaves the manifest with every finished chunk and no adapter
 directory half-written (adapters are renamed into place whole); a re-run picks up from there.
+A re-run retries what failed and leaves the manifest with one record per (id, method).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,15 @@ def _record_input_errors(manifest: Manifest, errors: list[ItemError]) -> None:
     manifest.append(fresh)
 
 
+@contextmanager
+def _compacting(manifest: Manifest) -> Iterator[None]:
+    """On the way out, even on Ctrl-C, drop the records that retries superseded."""
+    try:
+        yield
+    finally:
+        manifest.compact()
+
+
 def run_batch(config: BatchConfig, *, after_chunk: Callable[[int], None] | None = None) -> BatchSummary:
     """Generate every (item, method) adapter not done yet. `after_chunk(i)` runs once chunk i is
     in the manifest (progress hooks; tests use it to interrupt)."""
@@ -109,7 +120,7 @@ def run_batch(config: BatchConfig, *, after_chunk: Callable[[int], None] | None 
         by_item.setdefault(item.id, []).append(Job(item, m))
     chunks = list(by_item.values())
     written = 0
-    with tqdm(total=len(todo), desc="generate", unit="lora", dynamic_ncols=True) as bar:
+    with tqdm(total=len(todo), desc="generate", unit="lora", dynamic_ncols=True) as bar, _compacting(manifest):
         for n, start in enumerate(range(0, len(chunks), config.batch_size)):
             jobs = [j for per_item in chunks[start:start + config.batch_size] for j in per_item]
             records = []

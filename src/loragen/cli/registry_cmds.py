@@ -28,11 +28,13 @@ def _open(registry: Path | None):  # type: ignore[no-untyped-def]
     return Registry.open(_dir(registry))
 
 
-def _report(name: str, fidelity: float | None, rank: int) -> None:
+def _report(name: str, fidelity: float | None, rank: int, absent: tuple[str, ...] = ()) -> None:
+    """One line per imported adapter: its fidelity and the registry's modules it does not target."""
     if fidelity is None:
         print(f"added {name}")
         return
-    print(f"added {name}: fidelity {fidelity:.3f}")
+    note = f"; absent modules (zero ΔW): {', '.join(absent)}" if absent else ""
+    print(f"added {name}: fidelity {fidelity:.3f}{note}")
     if fidelity < LOW_FIDELITY:
         print(
             f"warning: {name} keeps only {fidelity:.0%} of its ΔW in the registry basis; "
@@ -79,7 +81,7 @@ def add(
     reg = _open(registry)
     lora = Lora.from_pretrained(adapter_dir)
     expert, proj = reg.import_adapter(lora, name or adapter_dir.resolve().name, description, tags=tag)
-    _report(expert.name, proj.fidelity, reg.spec.rank)
+    _report(expert.name, proj.fidelity, reg.spec.rank, proj.absent_modules)
 
 
 def _manifest(directory: Path) -> list[tuple[Path, str, list[str], list[str]]]:
@@ -125,7 +127,7 @@ def import_(directory: Path, registry: RegistryOpt = None) -> None:
             expert, proj = reg.import_adapter(Lora.from_pretrained(path), name, descs, tags=tags)
         except LoragenError as exc:
             raise RegistryError(f"import stopped at {name} ({path}): {exc}") from exc
-        _report(expert.name, proj.fidelity, reg.spec.rank)
+        _report(expert.name, proj.fidelity, reg.spec.rank, proj.absent_modules)
         sys.stdout.flush()
     print(f"imported {len(items)} adapters")
 

@@ -158,6 +158,7 @@ class Expert:
     tags: list[str]
     metrics: dict[str, Any]
     fidelity: float | None
+    absent_modules: list[str] | None = None  # on upload: modules the adapter does not target (zero ΔW)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Expert:

@@ -197,11 +197,19 @@ class Registry:
         return [self._expert(row) for row in self.store.experts()]
 
     def get(self, key: int | str | Expert) -> Expert:
+        """An expert by id (an int, or a string of ASCII digits) or else by name.
+
+        Other Unicode digits ("¹", Arabic-Indic "٣") are names, never ids. Raises `RegistryError`
+        when there is no such expert (an id past SQLite's 64-bit integers included).
+        """
         if isinstance(key, Expert):
             key = key.id
         rows = []
-        if isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit()):
-            rows = self.store.experts(id=int(key))
+        text = key.strip() if isinstance(key, str) else ""
+        if isinstance(key, int) or (text.isascii() and text.isdigit()):
+            # Past 19 digits a number cannot be a SQLite id (and int() of thousands is refused).
+            number = key if isinstance(key, int) else int(text) if len(text) <= 19 else -1
+            rows = self.store.experts(id=number) if -2**63 <= number < 2**63 else []
         if not rows and isinstance(key, str):
             rows = self.store.experts(name=key.strip())
         if not rows:
@@ -342,12 +350,21 @@ class Registry:
 
     def import_adapter(self, lora: Lora, name: str, descriptions: list[str], *,
                        tags: list[str] | None = None) -> tuple[Expert, Projection]:
-        """Project a foreign adapter onto the basis; its original factors are kept for rebases."""
-        self._validate(name, descriptions)
-        self._check_spec(lora, name)
+        """Project a foreign adapter onto the basis; its original factors are kept for rebases.
+
+        Modules are matched by name and shape, in any order. An adapter that targets a subset of
+        the registry's modules imports with zero ΔW on the others, which the projection lists in
+        `absent_modules`. A module, shape or layer count the registry lacks raises a
+        `RegistryError` naming it. Every check runs before anything is written.
+        """
+        name, _ = self._validate(name, descriptions)
+        try:
+            full = lora.on_modules(self.spec, what=f"adapter {name!r}")
+        except SpecError as exc:
+            raise RegistryError(str(exc)) from exc
         projection = self.basis.project(lora)
         expert = self.add_expert(name, [projection.B], descriptions, tags=tags,
-                                 fidelity=projection.fidelity, source=lora)
+                                 fidelity=projection.fidelity, source=full)
         return expert, projection
 
     # ---------------------------------------------------------------- removing
