@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def world():
-    from loragen.training.demo import build_demo
+    from loragen.demo.world import build_demo
 
     return build_demo(Settings().home)
 
@@ -29,7 +29,7 @@ def cli(*args, env_extra=None):
 
 def test_build_is_idempotent_and_keeps_unseen_paraphrases_out(world):
     from loragen.registry import Registry
-    from loragen.training.demo import build_demo
+    from loragen.demo.world import build_demo
     from loragen.training.tasks import read_tasks
 
     stamp = world.manifest.stat().st_mtime

@@ -174,7 +174,7 @@ class Service:
     def _open(self) -> None:
         path = self.settings.registry
         if path is None:
-            from ..training.demo import build_demo
+            from ..demo.world import build_demo
 
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators

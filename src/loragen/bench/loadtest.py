@@ -29,14 +29,10 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from ..demo import sets
+
 # Phrasings of the demo world's kind of task; a per-request suffix makes every description unique.
-PHRASES = (
-    "reverse the input string", "write the letters in reverse order", "shift every letter forward by one",
-    "replace each letter by its mirror in the alphabet", "swap each pair of neighbouring characters",
-    "double every letter", "move the first character to the end", "hide the vowels behind a star",
-    "remove all the vowels", "sort the characters alphabetically", "repeat the input twice",
-    "drop the first character", "keep every other character", "swap the first and last letters",
-)
+PHRASES = sets.texts("load_phrases")
 PROMPTS = ("abcde", "hello", "string", "loragen", "qwerty", "python")
 CASE_NAMES = ("loras-json", "loras-zip", "completions")
 REQUEST_TIMEOUT_S = 60.0

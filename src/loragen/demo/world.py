@@ -1,7 +1,7 @@
 """The demo world (DESIGN §6), built offline by loragen itself and cached under `$LORAGEN_HOME/demo`.
 
 1. A character tokenizer and a small Llama made from a transformers config, pre-trained on copying.
-2. The string-transformation tasks of `demo_tasks`, written as a task file.
+2. The string-transformation tasks of `tasks`, written as a task file.
 3. A registry over the base model, one expert per task trained in its shared basis, registered with
    every description but the unseen paraphrase.
 The world is built in a temp directory and renamed into place, so it is complete or absent.
@@ -28,10 +28,10 @@ from ..generator.description_encoder import DescriptionEncoder
 from ..generator.description_head import DescriptionHead
 from ..generator.task_vector import TaskVectors
 from ..registry import Registry
-from .causal import train_causal_experts
-from .demo_tasks import demo_tasks, random_word
-from .experts import ExpertConfig
-from .tasks import Task, read_tasks, write_tasks
+from ..training.causal import train_causal_experts
+from ..training.experts import ExpertConfig
+from ..training.tasks import Task, read_tasks, write_tasks
+from .tasks import demo_tasks, random_word
 
 DEMO_VERSION = 16  # 14 was the direction-word grammar, never on main
 SEPARATOR = "="
