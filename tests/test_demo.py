@@ -76,7 +76,7 @@ def test_generate_nearest_loads_in_peft_and_reverses(world, tmp_path):
 
 
 def test_examples_correct_a_misread_description(world, tmp_path):
-    """A terse description sg misreads as sort (build v16); three caesar_back_1 pairs move the weight."""
+    """A terse description sg misreads as sort on the demo world; three caesar_back_1 pairs move the weight."""
     description = "alphabetical predecessor"
     args = ["generate", description, "--method", "sg", "--generator", str(world.generators / "sg"), "--seed", "0",
             "--registry", str(world.registry)]

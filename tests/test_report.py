@@ -143,7 +143,7 @@ def test_demo_ambiguous_counts_split_failures_by_the_flag():
     assert markdown_table(report).splitlines()[-1] == "- sg: blind 2 ambiguous (1 failing), 3 not (1 failing)"
 
 
-def test_blind_shares_are_reported_per_writer_batch():
+def test_blind_shares_are_reported_per_batch():
     from loragen.bench.demo_eval import blind_batch_shares, markdown_table
     from loragen.demo import sets
 

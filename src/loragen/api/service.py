@@ -165,8 +165,8 @@ class Service:
                     return  # nothing else can load without it
                 continue
             self.readiness.done(component)
-        # Torch, transformers and the models are ~500k long-lived objects; a full collection walks
-        # them all (~0.2 s on a 2-core CPU, stalling every request). Freezing them keeps the
+        # Torch, transformers and the models are hundreds of thousands of long-lived objects; a full
+        # collection walks them all, stalling every request meanwhile. Freezing them keeps the
         # collector to what requests allocate.
         gc.collect()
         gc.freeze()
