@@ -29,10 +29,10 @@ from typing import Any
 
 from ..adapters import Lora
 from ..basemodel import BaseModel
-from ..generator import RetrievalGenerator, load_generator
-from ..registry import Registry
 from ..demo import sets
 from ..demo.world import HELD_OUT, DemoWorld
+from ..generator import RetrievalGenerator, load_generator
+from ..registry import Registry
 from ..training.metrics import exact_match
 from ..training.tasks import Task, read_tasks
 
