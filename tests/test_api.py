@@ -44,7 +44,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Pat
     """A tiny random Llama with the demo tokenizer, and a registry of random experts over it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loragen.training.demo import build_tokenizer
+    from loragen.demo.world import build_tokenizer
 
     root = tmp_path_factory.mktemp("api-world")
     tok = build_tokenizer(root / "base")

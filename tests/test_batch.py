@@ -37,7 +37,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).pa
 def _base_model(directory: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loragen.training.demo import build_tokenizer
+    from loragen.demo.world import build_tokenizer
 
     tok = build_tokenizer(directory)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from conftest import TINY_CONFIGS
 from loragen.adapters import spec_from_config
 from loragen.adapters.known_configs import KNOWN_CONFIGS, resolve_model_config
 from loragen.adapters.spec import SpecError
-from loragen.generator.bench import BenchError, build_generator, fused_decode, naive_decode, parse_batches
+from loragen.bench.decode import BenchError, build_generator, fused_decode, naive_decode, parse_batches
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -114,7 +114,7 @@ def test_compiled_decode_matches_eager(tmp_path):
 
 def test_a_compiler_failure_is_reported_not_fatal(monkeypatch):
     from loragen.cli.bench_cmds import table
-    from loragen.generator import bench
+    from loragen.bench import decode as bench
 
     def broken(*args, **kwargs):
         def fail(text):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def world():
-    from loragen.training.demo import build_demo
+    from loragen.demo.world import build_demo
 
     return build_demo(Settings().home)
 
@@ -29,7 +29,7 @@ def cli(*args, env_extra=None):
 
 def test_build_is_idempotent_and_keeps_unseen_paraphrases_out(world):
     from loragen.registry import Registry
-    from loragen.training.demo import build_demo
+    from loragen.demo.world import build_demo
     from loragen.training.tasks import read_tasks
 
     stamp = world.manifest.stat().st_mtime
@@ -76,7 +76,7 @@ def test_generate_nearest_loads_in_peft_and_reverses(world, tmp_path):
 
 
 def test_examples_correct_a_misread_description(world, tmp_path):
-    """A terse description sg misreads as sort (build v16); three caesar_back_1 pairs move the weight."""
+    """A terse description sg misreads as sort on the demo world; three caesar_back_1 pairs move the weight."""
     description = "alphabetical predecessor"
     args = ["generate", description, "--method", "sg", "--generator", str(world.generators / "sg"), "--seed", "0",
             "--registry", str(world.registry)]

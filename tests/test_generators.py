@@ -695,7 +695,7 @@ def test_the_ood_threshold_is_calibrated_in_the_generators_own_space(trained):
     assert gen.safety.ood_threshold == pytest.approx(expected, abs=1e-6)
     assert calibrate_ood(desc, col) == pytest.approx(expected, abs=1e-6)
     assert calibrate_ood(desc[col == 0], col[col == 0]) == -1.0  # one expert: nothing to compare, never flag
-    # In the head's space, not the raw embedding's (which is what v10 compared against by mistake).
+    # In the head's space, not the raw embedding's, which is not the space the generator searches.
     raw = gen.registry.store.embeddings(gen.registry.dim)[2]
     assert calibrate_ood(torch.from_numpy(raw / np.linalg.norm(raw, axis=1, keepdims=True)), col) != pytest.approx(
         gen.safety.ood_threshold, abs=1e-3)

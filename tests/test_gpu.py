@@ -10,7 +10,7 @@ from test_generators import TRAIN, _examples, _registry, icm_world  # noqa: F401
 
 from loragen.adapters import spec_from_config
 from loragen.generator import LearnedGenerator, train_generator
-from loragen.generator.bench import build_generator, fused_decode, naive_decode
+from loragen.bench.decode import build_generator, fused_decode, naive_decode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DESCRIPTIONS = ["reverse the string", "sort the letters", "remove every vowel", "count the characters"]

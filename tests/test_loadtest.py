@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from test_api import server, world  # noqa: F401 (the tiny world and its uvicorn server)
 
-from loragen.client.loadtest import cases, parse_levels
+from loragen.bench.loadtest import cases, parse_levels
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -106,7 +106,7 @@ def test_rows_without_split_or_group(tmp_path):
 
 
 def test_oracle_share_interval_pairs_each_description_with_its_task_s_oracle():
-    from loragen.evaluation.demo_eval import oracle_share_interval
+    from loragen.bench.demo_eval import oracle_share_interval
 
     oracle = [{"method": "oracle", "split": "unseen", "task": f"t{i}", "exact_match": 0.8} for i in range(15)]
     right = [{"method": "sg", "split": "unseen", "task": f"t{i}", "exact_match": 0.8} for i in range(15)]
@@ -120,7 +120,7 @@ def test_oracle_share_interval_pairs_each_description_with_its_task_s_oracle():
 
 
 def test_demo_table_shows_each_share_with_its_interval():
-    from loragen.evaluation.demo_eval import markdown_table
+    from loragen.bench.demo_eval import markdown_table
 
     report = {"table": {"sg": {"unseen": 0.885, "dev": 0.795}, "oracle": {"unseen": 0.949, "dev": 0.953}},
               "oracle_share_90": {"sg": {"unseen": [0.80, 1.0], "dev": None}}}
@@ -130,7 +130,7 @@ def test_demo_table_shows_each_share_with_its_interval():
 
 
 def test_demo_ambiguous_counts_split_failures_by_the_flag():
-    from loragen.evaluation.demo_eval import ambiguous_counts, markdown_table
+    from loragen.bench.demo_eval import ambiguous_counts, markdown_table
 
     row = lambda m, task, em, amb, split="blind": {"method": m, "split": split, "task": task,  # noqa: E731
                                                  "exact_match": em, "ambiguous": amb}
@@ -143,12 +143,13 @@ def test_demo_ambiguous_counts_split_failures_by_the_flag():
     assert markdown_table(report).splitlines()[-1] == "- sg: blind 2 ambiguous (1 failing), 3 not (1 failing)"
 
 
-def test_blind_shares_are_reported_per_writer_batch():
-    from loragen.evaluation.demo_eval import blind_batch_shares, markdown_table
-    from loragen.training.demo_blind_paraphrases import BLIND_BATCH, BLIND_BATCHES, BLIND_PARAPHRASES
+def test_blind_shares_are_reported_per_batch():
+    from loragen.bench.demo_eval import blind_batch_shares, markdown_table
+    from loragen.demo import sets
 
-    assert len(BLIND_BATCH) == sum(len(v) for v in BLIND_PARAPHRASES.values())  # no text in two batches
-    assert all(BLIND_BATCH[t] == i for i, b in enumerate(BLIND_BATCHES, 1) for ts in b.values() for t in ts)
+    batch_of = sets.batch_of("blind")
+    assert len(batch_of) == sum(len(v) for v in sets.by_task("blind").values())  # no text in two batches
+    assert all(batch_of[t] == i for i, b in enumerate(sets.batches("blind"), 1) for ts in b.values() for t in ts)
     row = lambda m, task, em, batch: {"method": m, "split": "blind", "task": task,  # noqa: E731
                                       "exact_match": em, "batch": batch}
     rows = [row("oracle", "a", 0.8, 1), row("sg", "a", 0.8, 1), row("icm", "a", 0.8, 1),

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
-from loragen.training.demo_blind_paraphrases import BLIND_PARAPHRASES
-from loragen.training.demo_dev_paraphrases import DEV_PARAPHRASES
-from loragen.training.demo_tasks import DEMO_TASKS, demo_tasks
-from loragen.training.demo_written_paraphrases import WRITTEN_DESCRIPTIONS
+from loragen.demo import sets
+from loragen.demo.tasks import DEMO_TASKS, demo_tasks
 from loragen.training.tasks import TaskFileError, read_tasks, write_tasks
 
 
@@ -83,7 +82,7 @@ def test_no_registry_description_is_a_scored_paraphrase():
     key = lambda d: d.lower().rstrip(".!?")  # noqa: E731
     registry = {key(d) for t in tasks for d in t.descriptions[:-1]}
     unseen = {key(t.descriptions[-1]) for t in tasks}
-    scored = {key(d) for ds in (*DEV_PARAPHRASES.values(), *BLIND_PARAPHRASES.values()) for d in ds}
+    scored = {key(d) for name in sets.TEST_SETS for ds in sets.by_task(name).values() for d in ds}
     assert not registry & unseen and not registry & scored
     assert all(t.descriptions.count(t.descriptions[-1]) == 1 for t in tasks)
 
@@ -93,7 +92,22 @@ def test_written_descriptions_keep_clear_of_the_held_back_paraphrase():
     stop = set("a an the of to in on and or with each every its it is be by for from as at that this so "
                "word words letter letters character characters into one".split())
     stems = lambda d: {w[:5] for w in re.findall(r"[a-z]+", d.lower()) if w not in stop and len(w) > 2}  # noqa: E731
+    written = sets.by_task("written")
     for task in DEMO_TASKS:
         held_back = stems(task.descriptions[-1])
-        assert WRITTEN_DESCRIPTIONS[task.name]
-        assert all(len(stems(d) & held_back) < 2 for d in WRITTEN_DESCRIPTIONS[task.name])
+        assert written[task.name]
+        assert all(len(stems(d) & held_back) < 2 for d in written[task.name])
+
+
+def test_demo_sets_are_package_data_that_installs_carry():
+    import fnmatch
+    from importlib import resources
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    data = resources.files("loragen.demo") / "data"
+    names = sorted(p.name for p in data.iterdir() if p.is_file())
+    assert "README.md" in names and all(sets.texts(n[:-6]) for n in names if n.endswith(".jsonl"))
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["loragen"]
+    assert all(any(fnmatch.fnmatch(f"demo/data/{n}", g) for g in globs) for n in names)

@@ -165,8 +165,8 @@ class Service:
                     return  # nothing else can load without it
                 continue
             self.readiness.done(component)
-        # Torch, transformers and the models are ~500k long-lived objects; a full collection walks
-        # them all (~0.2 s on a 2-core CPU, stalling every request). Freezing them keeps the
+        # Torch, transformers and the models are hundreds of thousands of long-lived objects; a full
+        # collection walks them all, stalling every request meanwhile. Freezing them keeps the
         # collector to what requests allocate.
         gc.collect()
         gc.freeze()
@@ -174,7 +174,7 @@ class Service:
     def _open(self) -> None:
         path = self.settings.registry
         if path is None:
-            from ..training.demo import build_demo
+            from ..demo.world import build_demo
 
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators

@@ -6,7 +6,8 @@ chunk of jobs, the unit a distributed runner (Ray Data) would map over.
 
 from .items import MAX_DESCRIPTION_CHARS, BatchItem, ItemError, read_items
 from .manifest import Manifest
-from .run import BatchConfig, BatchSummary, run_batch
+from .config import BatchConfig
+from .run import BatchSummary, run_batch
 from .step import Job, Outcome, adapter_path, generate_chunk, write_outcome
 
 __all__ = ["MAX_DESCRIPTION_CHARS", "BatchConfig", "BatchItem", "BatchSummary", "ItemError", "Job", "Manifest",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -21,12 +21,10 @@ from ..evaluation.evaluators import evaluator_for
 from ..evaluation.report import write_report
 from ..generator import LEARNED_METHODS, RETRIEVAL_METHODS, RetrievalGenerator
 from ..registry import Registry
+from .config import BatchConfig
 from .items import BatchItem
 from .manifest import Manifest
 from .step import Generator, Job, generate_chunk
-
-if TYPE_CHECKING:
-    from .run import BatchConfig
 
 BASELINES = ("base", "oracle", "uniform", "nearest", "topk", "weighted", *LEARNED_METHODS)
 

@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +20,12 @@ from tqdm.auto import tqdm
 
 from ..errors import LoragenError
 from ..registry import Registry
+from .config import BatchConfig
 from .items import BatchItem, ItemError, read_items
 from .loading import load_generators
 from .manifest import NAME as MANIFEST_NAME
 from .manifest import Manifest
 from .step import ADAPTERS, Job, generate_chunk, write_outcome
-
-
-@dataclass
-class BatchConfig:
-    input: Path
-    out: Path
-    registry: Path
-    methods: list[str] = field(default_factory=lambda: ["weighted"])
-    generators: dict[str, Path] = field(default_factory=dict)  # method -> checkpoint dir
-    device: str = "cpu"
-    batch_size: int = 256  # items per chunk
-    seed: int = 0
-    k: int = 4
-    temperature: float = 0.05
-    train_fraction: float = 0.7  # task-file lines are evaluated on the rest of their instances
-    evaluate: bool = False
-    max_eval_instances: int | None = None  # per item, the first N of its instances (None: all)
 
 
 @dataclass

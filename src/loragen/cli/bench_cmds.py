@@ -82,7 +82,7 @@ def decode(
 
     from ..adapters import spec_from_config
     from ..adapters.known_configs import resolve_model_config
-    from ..generator.bench import BenchConfig, check_config, parse_batches, run_benchmark
+    from ..bench.decode import BenchConfig, check_config, parse_batches, run_benchmark
 
     cfg = BenchConfig(batches=parse_batches(batch), device=device, dtype=dtype, repeats=repeats, hidden=hidden,
                       latent=latent, naive_max=naive_max, registry_size=registry_size, end_to_end=end_to_end,

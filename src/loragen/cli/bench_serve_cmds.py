@@ -86,7 +86,7 @@ def serve_bench(
     import shlex
     import sys
 
-    from ..client.loadtest import CASE_NAMES, bench_server, machine, parse_levels
+    from ..bench.loadtest import CASE_NAMES, bench_server, machine, parse_levels
     from ..generator import METHODS
     from .local_server import local_server
 

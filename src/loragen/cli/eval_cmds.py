@@ -19,8 +19,8 @@ def eval_demo(
     seed: int = 0,
 ) -> None:
     """Exact match of base, uniform, nearest, weighted, icm, sg, oracle and the random control."""
-    from ..evaluation.demo_eval import evaluate_demo, markdown_table, write_json
-    from ..training.demo import build_demo, ensure_holdout_generators
+    from ..bench.demo_eval import evaluate_demo, markdown_table, write_json
+    from ..demo.world import build_demo, ensure_holdout_generators
 
     world = build_demo(Settings().home)
     ensure_holdout_generators(world)

@@ -96,7 +96,7 @@ def complete(
 @demo_app.command("build")
 def demo_build(force: Annotated[bool, typer.Option(help="Rebuild even if built.")] = False) -> None:
     """Build the demo world under $LORAGEN_HOME/demo (idempotent; a few minutes)."""
-    from ..training.demo import build_demo
+    from ..demo.world import build_demo
 
     world = build_demo(Settings().home, force=force)
     typer.echo(world.manifest.read_text())
@@ -109,7 +109,7 @@ def demo_run() -> None:
     from ..basemodel import BaseModel
     from ..generator import load_generator
     from ..registry import Registry
-    from ..training.demo import build_demo
+    from ..demo.world import build_demo
 
     world = build_demo(Settings().home)
     reg = Registry.open(world.registry)

@@ -42,7 +42,7 @@ def serve(
                                  "encoder_workers": encoder_workers}
     settings = ApiSettings(**{k: v for k, v in overrides.items() if v is not None})
     if settings.registry is None:
-        from ..training.demo import build_demo
+        from ..demo.world import build_demo
 
         world = build_demo(settings.home)  # idempotent; prints progress while it builds
         typer.echo(f"demo world at {world.root}")

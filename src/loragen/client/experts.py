@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .types import Call, Expert, ExpertPage, adapter_upload
 
-if TYPE_CHECKING:
-    from .client import AsyncClient, Client
+
+class Sends(Protocol):
+    """What `Experts` needs of its client: one call sent, its JSON answer back (`Client._json`)."""
+
+    def _json(self, call: Call) -> Any: ...
+
+
+class SendsAsync(Protocol):
+    """What `AsyncExperts` needs of its client (`AsyncClient._json`)."""
+
+    async def _json(self, call: Call) -> Any: ...
 
 
 class Experts:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Sends) -> None:
         self._c = client
 
     def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
@@ -34,7 +43,7 @@ class Experts:
 
 
 class AsyncExperts:
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: SendsAsync) -> None:
         self._c = client
 
     async def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:

@@ -38,8 +38,8 @@ def _norm(layer_norm: torch.nn.LayerNorm) -> list[torch.Tensor]:
 
 def _scripted(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """TorchScript, because a scripted call runs without the GIL: in the server the event loop's
-    Python would otherwise stall the encoder between every two of its ~100 ops (a busy Python thread
-    made the eager version 13x slower). torch marks `jit.script` deprecated but has no GIL-free
+    Python would otherwise stall the encoder between every two of its ops (a busy Python thread
+    slows the eager version several-fold). torch marks `jit.script` deprecated but has no GIL-free
     replacement that needs no compiler; where it is gone, the same function runs eagerly."""
     try:
         with warnings.catch_warnings():
@@ -68,7 +68,7 @@ def _forward(ids: torch.Tensor, lengths: torch.Tensor, embeddings: list[torch.Te
         qkv = F.linear(x.to(dtype), w[0], w[1])  # (tokens, 3 * hidden)
         padded = torch.zeros(n * longest, 3 * hidden, dtype=dtype).index_copy(0, slot, qkv)
         qkv = padded.view(n, longest, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)  # (3, n, h, l, d)
-        # Explicit attention: for blocks this small torch's CPU flash kernel is 3x slower in bf16.
+        # Explicit attention: for blocks this small torch's CPU flash kernel is slower in bf16.
         scores = torch.matmul(qkv[0], qkv[1].transpose(-1, -2)).float() * (hidden // heads) ** -0.5 + bias
         attended = torch.matmul(scores.softmax(-1).to(dtype), qkv[2])  # (n, h, l, d)
         attended = attended.permute(0, 2, 1, 3).reshape(n * longest, hidden).index_select(0, slot)

@@ -68,13 +68,13 @@ class TextEncoder:
     On CPU a BERT encoder with mean pooling (MiniLM) runs padding-free (`PackedBert`), within ~1e-7
     of sentence-transformers' own `encode`; other models, other devices and `packed=False` use that.
 
-    `compute_dtype="bfloat16"` runs the matrix products in bf16: on CPUs with AVX512-BF16 about
-    twice as fast for MiniLM, with embeddings within 1e-4 of float32 in cosine (not bit-equal).
+    `compute_dtype="bfloat16"` runs the matrix products in bf16: faster on CPUs with AVX512-BF16,
+    with embeddings close to float32's in cosine but not bit-equal.
 
     `workers > 1` (CPU) splits a call's texts into that many parts, each encoded on its own
     single-threaded worker. Under a server's load this beats one call on torch's intra-op threads:
     when the event loop takes a core, one worker waits instead of a whole parallel region stalling
-    at its barrier (benchmarks/RESULTS.md, "Service load").
+    at its barrier.
     """
 
     def __init__(self, model: str | None = None, *, device: str = "cpu", batch_size: int | None = None,

@@ -16,8 +16,8 @@ import torch
 from ..adapters import Lora, LoraSpec
 from ..basemodel import BaseModel
 from ..encoder import EncoderModel, accuracy
+from ..training.metrics import exact_match, output_nll
 from ..training.tasks import Instance
-from .metrics import exact_match, output_nll
 
 
 class Evaluator(Protocol):

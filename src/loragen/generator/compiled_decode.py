@@ -1,9 +1,8 @@
 """The fused decode under torch.compile, replayed as CUDA graphs on a GPU (opt-in: `compile_decoder`).
 
-On an NVIDIA H200 CUDA graphs take the decode of 1 to 8 requests from 0.69 to 0.23 ms and give
-1.2-1.35x from 256 up; on the 2-core CPU inductor gives 1.19x at batch 1 and nothing from 8
-(benchmarks/RESULTS.md). A batch-1 request spends about 6 ms end to end on that GPU, mostly in text
-encoding, so this is off by default.
+On a GPU the decode of a few requests is launch-bound, which CUDA graphs remove; large batches are
+GEMM-bound and gain little. On a CPU inductor leaves the decode (GEMMs and their weight traffic)
+about as it was. A request's time end to end is mostly text encoding, so this is off by default.
 
 A graph is recorded per input shape. Batches are padded to the next power of two (as vLLM pads to
 its capture sizes), so a server records at most log2(max batch) + 1 of them; the service compiles
@@ -38,7 +37,7 @@ class CompiledDecode:
         # On CUDA, "reduce-overhead" records CUDA graph trees, whose state is thread-local and set up
         # on the main thread only; elsewhere (a server's engine thread) plain CUDA graphs are recorded.
         # With torch 2.11 those work for icm's decode but assert inside inductor for sg's, which then
-        # decodes eagerly (benchmarks/RESULTS.md).
+        # decodes eagerly.
         self.trees = device.type == "cuda" and threading.current_thread() is threading.main_thread()
         how: dict[str, Any] = {}
         if self.trees:

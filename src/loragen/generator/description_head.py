@@ -2,7 +2,7 @@
 
 MiniLM places a paraphrase of one task about as close to a description of a neighbouring task
 ("cycle the letters one step to the left" lands on the Caesar shifts): on the demo world the nearest
-registry description belongs to the right task for 50 % of the held-back paraphrases. A registry
+registry description of a held-back paraphrase often belongs to another task. A registry
 with several descriptions per expert says which differences matter. The head W is trained with a
 supervised contrastive loss (descriptions of one expert are positives), pulled towards the identity
 by weight decay so that it only bends the space where the registry gives evidence. Defaults chosen

@@ -10,12 +10,12 @@ rule with the description's softmax as the prior gives
 log p summed over the examples' output tokens (eos included) after their prompts. Examples every
 candidate explains equally leave α as it was; examples one candidate explains far better move the
 weight to it, even when the description read another expert first. ICM-LoRA's task vector cannot do
-this on the demo world: its base model's task vectors identify the task 36-40 % of the time
-(benchmarks/RESULTS.md), while the experts' own likelihoods tell them apart.
+this on the demo world: its base model's task vectors seldom identify the task, while the experts'
+own likelihoods tell them apart.
 
 The examples only choose among the candidates, so a request with examples has its description's
 top EXAMPLE_CANDIDATES experts scored (more than the K = 4 a description alone is mixed from):
-on the demo world two dev paraphrases have their task 5th or lower. Requests without examples
+a description can rank its task below the first K. Requests without examples
 keep their K. Causal LMs only: an encoder's examples are classification labels, and there this
 module is not used.
 
@@ -40,9 +40,9 @@ from ..registry import Hit
 from .task_vector import Example
 
 EXAMPLE_CANDIDATES = 8
-# On the demo world, with 4 examples, a seen task's fit was 0.83-0.995 and a held-out task's
-# (whose expert is not a candidate) 0.002-0.29; with 1 example one held-out task fit 0.99, a
-# 3-letter word that another task maps the same way (benchmarks/RESULTS.md).
+# Between how well a few examples of a task with an expert fit their best candidate and how well
+# those of a task without one do; a single example can fit a wrong expert that maps that one word
+# the same way, so the flag is reliable from a few examples up.
 EXAMPLES_FIT_THRESHOLD = 0.5
 
 

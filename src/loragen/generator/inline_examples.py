@@ -2,9 +2,8 @@
 
 People who describe a string task often show it on a word. Such a pair is the same evidence as one
 passed in `examples` (`example_evidence.py`), so a request that brings no examples of its own uses
-the ones its description holds, and its metadata says so (`examples_from_description`). On the demo
-world 24 of the 182 seen-task paraphrases hold one; the evidence fixes two of icm's and sg's
-misreads among them (benchmarks/RESULTS.md).
+the ones its description holds, and its metadata says so (`examples_from_description`), so a
+description misread on its words can be set right by its own example.
 
 Only `->` and `→` mark a pair: `=>` is also JavaScript's function arrow, and a pair read from code
 would be evidence for nothing. A side in double quotes or backticks may hold spaces; an unquoted side is one word, its

@@ -14,8 +14,7 @@ from ..adapters import atomic
 
 # Below this many query-vector products a search takes well under a millisecond, and waking an
 # OpenMP team costs more than it saves: its threads then spin on the cores the text encoder needs
-# next (measured in a server cycle: encode 36 ms with one thread against 40-42 ms, and search p99
-# 4 ms against 14-24 ms; benchmarks/RESULTS.md, "Service load").
+# next, slowing the encoding and lengthening the search's tail in a server's cycle.
 SINGLE_THREAD_PRODUCTS = 1 << 22
 
 

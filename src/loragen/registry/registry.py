@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load
 
 from ..adapters import Basis, Lora, LoraSpec, LoraStack, Projection, SpecError, atomic
 from ..embeddings.text import TextEncoder
-from ..errors import LoragenError
+from .blobs import Blobs, read_checked, sha256
 from .index import VectorIndex, normalised
+from .records import Expert, Hit, RegistryError, best_per_expert
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -32,51 +33,6 @@ log = logging.getLogger(__name__)
 DB_NAME = "registry.sqlite"
 INDEX_NAME = "index.faiss"
 BASIS_NAME = "basis.safetensors"
-
-
-class RegistryError(LoragenError, ValueError):
-    """The registry is missing, corrupt, or the request does not fit it."""
-
-
-@dataclass
-class Expert:
-    id: int
-    name: str
-    base_model: str
-    rank: int
-    alpha: float
-    targets: list[str] | str
-    sha256: str  # the final checkpoint's blob
-    created: str
-    metrics: dict[str, Any]
-    tags: list[str]
-    descriptions: list[str]
-    checkpoints: list[str]  # blob sha256s, oldest first
-    fidelity: float | None
-    source_sha256: str | None
-
-
-@dataclass
-class Hit:
-    expert_id: int
-    name: str
-    description: str
-    similarity: float
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read_checked(path: Path, sha: str, what: str) -> bytes:
-    """A content-addressed file's bytes, refused when missing or not matching its sha256."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RegistryError(f"{what} {path} is missing") from exc
-    if _sha(data) != sha:
-        raise RegistryError(f"{what} {path} is corrupt (sha256 mismatch)")
-    return data
 
 
 def _now() -> str:
@@ -93,6 +49,7 @@ class Registry:
         self.encoder = encoder
         self.dim = dim
         self.index = index
+        self.blobs = Blobs(path)
         self._stale_embeddings = False
 
     # ---------------------------------------------------------------- create / open
@@ -110,7 +67,7 @@ class Registry:
         dim = encoder.dim
         with atomic.directory(path) as tmp:  # the registry appears whole or not at all
             data = basis.to_bytes()
-            atomic.write_bytes(tmp / "blobs" / f"basis-{_sha(data)}.safetensors", data)
+            Blobs(tmp).write_basis(data)
             atomic.write_bytes(tmp / BASIS_NAME, data)
             VectorIndex(dim).save(tmp / INDEX_NAME)
             store = Store(tmp / DB_NAME)
@@ -119,7 +76,7 @@ class Registry:
                     "spec": json.dumps(spec.to_dict()),
                     "embedding_model": encoder.model_id,
                     "embedding_dim": str(dim),
-                    "basis_sha256": _sha(data),
+                    "basis_sha256": sha256(data),
                     "created": _now(),
                 }.items():
                     store.set_meta(key, value)
@@ -163,10 +120,10 @@ class Registry:
 
     @staticmethod
     def _load_basis(path: Path, spec: LoraSpec, sha: str) -> Basis:
-        blob = path / "blobs" / f"basis-{sha}.safetensors"
-        data = _read_checked(blob, sha, "basis blob")
+        blob = Blobs(path).basis_path(sha)
+        data = read_checked(blob, sha, "basis blob")
         top = path / BASIS_NAME
-        if not top.is_file() or _sha(top.read_bytes()) != sha:  # a rebase crashed before replacing it
+        if not top.is_file() or sha256(top.read_bytes()) != sha:  # a rebase crashed before replacing it
             atomic.write_bytes(top, data)
         try:
             return Basis(spec, load(data))
@@ -220,25 +177,11 @@ class Registry:
         return Expert(**row, descriptions=self.store.description_texts(row["id"]),
                       checkpoints=self.store.checkpoints(row["id"]))
 
-    def _blob(self, sha: str) -> Path:
-        return self.path / "blobs" / f"{sha}.safetensors"
-
-    def _read_blob(self, sha: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        path = self._blob(sha)
-        data = _read_checked(path, sha, "blob")
-        try:
-            tensors = load(data)
-            # safetensors layout: u64 header length, then a JSON header holding __metadata__.
-            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-        except (SafetensorError, ValueError) as exc:
-            raise RegistryError(f"blob {path} is unreadable: {exc}") from exc
-        return tensors, dict(header.get("__metadata__") or {})
-
     def checkpoints(self, expert: int | str | Expert) -> list[dict[str, torch.Tensor]]:
-        return [self._read_blob(sha)[0] for sha in self.get(expert).checkpoints]
+        return [self.blobs.read(sha)[0] for sha in self.get(expert).checkpoints]
 
     def final_b(self, expert: int | str | Expert) -> dict[str, torch.Tensor]:
-        return self._read_blob(self.get(expert).sha256)[0]
+        return self.blobs.read(self.get(expert).sha256)[0]
 
     def lora(self, expert: int | str | Expert) -> Lora:
         e = self.get(expert)
@@ -255,7 +198,7 @@ class Registry:
         e = self.get(expert)
         if e.source_sha256 is None:
             return None
-        tensors, meta = self._read_blob(e.source_sha256)
+        tensors, meta = self.blobs.read(e.source_sha256)
         spec = replace(self.spec.with_rank(int(meta["rank"]), float(meta["alpha"])),
                        use_rslora=meta.get("use_rslora") == "true")
         A = {m: tensors[f"A:{m}"] for m in spec.module_names}
@@ -293,12 +236,6 @@ class Registry:
             out[m.name] = B[m.name].detach().to("cpu", torch.float32).contiguous()
         return out
 
-    def _write_blob(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-        data = save(tensors, metadata={"format": "pt", **(metadata or {})})
-        sha = _sha(data)
-        atomic.write_bytes(self._blob(sha), data)
-        return sha
-
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self._stale_embeddings:
             raise RegistryError("the encoder changed; run `loragen registry reindex` first")
@@ -317,14 +254,14 @@ class Registry:
         if source is not None:
             self._check_spec(source, name)
         vecs = self._embed(texts)
-        shas = [self._write_blob(B) for B in checked]
+        shas = [self.blobs.write(B) for B in checked]
         source_sha = None
         if source is not None:
             tensors = {f"{ab}:{m}": t[m].detach().to("cpu", torch.float32).contiguous()
                        for ab, t in (("A", source.A), ("B", source.B)) for m in self.spec.module_names}
             meta = {"rank": str(source.spec.rank), "alpha": repr(float(source.spec.alpha)),
                     "use_rslora": str(source.spec.use_rslora).lower()}
-            source_sha = self._write_blob(tensors, meta)
+            source_sha = self.blobs.write(tensors, meta)
         row = {"name": name, "base_model": (source.spec.base_model if source else "") or self.spec.base_model,
                "rank": self.spec.rank, "alpha": self.spec.alpha, "targets": self.spec.target_modules,
                "sha256": shas[-1], "created": _now(), "metrics": dict(metrics or {}), "tags": list(tags or []),
@@ -380,8 +317,7 @@ class Registry:
 
     def _collect(self, candidates: set[str]) -> None:
         """Delete blobs no expert refers to any more (after the commit, so a crash only orphans)."""
-        for sha in candidates - self.store.referenced_blobs():
-            self._blob(sha).unlink(missing_ok=True)
+        self.blobs.delete(candidates - self.store.referenced_blobs())
 
     # ---------------------------------------------------------------- search
     def search(self, texts: list[str], k: int = 5) -> list[list[Hit]]:
@@ -401,23 +337,10 @@ class Registry:
         while True:
             sims, ids = self.index.search(vecs, depth)
             info = self.store.describe(int(i) for i in np.unique(ids) if i >= 0)
-            results = [self._per_expert(s, i, info, k) for s, i in zip(sims, ids)]
+            results = [best_per_expert(s, i, info, k) for s, i in zip(sims, ids)]
             if depth == n or all(len(r) == k for r in results):
                 return results
             depth = min(n, depth * 4)
-
-    @staticmethod
-    def _per_expert(sims: np.ndarray, ids: np.ndarray, info: dict[int, tuple[int, str, str]], k: int) -> list[Hit]:
-        hits: dict[int, Hit] = {}
-        for sim, i in zip(sims, ids):  # already sorted by similarity, best first
-            if i < 0 or int(i) not in info:
-                continue
-            expert_id, name, text = info[int(i)]
-            if expert_id not in hits:
-                hits[expert_id] = Hit(expert_id, name, text, float(sim))
-                if len(hits) == k:
-                    break
-        return list(hits.values())
 
     def expert_embeddings(self) -> tuple[list[int], np.ndarray]:
         """Per expert, the re-normalised mean of its description embeddings (ordered by id)."""
@@ -460,13 +383,12 @@ class Registry:
         except SpecError as exc:
             raise RegistryError(str(exc)) from exc
         basis_bytes = new.to_bytes()
-        basis_sha = _sha(basis_bytes)
-        atomic.write_bytes(self.path / "blobs" / f"basis-{basis_sha}.safetensors", basis_bytes)
+        basis_sha = self.blobs.write_basis(basis_bytes)
         updates = []
         for e, original in zip(experts, originals):
             projections = [new.project(self.basis.lora(B)) for B in self.checkpoints(e)[:-1]]
             final = new.project(original)
-            shas = [self._write_blob(p.B) for p in [*projections, final]]
+            shas = [self.blobs.write(p.B) for p in [*projections, final]]
             updates.append((e, shas, final.fidelity))
         old_blobs = {sha for e in experts for sha in e.checkpoints}
         old_basis = self.store.meta()["basis_sha256"]
@@ -481,5 +403,5 @@ class Registry:
         atomic.write_bytes(self.path / BASIS_NAME, basis_bytes)
         self._collect(old_blobs)
         if old_basis != basis_sha:
-            (self.path / "blobs" / f"basis-{old_basis}.safetensors").unlink(missing_ok=True)
+            self.blobs.basis_path(old_basis).unlink(missing_ok=True)
         return [(self.get(e.id), fidelity) for e, _, fidelity in updates]

@@ -7,6 +7,7 @@ import torch
 from ..adapters import Basis, Rows
 from ..basemodel import BaseModel
 from .experts import ExpertConfig, ExpertRun, LossFn, train_in_basis
+from .metrics import exact_match
 from .tasks import Instance, Task
 
 
@@ -21,8 +22,6 @@ def causal_loss(base: BaseModel) -> LossFn:
 
 
 def train_causal_experts(base: BaseModel, basis: Basis, tasks: list[Task], config: ExpertConfig) -> list[ExpertRun]:
-    from ..evaluation.metrics import exact_match
-
     checkpoints = train_in_basis(basis, base.model, tasks, causal_loss(base), config, desc="causal experts")
     runs = [ExpertRun(t, c) for t, c in zip(tasks, checkpoints)]
     tests = [t.split_instances(config.train_fraction, config.seed)[1] for t in tasks]

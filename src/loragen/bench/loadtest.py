@@ -2,8 +2,8 @@
 
 Each client sends its next request as soon as the previous one is answered, until the time is up.
 Each client holds one keep-alive HTTP/1.1 connection written on asyncio streams (`Connection`):
-the load generator shares the server's two cores here, and httpx spent about 2.4 ms of CPU per
-request (0.5 of a core at 200 req/s), which the server then did not have. The side calls
+the load generator shares the server's cores on loopback, and httpx's CPU per request adds up to
+a good part of a core at the rates measured, which the server then would not have. The side calls
 (`/metrics`) still go through httpx.
 Every request carries a description no other request of the run uses, so the server's LoRA cache
 cannot answer it; the cache hits the server counted during a level (from `/metrics`) are reported
@@ -29,14 +29,10 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from ..demo import sets
+
 # Phrasings of the demo world's kind of task; a per-request suffix makes every description unique.
-PHRASES = (
-    "reverse the input string", "write the letters in reverse order", "shift every letter forward by one",
-    "replace each letter by its mirror in the alphabet", "swap each pair of neighbouring characters",
-    "double every letter", "move the first character to the end", "hide the vowels behind a star",
-    "remove all the vowels", "sort the characters alphabetically", "repeat the input twice",
-    "drop the first character", "keep every other character", "swap the first and last letters",
-)
+PHRASES = sets.texts("load_phrases")
 PROMPTS = ("abcde", "hello", "string", "loragen", "qwerty", "python")
 CASE_NAMES = ("loras-json", "loras-zip", "completions")
 REQUEST_TIMEOUT_S = 60.0

@@ -1,7 +1,7 @@
 """The demo world (DESIGN §6), built offline by loragen itself and cached under `$LORAGEN_HOME/demo`.
 
 1. A character tokenizer and a small Llama made from a transformers config, pre-trained on copying.
-2. The string-transformation tasks of `demo_tasks`, written as a task file.
+2. The string-transformation tasks of `tasks`, written as a task file.
 3. A registry over the base model, one expert per task trained in its shared basis, registered with
    every description but the unseen paraphrase.
 The world is built in a temp directory and renamed into place, so it is complete or absent.
@@ -28,22 +28,22 @@ from ..generator.description_encoder import DescriptionEncoder
 from ..generator.description_head import DescriptionHead
 from ..generator.task_vector import TaskVectors
 from ..registry import Registry
-from .causal import train_causal_experts
-from .demo_tasks import demo_tasks, random_word
-from .experts import ExpertConfig
-from .tasks import Task, read_tasks, write_tasks
+from ..training.causal import train_causal_experts
+from ..training.experts import ExpertConfig
+from ..training.tasks import Task, read_tasks, write_tasks
+from .tasks import demo_tasks, random_word
 
-DEMO_VERSION = 16  # 14 was the direction-word grammar, never on main
+DEMO_VERSION = 16  # raised whenever the built world changes, so a cached world of another version is rebuilt
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
 # τ = 0.01 keeps SG's prior on the nearest expert when descriptions differ by one word (the
-# Caesar family); at 0.05 it mixed them (benchmarks/RESULTS.md, "levers"). icm's memory read
-# likewise: dev-set exact match 0.51 at 0.01, 0.44 at 0.05.
-# lr 5e-3 lets icm reproduce every registry expert within the 60 epochs the build has time for
-# (benchmarks/RESULTS.md); sg stops early by itself.
+# Caesar family), which a warmer softmax mixes; icm's memory read likewise reads the dev
+# paraphrases better at 0.01 than at 0.05.
+# lr 5e-3 lets icm reproduce every registry expert within the epochs the build has time for;
+# sg stops early by itself.
 GENERATOR_OPTIONS: dict[str, dict[str, float]] = {"icm": {"lr": 5e-3, "temperature": 0.01}, "sg": {"temperature": 0.01}}
 # Tasks whose experts the held-out generators never see (evaluation's zero-shot question).
 HELD_OUT = ("caesar_2", "rotate_right", "drop_last")

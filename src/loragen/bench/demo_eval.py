@@ -1,18 +1,16 @@
 """`loragen eval demo`: exact match of every method on the demo world's tasks.
 
-Five description sets:
+Five description sets (`loragen.demo.sets`; `demo/data/README.md` says how each was written):
 - `registry`: each task's first description (one the registry holds);
 - `unseen`: each task's held-back paraphrase (never in the registry or generator training);
-- `dev`: ~11 more paraphrases per task, also never in the registry, but used to choose the
-  description encoder's defaults (`training/demo_dev_paraphrases.py`): many more descriptions than
-  `unseen`, so a steadier figure, for nearest, icm and sg (with and without examples). Their
-  oracle is each task's expert (the same LoRA on the same test inputs as in `registry`, so scored
-  once there);
-- `blind`: ~44 more paraphrases per task, written after everything else by writers who saw only
-  each task's input/output examples (`training/demo_blind_paraphrases.py`); never in the registry,
-  so with `unseen` the test of paraphrases, and enough of them to read 95 % against (which batch
-  is clean for which choice, the data file says); scored like `dev`, and each writer's batch also
-  on its own (`blind_batches`);
+- `dev`: more paraphrases per task, also never in the registry, but used to choose the
+  description encoder's defaults: many more descriptions than `unseen`, so a steadier figure, for
+  nearest, icm and sg (with and without examples). Their oracle is each task's expert (the same
+  LoRA on the same test inputs as in `registry`, so scored once there);
+- `blind`: paraphrases written by writers who saw only each task's input/output examples; never in
+  the registry and never used for a choice, so with `unseen` the test of paraphrases, and enough of
+  them to read 95 % against; scored like `dev`, and each independently written batch also on its
+  own (`blind_batches`);
 - `heldout`: tasks whose experts are excluded from retrieval and from the generators' training
   (the generators evaluated there are the `*-holdout` ones built by the demo).
 `icm+examples` and `sg+examples` give the same description with 4 input/output pairs from the
@@ -31,26 +29,18 @@ from typing import Any
 
 from ..adapters import Lora
 from ..basemodel import BaseModel
+from ..demo import sets
+from ..demo.world import HELD_OUT, DemoWorld
 from ..generator import RetrievalGenerator, load_generator
 from ..registry import Registry
-from ..training.demo import HELD_OUT, DemoWorld
-from ..training.demo_blind_paraphrases import BLIND_BATCH, BLIND_PARAPHRASES
-from ..training.demo_dev_paraphrases import DEV_PARAPHRASES
+from ..training.metrics import exact_match
 from ..training.tasks import Task, read_tasks
-from .metrics import exact_match
 
-UNRELATED = (
-    "summarise the quarterly earnings report for shareholders",
-    "what is the boiling point of water at high altitude",
-    "translate this recipe for lemon cake into french",
-    "classify the sentiment of a movie review",
-    "describe the migration patterns of arctic terns",
-    "write a polite email declining a meeting invitation",
-)
+UNRELATED = sets.texts("unrelated")  # the random-description control's texts
 METHOD_ORDER = ("base", "uniform", "nearest", "weighted", "icm", "icm+examples", "sg", "sg+examples", "random(icm)",
                 "random(sg)", "oracle")
 SPLITS = ("registry", "unseen", "blind", "dev", "heldout")
-PARAPHRASE_SETS = {"blind": BLIND_PARAPHRASES, "dev": DEV_PARAPHRASES}  # scored for DEV_METHODS only
+PARAPHRASE_SPLITS = ("blind", "dev")  # the paraphrase test sets, scored for DEV_METHODS only
 DEV_METHODS = ("nearest", "icm", "icm+examples", "sg", "sg+examples")
 ROW_METADATA = ("neighbours", "examples_ood", "ambiguous")  # each row's, from its LoRA's metadata
 EXAMPLES_PER_REQUEST = 4  # icm+examples: pairs from the task's training split, as a user would paste
@@ -104,7 +94,8 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
     held = [t for t in tasks if t.name in HELD_OUT]
     cells = _generate(world, registry, "registry", seen, [t.descriptions[0] for t in seen], seed)
     cells += _generate(world, registry, "unseen", seen, [t.descriptions[-1] for t in seen], seed)
-    for split, paraphrases in PARAPHRASE_SETS.items():
+    for split in PARAPHRASE_SPLITS:
+        paraphrases = sets.by_task(split)
         pairs = [(t, d) for t in seen for d in paraphrases.get(t.name, ())]
         cells += _generate(world, registry, split, [t for t, _ in pairs], [d for _, d in pairs], seed, DEV_METHODS)
     cells += _generate(world, registry, "heldout", held, [t.descriptions[0] for t in held], seed)
@@ -116,7 +107,7 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
             for c, s in zip(cells, scores)]
     oracle = {r["task"]: r["exact_match"] for r in rows if r["method"] == "oracle" and r["split"] == "registry"}
     rows += [{**r, "method": "oracle", "exact_match": oracle[r["task"]], **dict.fromkeys(ROW_METADATA)}
-             for r in rows if r["split"] in PARAPHRASE_SETS and r["method"] == DEV_METHODS[0]]
+             for r in rows if r["split"] in PARAPHRASE_SPLITS and r["method"] == DEV_METHODS[0]]
     table: dict[str, dict[str, float]] = {}
     for m in METHOD_ORDER:
         for split in SPLITS:
@@ -125,9 +116,10 @@ def evaluate_demo(world: DemoWorld, *, test_per_task: int = 100, seed: int = 0) 
                 table.setdefault(m, {})[split] = sum(vals) / len(vals)
     intervals = {m: {split: oracle_share_interval(rows, m, split) for split in cols} for m, cols in table.items()
                  if m != "oracle"}
+    batch_of = sets.batch_of("blind")
     for r in rows:
         if r["split"] == "blind":
-            r["batch"] = BLIND_BATCH[r["description"]]
+            r["batch"] = batch_of[r["description"]]
     return {"held_out_tasks": list(HELD_OUT), "test_per_task": test_per_task, "table": table,
             "oracle_share_90": intervals, "examples_ood": examples_ood_counts(rows),
             "ambiguous": ambiguous_counts(rows, oracle), "blind_batches": blind_batch_shares(rows), "rows": rows,

@@ -1,4 +1,9 @@
-"""Evaluators: greedy exact match and output NLL for causal LMs, accuracy for label scoring."""
+"""A LoRA's score on task instances under a causal LM: greedy exact match and output NLL.
+
+Expert training reports each expert's held-out exact match with these, and evaluation scores
+generated LoRAs with the same functions, so the two figures are comparable. (Label scoring's
+accuracy is `loragen.encoder.accuracy`.)
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import Lora, LoraStack
 from ..basemodel import BaseModel
-from ..training.tasks import Instance
+from .tasks import Instance
 
 
 def _flatten(instances: Sequence[Sequence[Instance]]) -> list[tuple[int, Instance]]:

@@ -1,4 +1,4 @@
-"""The decode benchmark (issue 3, must-show 2): fused decoding vs a Text-to-LoRA-style loop.
+"""`loragen bench decode`: fused decoding vs a Text-to-LoRA-style loop.
 
 The model is an ICM-LoRA CVAE with random weights and random normalisation statistics, wrapped in a
 `LearnedGenerator` so that the fused timing runs `LearnedGenerator.decode`, the very code that
@@ -23,10 +23,10 @@ from ..adapters import LoraSpec
 from ..errors import LoragenError
 from ..registry import Registry
 from ..registry.index import normalised
-from .cvae import CVAEConfig, LoraCVAE
-from .decoder import TokenLayout
-from .learned import LearnedGenerator
-from .safety import Safety
+from ..generator.cvae import CVAEConfig, LoraCVAE
+from ..generator.decoder import TokenLayout
+from ..generator.learned import LearnedGenerator
+from ..generator.safety import Safety
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONDITION_DIM = 384  # all-MiniLM-L6-v2, the registry's default encoder
