@@ -27,7 +27,7 @@ def per_task(rows: Sequence[Mapping[str, Any]], split: str) -> dict[str, dict[st
 
 
 def _interval(values: np.ndarray, level: float) -> list[float]:
-    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])  # draws with no gap are undefined
     return [float(low), float(high)]
 
 

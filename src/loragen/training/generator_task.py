@@ -147,8 +147,8 @@ def train_on_task_loss(gen: LearnedGenerator, tasks: list[Task], base: TaskModel
         model.train()
         return loss
 
-    if state["step"] == 0:
-        state["initial_validation"] = validate()
+    if state["step"] == 0:  # the initial weights are a candidate too (a residual starts at the multi-task LoRA)
+        state["initial_validation"] = state["best"] = validate() if val_cols else math.inf
     bar = tqdm(range(state["step"], config.steps), desc=f"task loss {gen.method}", unit="step", disable=not progress)
     model.train()
     for step in bar:
