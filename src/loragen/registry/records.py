@@ -9,6 +9,8 @@ import numpy as np
 
 from ..errors import LoragenError
 
+BASIS_NAME = "basis.safetensors"  # the registry's current basis, beside its database
+
 
 class RegistryError(LoragenError, ValueError):
     """The registry is missing, corrupt, or the request does not fit it."""

@@ -25,14 +25,13 @@ from ..adapters import Basis, Lora, LoraSpec, LoraStack, Projection, SpecError, 
 from ..embeddings.text import TextEncoder
 from .blobs import Blobs, read_checked, sha256
 from .index import VectorIndex, normalised
-from .records import Expert, Hit, RegistryError, best_per_expert
+from .records import BASIS_NAME, Expert, Hit, RegistryError, best_per_expert
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "registry.sqlite"
 INDEX_NAME = "index.faiss"
-BASIS_NAME = "basis.safetensors"
 
 
 def _now() -> str:
@@ -205,7 +204,8 @@ class Registry:
         B = {m: tensors[f"B:{m}"] for m in spec.module_names}
         return Lora(spec, A, B, {"expert": e.name})
 
-    def _original(self, e: Expert) -> Lora:
+    def original(self, e: Expert) -> Lora:
+        """An expert's own factors: the imported adapter's, else its final B in the basis."""
         return self.source(e) or self.lora(e)
 
     # ---------------------------------------------------------------- adding
@@ -374,34 +374,6 @@ class Registry:
 
     def rebase(self, rank: int) -> list[tuple[Expert, float]]:
         """A data-driven basis of `rank` from every expert's original ΔW; all experts re-projected."""
-        experts = self.experts()
-        if not experts:
-            raise RegistryError("a rebase needs at least one expert")
-        originals = [self._original(e) for e in experts]
-        try:
-            new = Basis.rebased(self.spec, originals, rank)
-        except SpecError as exc:
-            raise RegistryError(str(exc)) from exc
-        basis_bytes = new.to_bytes()
-        basis_sha = self.blobs.write_basis(basis_bytes)
-        updates = []
-        for e, original in zip(experts, originals):
-            projections = [new.project(self.basis.lora(B)) for B in self.checkpoints(e)[:-1]]
-            final = new.project(original)
-            shas = [self.blobs.write(p.B) for p in [*projections, final]]
-            updates.append((e, shas, final.fidelity))
-        old_blobs = {sha for e in experts for sha in e.checkpoints}
-        old_basis = self.store.meta()["basis_sha256"]
-        with self.store.transaction():
-            self.store.set_meta("spec", json.dumps(new.spec.to_dict()))
-            self.store.set_meta("basis_sha256", basis_sha)
-            for e, shas, fidelity in updates:
-                self.store.set_checkpoints(e.id, shas)
-                self.store.update_expert(e.id, sha256=shas[-1], fidelity=fidelity, rank=new.spec.rank,
-                                         alpha=new.spec.alpha, targets=new.spec.target_modules)
-        self.spec, self.basis = new.spec, new
-        atomic.write_bytes(self.path / BASIS_NAME, basis_bytes)
-        self._collect(old_blobs)
-        if old_basis != basis_sha:
-            self.blobs.basis_path(old_basis).unlink(missing_ok=True)
-        return [(self.get(e.id), fidelity) for e, _, fidelity in updates]
+        from .rebase import rebase
+
+        return rebase(self, rank)
