@@ -330,7 +330,7 @@ def test_learned_method_samples_seeds_and_cache(client: Client) -> None:
     result = client.generate(description, method="sg", seed=3, num_samples=2, download=False)
     assert (result.method, result.seed, len(result.sample_ids)) == ("sg", 3, 2)
     assert isinstance(result.ood, bool) and isinstance(result.clipped, bool) and isinstance(result.ambiguous, bool)
-    first, second = (client.download(i) for i in result.sample_ids)
+    first, second = (client.download(i).to_lora() for i in result.sample_ids)
     assert not torch.equal(first.B["self_attn.q_proj"], second.B["self_attn.q_proj"])
     again = client.generate(description, method="sg", seed=3, num_samples=2)
     assert again.cached and again.id == result.id and again.lora is not None
@@ -387,7 +387,7 @@ def test_concurrent_completions_equal_sequential(server: str, client: Client, wo
     same_prompt = {client.complete("hello", lora_id=lid, max_tokens=8).text for lid in ids}
     assert len(same_prompt) > 1  # the LoRAs really change the output
     base = BaseModel.load(world / "base")
-    lora = client.download(ids[1])
+    lora = client.download(ids[1]).to_lora()
     expected = base.completions([requests[1][0]], loras=[lora], max_new_tokens=8)[0]
     assert expected.text == sequential[1]
     assert client.complete(requests[1][0], lora_id=ids[1], max_tokens=8).finish_reason == expected.finish_reason
@@ -418,7 +418,7 @@ def test_the_openai_client_names_a_lora_as_its_model(server: str, client: Client
     assert ours.usage == usage.model_dump(exclude_none=True)  # the SDK's Completion carries it too
     stop = ours.text[len(ours.text) // 2:][:1] or "a"
     cut = oa.completions.create(model=lora_id, prompt="hello", max_tokens=8, temperature=0, stop=[stop, "zz"])
-    expected = BaseModel.load(world / "base").completions(["hello"], loras=[client.download(lora_id)],
+    expected = BaseModel.load(world / "base").completions(["hello"], loras=[client.download(lora_id).to_lora()],
                                                           max_new_tokens=8, stop=[stop, "zz"])[0]
     assert (cut.choices[0].text, cut.choices[0].finish_reason) == (expected.text, expected.finish_reason)
     assert cut.usage.completion_tokens == expected.completion_tokens

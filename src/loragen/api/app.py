@@ -114,9 +114,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        c = service.cache
-        text = service.metrics.render(c.hits, c.misses, c.size, len(c))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/loras", response_model=LoraOut, responses=BINARY)
     async def create_lora(body: GenerateRequest, request: Request, format: Format | None = None) -> Any:

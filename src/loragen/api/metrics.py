@@ -1,92 +1,91 @@
-"""Prometheus text exposition (format 0.0.4) for the few series the service keeps, no dependency."""
+"""The service's Prometheus series, exposed in the text format 0.0.4 by `prometheus_client`.
+
+Series (names, types and labels are part of the service's interface):
+
+- `loragen_requests_total{method, route, status}` counter: HTTP requests;
+- `loragen_request_seconds{route}` histogram: HTTP request latency;
+- `loragen_generation_batch_size` histogram: LoRAs decoded per generator call;
+- `loragen_completion_batch_size` histogram: completions decoded per forward batch;
+- `loragen_generated_loras_total` counter;
+- `loragen_cache_hits_total`, `loragen_cache_misses_total` counters and `loragen_cache_bytes`,
+  `loragen_cache_items` gauges: the LoRA cache, read when scraped.
+
+Each `Metrics` owns its own `CollectorRegistry`, so several apps in one process never share or
+clash over series. The `_created` samples `prometheus_client` adds are left out of the text.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .cache import ByteLRU
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-Labels = tuple[tuple[str, str], ...]
 
 
-def _fmt(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    items = [*labels, *extra]
-    if not items:
-        return ""
-    body = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                    for k, v in items)
-    return "{" + body + "}"
+class _CacheCollector(Collector):
+    """The cache's counters and sizes, read from the cache at each scrape."""
+
+    def __init__(self, cache: ByteLRU[Any, Any]) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.cache
+        yield CounterMetricFamily("loragen_cache_hits", "LoRA cache lookups that found the LoRA.", value=c.hits)
+        yield CounterMetricFamily("loragen_cache_misses", "LoRA cache lookups that did not.", value=c.misses)
+        yield GaugeMetricFamily("loragen_cache_bytes", "Bytes of LoRAs held in the cache.", value=c.size)
+        yield GaugeMetricFamily("loragen_cache_items", "LoRAs held in the cache.", value=len(c))
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
+class _WithoutCreated:
+    """A registry's families without their `_created` samples, for `generate_latest`."""
 
-    def observe(self, value: float) -> None:
-        for i, b in enumerate(self.buckets):
-            if value <= b:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if s.name != family.name + "_created"]
+            yield family
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[Labels, int] = defaultdict(int)
-        self.latency: dict[Labels, Histogram] = {}
-        self.batch = Histogram(BATCH_BUCKETS)
-        self.completion_batches = Histogram(BATCH_BUCKETS)
-        self.generated = 0
-        self.gauges: dict[str, float] = {}
+    """The service's series in a registry of their own; `render()` is the `/metrics` body."""
+
+    def __init__(self, cache: ByteLRU[Any, Any] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter("loragen_requests", "HTTP requests by route and status.",
+                                 ["method", "route", "status"], registry=self.registry)
+        self._latency = Histogram("loragen_request_seconds", "HTTP request latency.", ["route"],
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._batch = Histogram("loragen_generation_batch_size", "LoRAs decoded per generator call.",
+                                buckets=BATCH_BUCKETS, registry=self.registry)
+        self._completion_batches = Histogram("loragen_completion_batch_size",
+                                             "Completions decoded per forward batch.",
+                                             buckets=BATCH_BUCKETS, registry=self.registry)
+        self._generated = Counter("loragen_generated_loras", "LoRAs generated.", registry=self.registry)
+        if cache is not None:
+            self.registry.register(_CacheCollector(cache))
+        self._exposed = _WithoutCreated(self.registry)
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (("method", method), ("route", route), ("status", str(status)))
-        with self._lock:
-            self.requests[labels] += 1
-            key = (("route", route),)
-            self.latency.setdefault(key, Histogram(LATENCY_BUCKETS)).observe(seconds)
+        self._requests.labels(method=method, route=route, status=str(status)).inc()
+        self._latency.labels(route=route).observe(seconds)
 
     def generation_batch(self, size: int) -> None:
-        with self._lock:
-            self.batch.observe(size)
-            self.generated += size
+        self._batch.observe(size)
+        self._generated.inc(size)
 
     def completion_batch(self, size: int) -> None:
-        with self._lock:
-            self.completion_batches.observe(size)
+        self._completion_batches.observe(size)
 
-    def render(self, cache_hits: int, cache_misses: int, cache_bytes: int, cache_items: int) -> str:
-        out: list[str] = []
-        with self._lock:
-            out += ["# HELP loragen_requests_total HTTP requests by route and status.",
-                    "# TYPE loragen_requests_total counter"]
-            out += [f"loragen_requests_total{_fmt(k)} {v}" for k, v in sorted(self.requests.items())]
-            out += ["# HELP loragen_request_seconds HTTP request latency.",
-                    "# TYPE loragen_request_seconds histogram"]
-            for k, h in sorted(self.latency.items()):
-                out += self._histogram("loragen_request_seconds", k, h)
-            out += ["# HELP loragen_generation_batch_size LoRAs decoded per generator call.",
-                    "# TYPE loragen_generation_batch_size histogram"]
-            out += self._histogram("loragen_generation_batch_size", (), self.batch)
-            out += ["# HELP loragen_completion_batch_size Completions decoded per forward batch.",
-                    "# TYPE loragen_completion_batch_size histogram"]
-            out += self._histogram("loragen_completion_batch_size", (), self.completion_batches)
-            out += ["# TYPE loragen_generated_loras_total counter", f"loragen_generated_loras_total {self.generated}"]
-        out += ["# TYPE loragen_cache_hits_total counter", f"loragen_cache_hits_total {cache_hits}",
-                "# TYPE loragen_cache_misses_total counter", f"loragen_cache_misses_total {cache_misses}",
-                "# TYPE loragen_cache_bytes gauge", f"loragen_cache_bytes {cache_bytes}",
-                "# TYPE loragen_cache_items gauge", f"loragen_cache_items {cache_items}"]
-        return "\n".join(out) + "\n"
-
-    @staticmethod
-    def _histogram(name: str, labels: Labels, h: Histogram) -> list[str]:
-        lines = [f"{name}_bucket{_fmt(labels, (('le', repr(float(b))),))} {c}" for b, c in zip(h.buckets, h.counts)]
-        lines.append(f"{name}_bucket{_fmt(labels, (('le', '+Inf'),))} {h.count}")
-        lines.append(f"{name}_sum{_fmt(labels)} {h.sum}")
-        lines.append(f"{name}_count{_fmt(labels)} {h.count}")
-        return lines
+    def render(self) -> str:
+        """Every series in the Prometheus text format 0.0.4."""
+        return generate_latest(self._exposed).decode()  # type: ignore[arg-type]

@@ -112,7 +112,7 @@ class Service:
         self.engine = ThreadPoolExecutor(1, thread_name_prefix="loragen-engine")
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="loragen-model")
         self.cache: ByteLRU[str, Stored] = ByteLRU(settings.cache_bytes)
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.cache)
         self.batcher: MicroBatcher[Job, tuple[list[Stored], float]] = MicroBatcher(
             self._run_group, lambda j: j.group, max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000)

@@ -5,25 +5,25 @@
     result.save_pretrained("./adapter")
     print(client.complete("abcde", lora_id=result.id).text)
 
-Connection failures (the request never reached the server) are retried with backoff; other errors
-raise typed `LoragenAPIError`s. Adapters are downloaded streamed to a temp file.
+Connection failures (the request never reached the server) are retried by httpx's transport
+(`retries`: the first retry at once, then with a doubling backoff from 0.5 s) and then raise
+`LoragenConnectionError`; other errors raise typed `LoragenAPIError`s. A downloaded adapter is
+`AdapterFiles`, the PEFT files in memory (streamed through a temp file); nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ..adapters import Lora
+from .adapter import AdapterFiles
 from .experts import AsyncExperts, Experts
-from .types import Call, Completion, GenerationResult, LoragenConnectionError, SearchHit, load_zip, raise_for
+from .types import Call, Completion, GenerationResult, LoragenConnectionError, SearchHit, raise_for
 
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+# What the transport retries: the request never reached the server.
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -31,12 +31,18 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Api:
-    """Request building, shared by both clients."""
+    """Request building, shared by both clients.
+
+    `retries` is how often a connection that failed is tried again; `backoff` is accepted for
+    compatibility and unused (the transport's own backoff applies)."""
 
     def __init__(self, base_url: str, api_key: str | None, retries: int, backoff: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.retries, self.backoff = retries, backoff
+
+    def unreachable(self, exc: Exception) -> LoragenConnectionError:
+        return LoragenConnectionError(f"cannot reach {self.base_url} after {self.retries} retries: {exc}")
 
     @staticmethod
     def search_body(description: str, k: int, method: str | None) -> dict[str, Any]:
@@ -66,7 +72,8 @@ class Client(_Api):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.2) -> None:
         super().__init__(base_url, api_key, retries, backoff)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout,
+                                  transport=httpx.HTTPTransport(retries=retries))
         self.experts = Experts(self)
 
     def close(self) -> None:
@@ -80,14 +87,10 @@ class Client(_Api):
 
     def _send(self, call: Call, stream: bool = False) -> httpx.Response:
         request = self._http.build_request(call.method, call.path, **call.kwargs)
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._http.send(request, stream=stream)
-                break
-            except RETRYABLE as exc:
-                if attempt == self.retries:
-                    raise LoragenConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-                time.sleep(self.backoff * 2**attempt)
+        try:
+            response = self._http.send(request, stream=stream)
+        except UNREACHABLE as exc:
+            raise self.unreachable(exc) from exc
         if stream and not response.is_success:
             response.read()
         raise_for(response)
@@ -110,21 +113,21 @@ class Client(_Api):
     def lora(self, lora_id: str) -> GenerationResult:
         return GenerationResult.from_json(self._json(Call("GET", f"/v1/loras/{lora_id}")))
 
-    def download(self, lora_id: str) -> Lora:
+    def download(self, lora_id: str) -> AdapterFiles:
+        """The LoRA's PEFT files; `.save_pretrained(directory)` writes what PEFT loads."""
         response = self._send(Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
-        with tempfile.TemporaryDirectory(prefix="loragen-") as tmp:
-            path = Path(tmp) / "adapter.zip"
+        with tempfile.TemporaryFile(prefix="loragen-") as f:
             try:
-                with path.open("wb") as f:
-                    for chunk in response.iter_bytes():
-                        f.write(chunk)
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
             finally:
                 response.close()
-            return load_zip(path)
+            f.seek(0)
+            return AdapterFiles.from_zip(f)
 
     def search(self, description: str, k: int = 4, method: str | None = None) -> list[SearchHit]:
         data = self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
-        return [SearchHit(**h) for h in data["neighbours"]]
+        return [SearchHit.model_validate(h) for h in data["neighbours"]]
 
     def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                  method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
@@ -140,7 +143,8 @@ class AsyncClient(_Api):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.2) -> None:
         super().__init__(base_url, api_key, retries, backoff)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
+                                       transport=httpx.AsyncHTTPTransport(retries=retries))
         self.experts = AsyncExperts(self)
 
     async def aclose(self) -> None:
@@ -154,14 +158,10 @@ class AsyncClient(_Api):
 
     async def _send(self, call: Call, stream: bool = False) -> httpx.Response:
         request = self._http.build_request(call.method, call.path, **call.kwargs)
-        for attempt in range(self.retries + 1):
-            try:
-                response = await self._http.send(request, stream=stream)
-                break
-            except RETRYABLE as exc:
-                if attempt == self.retries:
-                    raise LoragenConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-                await asyncio.sleep(self.backoff * 2**attempt)
+        try:
+            response = await self._http.send(request, stream=stream)
+        except UNREACHABLE as exc:
+            raise self.unreachable(exc) from exc
         if stream and not response.is_success:
             await response.aread()
         raise_for(response)
@@ -184,21 +184,21 @@ class AsyncClient(_Api):
     async def lora(self, lora_id: str) -> GenerationResult:
         return GenerationResult.from_json(await self._json(Call("GET", f"/v1/loras/{lora_id}")))
 
-    async def download(self, lora_id: str) -> Lora:
+    async def download(self, lora_id: str) -> AdapterFiles:
+        """The LoRA's PEFT files; `.save_pretrained(directory)` writes what PEFT loads."""
         response = await self._send(Call("GET", f"/v1/loras/{lora_id}/adapter"), stream=True)
-        with tempfile.TemporaryDirectory(prefix="loragen-") as tmp:
-            path = Path(tmp) / "adapter.zip"
+        with tempfile.TemporaryFile(prefix="loragen-") as f:
             try:
-                with path.open("wb") as f:
-                    async for chunk in response.aiter_bytes():
-                        f.write(chunk)
+                async for chunk in response.aiter_bytes():
+                    f.write(chunk)
             finally:
                 await response.aclose()
-            return load_zip(path)
+            f.seek(0)
+            return AdapterFiles.from_zip(f)
 
     async def search(self, description: str, k: int = 4, method: str | None = None) -> list[SearchHit]:
         data = await self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
-        return [SearchHit(**h) for h in data["neighbours"]]
+        return [SearchHit.model_validate(h) for h in data["neighbours"]]
 
     async def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                        method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,

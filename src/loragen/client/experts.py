@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from .types import Call, Expert, ExpertPage, adapter_upload
+from .adapter import adapter_upload
+from .types import Call, Expert, ExpertPage, ImportedExpert
 
 
 class Sends(Protocol):
@@ -26,19 +27,20 @@ class Experts:
 
     def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
         data = self._c._json(Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
-        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
+        return ExpertPage.model_validate(data)
 
     def get(self, key: int | str) -> Expert:
-        return Expert.from_json(self._c._json(Call("GET", f"/v1/experts/{key}")))
+        return Expert.model_validate(self._c._json(Call("GET", f"/v1/experts/{key}")))
 
     def delete(self, key: int | str) -> dict[str, Any]:
         return dict(self._c._json(Call("DELETE", f"/v1/experts/{key}")))
 
     def add(self, directory: str | Path, name: str, descriptions: list[str],
-            tags: tuple[str, ...] | list[str] = ()) -> Expert:
-        """Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+            tags: tuple[str, ...] | list[str] = ()) -> ImportedExpert:
+        """Upload a PEFT adapter directory (adapter_config.json + adapter_model.safetensors); the
+        answer lists the registry's modules the adapter does not target in `absent_modules`."""
         data = {"name": name, "description": list(descriptions), "tags": list(tags)}
-        return Expert.from_json(self._c._json(Call("POST", "/v1/experts",
+        return ImportedExpert.model_validate(self._c._json(Call("POST", "/v1/experts",
                                                     {"data": data, "files": adapter_upload(directory)})))
 
 
@@ -48,16 +50,16 @@ class AsyncExperts:
 
     async def list(self, offset: int = 0, limit: int = 50) -> ExpertPage:
         data = await self._c._json(Call("GET", "/v1/experts", {"params": {"offset": offset, "limit": limit}}))
-        return ExpertPage([Expert.from_json(e) for e in data["data"]], data["total"], data["offset"], data["limit"])
+        return ExpertPage.model_validate(data)
 
     async def get(self, key: int | str) -> Expert:
-        return Expert.from_json(await self._c._json(Call("GET", f"/v1/experts/{key}")))
+        return Expert.model_validate(await self._c._json(Call("GET", f"/v1/experts/{key}")))
 
     async def delete(self, key: int | str) -> dict[str, Any]:
         return dict(await self._c._json(Call("DELETE", f"/v1/experts/{key}")))
 
     async def add(self, directory: str | Path, name: str, descriptions: list[str],
-                  tags: tuple[str, ...] | list[str] = ()) -> Expert:
+                  tags: tuple[str, ...] | list[str] = ()) -> ImportedExpert:
         data = {"name": name, "description": list(descriptions), "tags": list(tags)}
-        return Expert.from_json(await self._c._json(Call("POST", "/v1/experts",
+        return ImportedExpert.model_validate(await self._c._json(Call("POST", "/v1/experts",
                                                           {"data": data, "files": adapter_upload(directory)})))

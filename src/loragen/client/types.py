@@ -1,18 +1,30 @@
-"""What the SDK returns and raises, and the parsing shared by `Client` and `AsyncClient`."""
+"""What the SDK returns and raises, and the parsing shared by `Client` and `AsyncClient`.
+
+The answers' shapes are `loragen.schemas`, the models the service itself answers with; the SDK
+names them for what they are to a caller (`Neighbour`, `SearchHit`, `Expert`, `ExpertPage`).
+Torch-free.
+"""
 
 from __future__ import annotations
 
-import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+from pydantic import PrivateAttr
 
-from ..adapters import Lora
-from ..adapters.lora import CONFIG_NAME, WEIGHTS_NAME
+from ..schemas import ExpertList, ExpertOut, HitOut, ImportedExpertOut, LoraOut, NeighbourOut
+from .adapter import AdapterFiles, adapter_upload  # noqa: F401 (adapter_upload: re-exported)
 
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "loragen.json")
+if TYPE_CHECKING:
+    from ..adapters import Lora
+
+Neighbour = NeighbourOut  # an expert a LoRA was mixed from, with its weight
+SearchHit = HitOut  # an expert found by description
+Expert = ExpertOut  # a registry expert
+ImportedExpert = ImportedExpertOut  # an uploaded expert, with the modules its adapter does not target
+ExpertPage = ExpertList  # a page of `client.experts.list`
 
 
 class LoragenAPIError(Exception):
@@ -82,95 +94,44 @@ def raise_for(response: httpx.Response) -> None:
     raise kind(status, code, message)
 
 
-def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
+class GenerationResult(LoraOut):
+    """A generated LoRA's description (`LoraOut`), and its files when downloaded.
 
+    `adapter` holds the PEFT files (torch-free); `lora` is loragen's `Lora` of them, built on
+    first use (needs torch). Both are None when generated with `download=False`."""
 
-@dataclass
-class Neighbour:
-    expert: str
-    expert_id: int
-    similarity: float
-    weight: float
-    example_logprob: float | None = None
-
-
-@dataclass
-class SearchHit:
-    expert: str
-    expert_id: int
-    description: str
-    similarity: float
-
-
-@dataclass
-class GenerationResult:
-    id: str
-    method: str
-    description: str
-    base_model: str
-    rank: int
-    alpha: float
-    target_modules: list[str] | str
-    neighbours: list[Neighbour]
-    ood: bool | None
-    clipped: bool | None
-    seed: int | None
-    sample_ids: list[str]
-    cached: bool
-    timings: dict[str, float]
-    lora: Lora | None = None  # downloaded unless `download=False`
-    examples_used: bool | None = None
-    examples_from_description: bool | None = None
-    examples_fit: float | None = None
-    examples_ood: bool | None = None
-    ambiguous: bool | None = None  # no expert holds 90 % of the weight: the LoRA mixes tasks
+    _adapter: AdapterFiles | None = PrivateAttr(default=None)
+    _lora: Any = PrivateAttr(default=None)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], lora: Lora | None = None) -> GenerationResult:
-        d = _known(cls, data)
-        d["neighbours"] = [Neighbour(**_known(Neighbour, n)) for n in data.get("neighbours", [])]
-        return cls(**d, lora=lora)
+    def from_json(cls, data: dict[str, Any], adapter: AdapterFiles | None = None) -> GenerationResult:
+        result = cls.model_validate(data)
+        result._adapter = adapter
+        return result
 
-    def _need_lora(self) -> Lora:
-        if self.lora is None:
+    @property
+    def adapter(self) -> AdapterFiles | None:
+        return self._adapter
+
+    @property
+    def lora(self) -> Lora | None:
+        if self._adapter is not None and self._lora is None:
+            self._lora = self._adapter.to_lora()
+        return self._lora
+
+    def _need_adapter(self) -> AdapterFiles:
+        if self._adapter is None:
             raise ValueError(f"LoRA {self.id} was not downloaded; call client.download({self.id!r})")
-        return self.lora
+        return self._adapter
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        return self._need_lora().save_pretrained(directory)
+        """Write the PEFT adapter directory (see `AdapterFiles.save_pretrained`)."""
+        return self._need_adapter().save_pretrained(directory)
 
     def merge_into(self, model: Any) -> Any:
-        return self._need_lora().merge_into(model)
-
-
-@dataclass
-class Expert:
-    id: int
-    name: str
-    base_model: str
-    rank: int
-    alpha: float
-    targets: list[str] | str
-    created: str
-    descriptions: list[str]
-    tags: list[str]
-    metrics: dict[str, Any]
-    fidelity: float | None
-    absent_modules: list[str] | None = None  # on upload: modules the adapter does not target (zero ΔW)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Expert:
-        return cls(**_known(cls, data))
-
-
-@dataclass
-class ExpertPage:
-    data: list[Expert]
-    total: int
-    offset: int
-    limit: int
+        """Add ΔW to a transformers model's weights in place; needs torch."""
+        lora = self.lora
+        return (lora if lora is not None else self._need_adapter()).merge_into(model)
 
 
 @dataclass
@@ -188,20 +149,3 @@ class Completion:
         choice = data["choices"][0]
         return cls(data["id"], choice["text"], data.get("model", ""), data.get("lora_id"),
                    choice.get("finish_reason"), data.get("usage"), data)
-
-
-def load_zip(path: Path) -> Lora:
-    """A `Lora` from a downloaded adapter zip; only the PEFT files are extracted, by fixed names."""
-    target = path.parent / "adapter"
-    target.mkdir()
-    with zipfile.ZipFile(path) as zf:
-        for name in ADAPTER_FILES:
-            if name in zf.namelist():
-                (target / name).write_bytes(zf.read(name))
-    return Lora.from_pretrained(target)
-
-
-def adapter_upload(directory: str | Path) -> dict[str, tuple[str, bytes, str]]:
-    directory = Path(directory)
-    return {"adapter_config": (CONFIG_NAME, (directory / CONFIG_NAME).read_bytes(), "application/json"),
-            "adapter_model": (WEIGHTS_NAME, (directory / WEIGHTS_NAME).read_bytes(), "application/octet-stream")}
