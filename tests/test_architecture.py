@@ -30,11 +30,11 @@ LAYERS = (
     ("generator",),
     ("registry", "basemodel", "encoder"),
     ("embeddings", "adapters"),
-    ("config", "errors"),
+    ("config", "errors", "schemas"),
 )
-# What the client imports besides its own modules: `Lora`, the type a downloaded adapter is read
-# into. Known exception: the SDK is to depend on a torch-free schema module instead.
-CLIENT_IMPORTS = {"loragen.adapters", "loragen.adapters.lora"}
+# What the client imports besides its own modules: the torch-free schemas it shares with the API,
+# and, inside `to_lora()` only (so `import loragen.client` stays torch-free), `Lora`.
+CLIENT_IMPORTS = {"loragen.schemas", "loragen.errors", "loragen.adapters", "loragen.adapters.lora"}
 
 
 def _module_name(path: Path) -> str:
