@@ -27,6 +27,7 @@ from loragen.client import (AsyncClient, AuthenticationError, BadRequestError, C
 from loragen.embeddings import TextEncoder
 from loragen.generator import load_generator, train_generator
 from loragen.registry import Registry
+from loragen.registry.multitask import load_multitask, save_multitask
 
 KEY = "s3cret-key"
 EXPERTS = {
@@ -63,6 +64,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Pat
         reg.add_expert(name, [*checkpoints, final], descriptions)
     train_generator(reg, "sg", out_dir=root / "generators" / "sg", epochs=1, batch=4, latent=16, hidden=64,
                     val_fraction=0.2, seed=0)
+    g = torch.Generator().manual_seed(99)
+    save_multitask(reg, reg.basis.lora({m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()},
+                                       {"method": "multitask"}))
     reg.close()
     return root
 
@@ -185,6 +189,18 @@ def test_generate_matches_the_library_and_loads_in_peft(client: Client, world: P
     weights = httpx.post(f"{client.base_url}/v1/loras?format=safetensors", json={"description": description})
     assert set(load_safetensors(weights.content)) == set(result.lora.state_dict())
     assert 'loragen_cache_hits_total 0' not in httpx.get(f"{client.base_url}/metrics").text
+
+
+def test_multitask_serves_the_registry_s_multitask_lora_for_any_description(client: Client, world: Path,
+                                                                              encoder: TextEncoder) -> None:
+    reg = Registry.open(world / "registry", encoder=encoder)
+    want = load_multitask(reg)
+    reg.close()
+    results = [client.generate(d, method="multitask") for d in ("tell whether a review is positive", "anything")]
+    for r in results:
+        assert r.method == "multitask" and r.neighbours == [] and r.lora is not None
+        assert all(torch.equal(r.lora.B[m], want.B[m]) and torch.equal(r.lora.A[m], want.A[m])
+                   for m in want.spec.module_names)
 
 
 def test_batch_equals_singles(client: Client) -> None:

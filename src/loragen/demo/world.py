@@ -14,7 +14,7 @@ import math
 import random
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,12 +28,15 @@ from ..generator.description_encoder import DescriptionEncoder
 from ..generator.description_head import DescriptionHead
 from ..generator.task_vector import TaskVectors
 from ..registry import Registry
+from ..registry.multitask import save_multitask
 from ..training.causal import train_causal_experts
 from ..training.experts import ExpertConfig
+from ..training.multitask import MultitaskConfig, train_multitask
+from ..training.objective import TaskModel
 from ..training.tasks import Task, read_tasks, write_tasks
 from .tasks import demo_tasks, random_word
 
-DEMO_VERSION = 16  # raised whenever the built world changes, so a cached world of another version is rebuilt
+DEMO_VERSION = 17  # raised whenever the built world changes, so a cached world of another version is rebuilt
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -61,6 +64,9 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     instances_per_task: int = 2000
     experts: ExpertConfig = None  # type: ignore[assignment]
+    # the registry's multi-task LoRA (method `multitask`), on every demo task's training split
+    multitask: MultitaskConfig = field(default_factory=lambda: MultitaskConfig(steps=150, rows_per_task=2,
+                                                                               train_fraction=0.9))
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -183,6 +189,8 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
                 run.task.name, run.checkpoints, run.task.descriptions[:-1],
                 metrics=run.metrics, tags=["demo"],
             )
+        with torch.random.fork_rng():  # the generators below see the random state they always saw
+            save_multitask(registry, train_multitask(registry, tasks, TaskModel("causal", base), config.multitask))
         experts_done = time.perf_counter()
         # icm and sg read descriptions through one tuned encoder and head
         encoder: bool | DescriptionEncoder = True
