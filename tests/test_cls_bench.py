@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loragen.evaluation.cls_bench import ClsBenchConfig, ClsBenchError, run_cls_bench
+from loragen.bench.cls import ClsBenchConfig, ClsBenchError, run_cls_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ClsBenchConfig(steps=6, rows_per_task=2, checkpoints=2, generator_epochs=2, latent=16, task_steps=2,
@@ -79,6 +79,6 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("extra, message", [([], "no data at"), (["--device", "tpu"], "unknown device")])
 def test_cli_bad_input_is_one_line_and_non_zero(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, "-m", "loragen.cli", "bench", "cls", "--data", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr

@@ -131,8 +131,8 @@ def cls(
     seed: int = 0,
 ) -> None:
     """Train experts, a multi-task LoRA and the generators on the train split, and score every method."""
-    from ..evaluation.cls_bench import ClsBenchConfig, ClsBenchError, run_cls_bench
-    from ..evaluation.cls_bench import Variant
+    from ..bench.cls import ClsBenchConfig, ClsBenchError, run_cls_bench
+    from ..bench.cls import Variant
 
     chosen = tuple(Variant.parse(g).name for g in generators.split(",") if g.strip())
     try:

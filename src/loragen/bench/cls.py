@@ -34,6 +34,9 @@ from ..adapters import Basis, Lora, spec_from_config
 from ..embeddings import TextEncoder, default_model_path
 from ..encoder import EncoderModel, accuracy
 from ..errors import LoragenError
+from ..evaluation.controls import mismatched_index, unrelated_description
+from ..evaluation.report import write_report
+from ..evaluation.transfer import markdown_table, transfer_table
 from ..generator import LearnedGenerator, MultitaskGenerator, RetrievalGenerator
 from ..generator.task_vector import TaskVectors
 from ..registry import Registry
@@ -45,9 +48,6 @@ from ..training.generator_task import OBJECTIVES, TaskTrainingConfig, train_gene
 from ..training.multitask import MultitaskConfig, train_multitask
 from ..training.objective import TaskModel
 from ..training.tasks import Task, read_tasks
-from .controls import mismatched_index, unrelated_description
-from .report import write_report
-from .transfer import markdown_table, transfer_table
 
 RETRIEVAL = ("uniform", "nearest", "topk", "weighted")
 LEARNED = ("icm", "sg")
