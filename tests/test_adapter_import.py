@@ -183,7 +183,7 @@ def api_world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) ->
     """A tiny Llama with the demo tokenizer and an empty registry on all seven projections."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loragen.training.demo import build_tokenizer
+    from loragen.demo.world import build_tokenizer
 
     root = tmp_path_factory.mktemp("import-world")
     tok = build_tokenizer(root / "base")
