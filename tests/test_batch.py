@@ -200,7 +200,7 @@ def test_an_unknown_method_flag_is_a_one_line_error(world, tmp_path):
     path = _write(tmp_path / "in.jsonl", _items(2))
     res = _cli(str(path), "--out", str(tmp_path / "out"), "--method", "nearest,nope", "--registry", str(world / "registry"))
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "error: unknown method 'nope'; choose from nearest, weighted, topk, uniform, icm, sg"]
+        "error: unknown method 'nope'; choose from nearest, weighted, topk, uniform, multitask, icm, sg"]
     res = _cli(str(path), "--out", str(tmp_path / "out"), "--method", "icm", "--registry", str(world / "registry"))
     assert res.returncode == 2 and "needs a trained generator" in res.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
