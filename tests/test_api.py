@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import uvicorn_server
+from conftest import EXPERTS, uvicorn_server
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -25,52 +25,11 @@ from loragen.basemodel import BaseModel
 from loragen.client import (AsyncClient, AuthenticationError, BadRequestError, Client, ConflictError,
                             NotFoundError)
 from loragen.embeddings import TextEncoder
-from loragen.generator import load_generator, train_generator
+from loragen.generator import load_generator
 from loragen.registry import Registry
-from loragen.registry.multitask import load_multitask, save_multitask
+from loragen.registry.multitask import load_multitask
 
 KEY = "s3cret-key"
-EXPERTS = {
-    "sentiment": ["classify the sentiment of movie reviews as positive or negative",
-                  "decide whether a film review is favourable"],
-    "translate": ["translate english sentences into french", "convert english text to the french language"],
-    "math": ["solve grade school arithmetic word problems", "answer simple maths questions for children"],
-    "code": ["write python functions from a docstring", "generate python code implementing a function"],
-    "scratch": ["an expert that the auth test deletes"],
-}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Path:
-    """A tiny random Llama with the demo tokenizer, and a registry of random experts over it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loragen.demo.world import build_tokenizer
-
-    root = tmp_path_factory.mktemp("api-world")
-    tok = build_tokenizer(root / "base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
-    spec = spec_from_config(root / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(root / "base"))
-    reg = Registry.create(root / "registry", spec, encoder=encoder)
-    for i, (name, descriptions) in enumerate(EXPERTS.items()):
-        g = torch.Generator().manual_seed(i)
-        final = {m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()}
-        checkpoints = [{m: b + 0.1 * torch.randn(b.shape, generator=g) for m, b in final.items()} for _ in range(2)]
-        reg.add_expert(name, [*checkpoints, final], descriptions)
-    train_generator(reg, "sg", out_dir=root / "generators" / "sg", epochs=1, batch=4, latent=16, hidden=64,
-                    val_fraction=0.2, seed=0)
-    g = torch.Generator().manual_seed(99)
-    save_multitask(reg, reg.basis.lora({m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()},
-                                       {"method": "multitask"}))
-    reg.close()
-    return root
-
-
 @pytest.fixture(scope="module")
 def server(world: Path, encoder: TextEncoder):
     settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
@@ -661,7 +620,8 @@ def test_openapi_and_auth_on_every_route(world: Path, encoder: TextEncoder) -> N
 
     settings = ApiSettings(registry=world / "registry", api_keys=[KEY], auth_all_routes=True)
     http = TestClient(create_app(settings, encoder=encoder))  # no lifespan: auth is checked first
-    assert_error(http.get("/healthz"), 401, "unauthorized")
+    assert http.get("/healthz").json() == {"status": "ok"}  # probes need no key
+    assert_error(http.get("/metrics"), 401, "unauthorized")
     assert_error(http.get("/v1/experts", headers={"Authorization": "Bearer nope"}), 403, "forbidden")
     assert_error(http.get("/v1/experts", headers={"Authorization": "Basic abc"}), 401, "unauthorized")
     assert http.get("/healthz", headers={"Authorization": f"Bearer {KEY}"}).json() == {"status": "ok"}

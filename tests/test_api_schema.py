@@ -13,16 +13,19 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
-from test_api import KEY, world  # noqa: F401 (the tiny world fixture)
+from schemathesis.specs.openapi import checks as openapi_checks
+from test_api import KEY
 
 from loragen.api import ApiSettings, create_app
 from loragen.embeddings import TextEncoder
 
 from conftest import uvicorn_server
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [not_a_server_error, *(getattr(openapi_checks, name) for name in (
+    "status_code_conformance", "content_type_conformance", "response_headers_conformance",
+    "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance", "missing_required_header",
+    "unsupported_method", "allow_header_conformance", "use_after_free", "ensure_resource_availability",
+    "ignored_auth"))]
 
 
 @pytest.fixture(scope="module")

@@ -3,3 +3,29 @@
 
 class LoragenError(Exception):
     """Something the caller can fix: bad input, a missing file, a mismatched model."""
+
+
+class LimitExceeded(LoragenError):
+    """A request costs more than a configured limit allows (`limit` names the setting); it is
+    refused before any work."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class OverBudget(LimitExceeded):
+    """A request's estimated working memory is over the configured budget."""
+
+
+class Overloaded(LoragenError):
+    """The service cannot take the request now; it may be retried after `retry_after` seconds.
+    `reason` says why (e.g. queue_full, not_ready, rate_limited)."""
+
+    def __init__(self, message: str, retry_after: float, reason: str) -> None:
+        super().__init__(message)
+        self.retry_after, self.reason = retry_after, reason
+
+
+class DeadlineExceeded(LoragenError):
+    """The request did not finish within its deadline; its work was dropped."""

@@ -17,7 +17,9 @@ from ..embeddings import TextEncoder
 from ..errors import LoragenError
 from ..generator import check_descriptions
 from . import errors, experts
+from .deadline import Deadline
 from .errors import ApiError
+from .guard import Guard
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
 from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
@@ -29,7 +31,10 @@ from .settings import ApiSettings
 BINARY = {200: {"content": {"application/zip": {}, "application/octet-stream": {}}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorOut, "description": "The request needs fixing; the message says how."},
-    503: {"model": ErrorOut, "description": "Still starting (see /readyz), or the base model is unavailable."},
+    503: {"model": ErrorOut, "description": "Still starting (see /readyz; Retry-After), or the base model is "
+          "unavailable."},
+    504: {"model": ErrorOut, "description": "Not finished within the deadline (request_timeout_s); the work was "
+          "dropped."},
 }
 Format = Literal["json", "zip", "safetensors"]
 
@@ -68,7 +73,9 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     """`encoder` lets a caller share an already loaded text encoder (tests, embedding servers)."""
     settings = settings or ApiSettings()
     service = Service(settings, encoder)
-    require_key = key_checker(settings.api_keys)
+    guard = Guard(service)
+    # Probes answer without a key, so that auth_all_routes leaves liveness and readiness checks working.
+    require_key = key_checker(settings.api_keys, guard.rate.request, public=frozenset({"/healthz", "/readyz"}))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -92,10 +99,12 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         async def docs() -> HTMLResponse:
             return get_swagger_ui_html(openapi_url="/openapi.json", title="loragen")
     app.state.service = service
-    errors.install(app)
+    errors.install(app, service.metrics.refused)
+    app.add_middleware(Deadline, timeout_s=settings.request_timeout_s, metrics=service.metrics)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     writes = [Depends(require_key)]
+    generation_slot, completion_slot = Depends(guard.slot(guard.generation)), Depends(guard.slot(guard.completion))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -125,7 +134,11 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         if fmt != "json" and job.num_samples > 1:
             raise ApiError(400, "bad_request", "num_samples > 1 returns metadata only; download each of its "
                            "sample_ids from /v1/loras/{id}/adapter")
-        stored, cached, seconds = await service.generate(job)
+        pairs = [(e.input, e.output) for e in body.examples or ()]
+        nbytes = guard.limits().generation(job.num_samples, pairs)
+        async with guard.generation.slot():
+            guard.generated(request, nbytes)
+            stored, cached, seconds = await service.generate(job)
         if fmt == "zip":
             return await zip_response(stored[0])
         if fmt == "safetensors":
@@ -134,14 +147,17 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         return lora_out(stored[0], cached, {"generate_ms": seconds * 1e3, "total_ms": total * 1e3})
 
     @app.post("/v1/loras/batch", response_model=BatchOut)
-    async def create_batch(body: BatchRequest) -> BatchOut:
+    async def create_batch(body: BatchRequest, request: Request) -> BatchOut:
+        nbytes = guard.limits().batch(body.descriptions)
         jobs = []
         for i, description in enumerate(body.descriptions):
             try:
                 jobs.append(service.job(description, body.method, body.k, body.seed))
             except LoragenError as exc:
                 raise ApiError(400, "bad_request", f"descriptions[{i}]: {exc}") from exc
-        results = await service.generate_many(jobs)
+        async with guard.generation.slot():
+            guard.generated(request, nbytes)
+            results = await service.generate_many(jobs)
         return BatchOut(data=[lora_out(stored[0], False, {"generate_ms": s * 1e3}) for stored, s in results])
 
     @app.get("/v1/loras/{lora_id:lora_id}", response_model=LoraOut)
@@ -155,27 +171,28 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
             return await safetensors_response(stored)
         return await zip_response(stored)
 
-    @app.post("/v1/search", response_model=SearchOut)
+    @app.post("/v1/search", response_model=SearchOut, dependencies=[generation_slot])
     async def search(body: SearchRequest) -> SearchOut:
         description = check_descriptions([body.description])[0]
         hits = (await service.in_engine(service.search, description, body.k, body.method))[0]
         return SearchOut(neighbours=[{"expert": h.name, "expert_id": h.expert_id, "description": h.description,
                                       "similarity": h.similarity} for h in hits])  # type: ignore[misc]
 
-    @app.get("/v1/experts", response_model=ExpertList)
+    @app.get("/v1/experts", response_model=ExpertList, dependencies=[generation_slot])
     async def list_experts(offset: Annotated[int, Query(ge=0)] = 0,
                            limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Any:
         return await service.in_engine(experts.page, service, offset, limit)
 
-    @app.get("/v1/experts/{key}", response_model=ExpertOut)
+    @app.get("/v1/experts/{key}", response_model=ExpertOut, dependencies=[generation_slot])
     async def get_expert(key: str) -> Any:
         return experts.expert_out(await service.in_engine(experts.find, service, key))
 
-    @app.delete("/v1/experts/{key}", dependencies=writes)
+    @app.delete("/v1/experts/{key}", dependencies=[*writes, generation_slot])
     async def delete_expert(key: str) -> dict[str, Any]:
         return await service.in_engine(experts.remove, service, key)
 
-    @app.post("/v1/experts", response_model=ImportedExpertOut, status_code=201, dependencies=writes)
+    @app.post("/v1/experts", response_model=ImportedExpertOut, status_code=201,
+              dependencies=[*writes, generation_slot])
     async def add_expert(
         name: Annotated[str, Form(min_length=1, max_length=200)],
         description: Annotated[list[str], Form(min_length=1, max_length=64)],
@@ -217,11 +234,18 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
             lora_id = body.model
         if lora_id is not None:
             lora = service.lookup(lora_id).lora
-        elif body.description is not None:
-            stored, _, _ = await service.generate(service.job(body.description, body.method, None, body.seed))
+        limits = guard.limits()
+        limits.completion(body.prompt, body.max_tokens)
+        if lora_id is None and body.description is not None:
+            job = service.job(body.description, body.method, None, body.seed)
+            limits.generation(job.num_samples)
+            async with guard.generation.slot():
+                stored, _, _ = await service.generate(job)
             lora, lora_id = stored[0].lora, stored[0].info["id"]
         temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-        done = await service.complete(body.prompt, lora, body.max_tokens, temperature, body.seed, body.stop_strings)
+        async with guard.completion.slot():
+            done = await service.complete(body.prompt, lora, body.max_tokens, temperature, body.seed,
+                                          body.stop_strings)
         return CompletionOut(id=service.new_completion_id(), created=int(time.time()),
                              model=body.model or service.reg.spec.base_model,
                              choices=[Choice(text=done.text, index=0, finish_reason=done.finish_reason)],

@@ -4,7 +4,9 @@ One collector task takes the first waiting request, then keeps taking more until
 `max_wait` has passed, or until the batch is as large as the largest of the last few; it groups
 them by what one generator call can share (method, k, seed, samples) and runs each group through
 `run`. While a group runs, new requests queue up, so under load the next batch fills without
-waiting.
+waiting. A group whose requests cost more together than `max_cost` (e.g. the characters of their
+examples) runs as several calls of at most that cost, so that one call holds the engine no longer
+than one costly request would; before each call, requests whose client went away are dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ R = TypeVar("R")
 
 class MicroBatcher(Generic[J, R]):
     def __init__(self, run: Callable[[list[J]], Awaitable[list[R]]], key: Callable[[J], Hashable], *,
-                 max_batch: int, max_wait_s: float) -> None:
-        self.run, self.key = run, key
+                 max_batch: int, max_wait_s: float, cost: Callable[[J], int] = lambda job: 0,
+                 max_cost: int = 0) -> None:
+        self.run, self.key, self.cost, self.max_cost = run, key, cost, max_cost
         self.max_batch, self.max_wait_s = max(1, max_batch), max(0.0, max_wait_s)
         self._queue: asyncio.Queue[tuple[J, asyncio.Future[R]]] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -76,14 +79,40 @@ class MicroBatcher(Generic[J, R]):
             for item in batch:
                 groups.setdefault(self.key(item[0]), []).append(item)
             for items in groups.values():
-                await self._run(items)
+                for chunk in self._chunks(items):
+                    await self._run(chunk)
+
+    def _chunks(self, items: list[tuple[J, asyncio.Future[R]]]) -> list[list[tuple[J, asyncio.Future[R]]]]:
+        """`items` in order, cut where the next would take a chunk's cost past `max_cost` (0: never)."""
+        chunks: list[list[tuple[J, asyncio.Future[R]]]] = [[]]
+        total = 0
+        for item in items:
+            c = self.cost(item[0])
+            if chunks[-1] and self.max_cost and total + c > self.max_cost:
+                chunks.append([])
+                total = 0
+            chunks[-1].append(item)
+            total += c
+        return chunks
 
     async def _run(self, items: list[tuple[J, asyncio.Future[R]]]) -> None:
         live = [(j, f) for j, f in items if not f.done()]  # a client that went away cancels its future
         if not live:
             return
+        run = asyncio.ensure_future(self.run([j for j, _ in live]))
         try:
-            results = await self.run([j for j, _ in live])
+            while not run.done():
+                waiting = [f for _, f in live if not f.done()]
+                if not waiting:  # every client went away: a call not yet started never starts
+                    run.cancel()
+                await asyncio.wait([run, *waiting], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not run.done():  # the collector itself was cancelled
+                run.cancel()
+        if run.cancelled():
+            return
+        try:
+            results = run.result()
         except Exception as exc:  # every request of the failed call gets the error
             for _, f in live:
                 if not f.done():

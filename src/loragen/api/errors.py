@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,13 +13,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from ..errors import LoragenError
+from ..errors import DeadlineExceeded, LimitExceeded, LoragenError, OverBudget, Overloaded
 
 log = logging.getLogger(__name__)
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
-              415: "unsupported_media_type", 422: "invalid_request", 503: "not_ready"}
+              415: "unsupported_media_type", 422: "invalid_request", 429: "overloaded", 503: "not_ready",
+              504: "deadline_exceeded"}
 
 
 class ApiError(Exception):
@@ -61,7 +64,9 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, on_refused: Callable[[str], None] = lambda reason: None) -> None:
+    """`on_refused(reason)` counts the requests a cost limit or the memory budget refused."""
+
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -72,6 +77,23 @@ def install(app: FastAPI) -> None:
 
     async def on_loragen(_: Request, exc: Exception) -> JSONResponse:
         return error_response(400, "bad_request", str(exc))
+
+    async def on_limit(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, LimitExceeded)
+        if isinstance(exc, OverBudget):
+            on_refused("memory_budget")
+            return error_response(413, "over_memory_budget", str(exc))
+        on_refused("cost_limit")
+        return error_response(422, "limit_exceeded", str(exc))
+
+    async def on_overloaded(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Overloaded)
+        status = 503 if exc.reason == "not_ready" else 429
+        code = {"not_ready": "not_ready", "rate_limited": "rate_limited"}.get(exc.reason, "overloaded")
+        return error_response(status, code, str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+
+    async def on_deadline(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(504, "deadline_exceeded", str(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -89,5 +111,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(LoragenError, on_loragen)
+    app.add_exception_handler(LimitExceeded, on_limit)
+    app.add_exception_handler(Overloaded, on_overloaded)
+    app.add_exception_handler(DeadlineExceeded, on_deadline)
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

@@ -8,7 +8,15 @@ Series (names, types and labels are part of the service's interface):
 - `loragen_completion_batch_size` histogram: completions decoded per forward batch;
 - `loragen_generated_loras_total` counter;
 - `loragen_cache_hits_total`, `loragen_cache_misses_total` counters and `loragen_cache_bytes`,
-  `loragen_cache_items` gauges: the LoRA cache, read when scraped.
+  `loragen_cache_items` gauges: the LoRA cache, read when scraped;
+- `loragen_queue_depth{engine}` and `loragen_active_requests{engine}` gauges: requests waiting for,
+  and holding, a slot of an engine (`generation`, `completion`), read when scraped;
+- `loragen_queue_wait_seconds{engine}` histogram: time from admission to a slot;
+- `loragen_refused_requests_total{reason}` counter: requests refused before any work (queue_full,
+  not_ready, rate_limited, cost_limit, memory_budget);
+- `loragen_cancelled_requests_total{reason}` counter: requests dropped when their client
+  disconnected or their deadline passed;
+- `loragen_queue_dropped_total{engine}` counter: queued requests that left before reaching the engine.
 
 Each `Metrics` owns its own `CollectorRegistry`, so several apps in one process never share or
 clash over series. The `_created` samples `prometheus_client` adds are left out of the text.
@@ -16,10 +24,10 @@ clash over series. The `_created` samples `prometheus_client` adds are left out 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,6 +79,18 @@ class Metrics:
                                              "Completions decoded per forward batch.",
                                              buckets=BATCH_BUCKETS, registry=self.registry)
         self._generated = Counter("loragen_generated_loras", "LoRAs generated.", registry=self.registry)
+        self._depth = Gauge("loragen_queue_depth", "Requests waiting for an engine slot.", ["engine"],
+                            registry=self.registry)
+        self._active = Gauge("loragen_active_requests", "Requests holding an engine slot.", ["engine"],
+                             registry=self.registry)
+        self._wait = Histogram("loragen_queue_wait_seconds", "Time from admission to an engine slot.", ["engine"],
+                               buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._refused = Counter("loragen_refused_requests", "Requests refused before any work, by reason.",
+                                ["reason"], registry=self.registry)
+        self._cancelled = Counter("loragen_cancelled_requests", "Requests dropped when their client disconnected "
+                                  "or their deadline passed.", ["reason"], registry=self.registry)
+        self._dropped = Counter("loragen_queue_dropped", "Queued requests that left before reaching the engine.",
+                                ["engine"], registry=self.registry)
         if cache is not None:
             self.registry.register(_CacheCollector(cache))
         self._exposed = _WithoutCreated(self.registry)
@@ -85,6 +105,22 @@ class Metrics:
 
     def completion_batch(self, size: int) -> None:
         self._completion_batches.observe(size)
+
+    def queue_state(self, engine: str, depth: Callable[[], float], active: Callable[[], float]) -> None:
+        self._depth.labels(engine=engine).set_function(depth)
+        self._active.labels(engine=engine).set_function(active)
+
+    def queue_wait(self, engine: str, seconds: float) -> None:
+        self._wait.labels(engine=engine).observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(reason=reason).inc()
+
+    def cancelled(self, reason: str) -> None:
+        self._cancelled.labels(reason=reason).inc()
+
+    def dropped(self, engine: str) -> None:
+        self._dropped.labels(engine=engine).inc()
 
     def render(self) -> str:
         """Every series in the Prometheus text format 0.0.4."""

@@ -89,12 +89,15 @@ class RequestMetrics:
             self.metrics.request(scope["method"], route, status, time.perf_counter() - started)
 
 
-def key_checker(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that needs `Authorization: Bearer <key>` with one of `keys` (none: open)."""
+def key_checker(keys: list[str], on_key: Callable[[str], None] = lambda key: None,
+                public: frozenset[str] = frozenset()) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that needs `Authorization: Bearer <key>` with one of `keys` (none: open) on every
+    path but `public` ones. A valid key is kept as `request.state.api_key` and passed to `on_key`
+    (the per-key rate limit)."""
     wanted = [k.encode() for k in keys]
 
     async def check(request: Request) -> None:
-        if not wanted:
+        if not wanted or request.url.path in public:
             return
         header = request.headers.get("authorization")
         challenge = {"WWW-Authenticate": "Bearer"}
@@ -107,6 +110,8 @@ def key_checker(keys: list[str]) -> Callable[[Request], Awaitable[None]]:
         given = token.strip().encode("utf-8", "replace")
         if not any(secrets.compare_digest(given, k) for k in wanted):
             raise ApiError(403, "forbidden", "the API key is not valid")
+        request.state.api_key = token.strip()
+        on_key(request.state.api_key)
 
     return check
 

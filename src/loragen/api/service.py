@@ -56,6 +56,10 @@ class Job:
     def group(self) -> tuple[Any, ...]:
         return (self.method, self.k, self.seed, self.num_samples, self.examples is not None)
 
+    def cost(self) -> int:
+        """The characters of the examples: what a generator call's time and memory grow with."""
+        return sum(len(value) for example in self.examples or () for _, value in example)
+
     @property
     def cacheable(self) -> bool:  # a learned method without a seed samples afresh every time
         return self.seed is not None or self.method not in LEARNED_METHODS
@@ -115,7 +119,7 @@ class Service:
         self.metrics = Metrics(self.cache)
         self.batcher: MicroBatcher[Job, tuple[list[Stored], float]] = MicroBatcher(
             self._run_group, lambda j: j.group, max_batch=settings.max_batch,
-            max_wait_s=settings.max_wait_ms / 1000)
+            max_wait_s=settings.max_wait_ms / 1000, cost=Job.cost, max_cost=settings.max_example_chars)
         self.completer: MicroBatcher[Completion, Completed] = MicroBatcher(
             self._run_completions, lambda c: c.group, max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000)
@@ -215,7 +219,7 @@ class Service:
     @property
     def reg(self) -> Registry:
         if self.registry is None:
-            raise ApiError(503, "not_ready", "the service is still starting")
+            raise ApiError(503, "not_ready", "the service is still starting", {"Retry-After": "1"})
         return self.registry
 
     def changed(self) -> None:

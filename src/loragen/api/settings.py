@@ -30,3 +30,26 @@ class ApiSettings(Settings):
         default=2, ge=1, le=64, description="Single-threaded workers one text-encoding batch is split across "
         "(CPU); 1: one call on torch's intra-op threads. Results are the same; under load the split is faster.")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1, description="Largest request body accepted.")
+    # Admission control, deadlines and per-request cost limits: see README, "Limits".
+    max_concurrent_requests: int = Field(
+        default=32, ge=1, description="Requests each engine (generation; completions) works on at once; the "
+        "micro-batcher coalesces them, so keep it at least max_batch.")
+    max_queued_requests: int = Field(
+        default=64, ge=0, description="Requests waiting per engine beyond max_concurrent_requests; past it "
+        "429 with Retry-After.")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Each request's deadline: past it 504, "
+                                     "and its work is dropped.")
+    max_example_chars: int = Field(default=16384, ge=1, description="Total characters of a request's examples.")
+    max_example_tokens: int = Field(default=4096, ge=1, description="Total prompt and output tokens of a "
+                                    "request's examples; each example must also fit the base model's context.")
+    max_batch_chars: int = Field(default=65536, ge=1, description="Total characters of a batch's descriptions "
+                                 "(batch size x description length).")
+    max_generated_bytes: int = Field(default=64 * 2**20, ge=1, description="Bytes of LoRA weights one request "
+                                     "may generate (samples or batch items x adapter size).")
+    memory_budget_bytes: int = Field(default=2 * 2**30, ge=1, description="Estimated working memory one request "
+                                     "may need (examples x tokens x layers; batch x adapter bytes); past it 413.")
+    rate_limit_rps: float = Field(default=0.0, ge=0, description="Requests per second per API key (token "
+                                  "bucket, bursts of rate_limit_burst); 0: no limit.")
+    rate_limit_burst: int = Field(default=20, ge=1, description="Requests a key may send at once.")
+    rate_limit_bytes_per_min: int = Field(default=0, ge=0, description="Generated LoRA bytes per minute per "
+                                          "API key; 0: no limit.")
