@@ -400,7 +400,20 @@ def test_the_openai_client_names_a_lora_as_its_model(server: str, client: Client
     plain = oa.completions.create(model=base, prompt="hello", max_tokens=8, temperature=0)
     assert plain.choices[0].text == client.complete("hello", max_tokens=8).text != ours.text
     with pytest.raises(openai.NotFoundError, match="neither the base model nor a LoRA"):
-        oa.completions.create(model="lora-nowhere", prompt="hello", max_tokens=2)
+        oa.completions.create(model="lora-nowhere", prompt="hello", max_tokens=2, extra_body={"lora_id": "x"})
+    with pytest.raises(openai.ConflictError, match="names the LoRA"):  # which LoRA is meant?
+        oa.completions.create(model=lora_id, prompt="hello", max_tokens=2, extra_body={"description": "french"})
+    same = oa.completions.create(model=lora_id, prompt="hello", max_tokens=8, extra_body={"lora_id": lora_id})
+    assert same.choices[0].text == ours.text
+
+
+def test_a_learned_method_without_a_trained_generator_is_404_without_server_paths(server: str) -> None:
+    """The world trains sg only; icm is a method the schema lists, which this server does not have."""
+    for path, body in (("/v1/loras", {"description": "x", "method": "icm"}),
+                       ("/v1/loras/batch", {"descriptions": ["x"], "method": "icm"}),
+                       ("/v1/search", {"description": "x", "method": "icm"})):
+        err = assert_error(httpx.post(f"{server}{path}", json=body, timeout=60), 404, "unavailable")
+        assert "icm" in err["message"] and "/" not in err["message"].replace("GET /readyz", "")
 
 
 def _peft_dir(world: Path, tmp_path: Path) -> Path:
@@ -666,12 +679,15 @@ def test_settings_from_environment_and_serve_command(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setenv("LORAGEN_API_KEYS", '["k1", "k2"]')
     monkeypatch.setenv("LORAGEN_MAX_BATCH", "8")
+    monkeypatch.setenv("LORAGEN_MAX_QUEUED_REQUESTS", "7")
     settings = ApiSettings()
     assert settings.api_keys == ["k1", "k2"] and settings.max_batch == 8 and not settings.auth_all_routes
+    assert settings.max_queued_requests == 7
     seen: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda application, **kw: seen.update(app=application, **kw))
-    serve(registry=world / "registry", port=0, max_batch=4)
+    serve(registry=world / "registry", port=0, max_batch=4, auth_all_routes=True, request_timeout_s=9)
     assert seen["port"] == 0 and seen["host"] == "127.0.0.1"
     service = seen["app"].state.service
     assert service.settings.registry == world / "registry" and service.batcher.max_batch == 4
-    assert service.settings.api_keys == ["k1", "k2"]
+    assert service.settings.api_keys == ["k1", "k2"] and service.settings.auth_all_routes
+    assert service.settings.max_queued_requests == 7 and service.settings.request_timeout_s == 9

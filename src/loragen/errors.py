@@ -29,3 +29,8 @@ class Overloaded(LoragenError):
 
 class DeadlineExceeded(LoragenError):
     """The request did not finish within its deadline; its work was dropped."""
+
+
+class Unavailable(LoragenError):
+    """What the request names does not exist on this server (e.g. a learned method it has no
+    trained generator for)."""

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from pydantic import StringConstraints
 from starlette.convertors import Convertor, register_url_convertor
 
 from ..embeddings import TextEncoder
@@ -22,7 +23,7 @@ from .errors import ApiError
 from .guard import Guard
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
-from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
+from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, NONBLANK, BatchOut, BatchRequest, Choice, CompletionOut,
                       CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, ImportedExpertOut, LoraOut, ModelCard,
                       ModelList, ReadyOut, SearchOut, SearchRequest, Usage, valid_unicode)
 from .service import Service, Stored
@@ -195,7 +196,9 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
               dependencies=[*writes, generation_slot])
     async def add_expert(
         name: Annotated[str, Form(min_length=1, max_length=200)],
-        description: Annotated[list[str], Form(min_length=1, max_length=64)],
+        description: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_DESCRIPTION,
+                                                                     pattern=NONBLANK)]],
+                               Form(min_length=1, max_length=64)],
         adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
         adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
         tags: Annotated[list[str], Form()] = [],  # noqa: B006 (FastAPI copies defaults)
@@ -225,12 +228,12 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     async def completions(body: CompletionRequest) -> CompletionOut:
         lora, lora_id = None, body.lora_id
         if body.model is not None and body.model != service.reg.spec.base_model:
-            if body.lora_id is not None or body.description is not None:
-                raise ApiError(422, "invalid_request", "model names a LoRA: give it there or as lora_id, "
-                               "and no description")
             if body.model not in service.cache:
                 raise ApiError(404, "not_found", f"model {body.model!r} is neither the base model nor a LoRA "
                                "served now (GET /v1/models lists both)")
+            if body.lora_id not in (None, body.model) or body.description is not None:  # which LoRA is meant?
+                raise ApiError(409, "conflict", f"model names the LoRA {body.model!r}, and the "
+                               f"{'lora_id' if body.description is None else 'description'} another; give one")
             lora_id = body.model
         if lora_id is not None:
             lora = service.lookup(lora_id).lora

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from ..errors import DeadlineExceeded, LimitExceeded, LoragenError, OverBudget, Overloaded
+from ..errors import DeadlineExceeded, LimitExceeded, LoragenError, OverBudget, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ def install(app: FastAPI, on_refused: Callable[[str], None] = lambda reason: Non
         code = {"not_ready": "not_ready", "rate_limited": "rate_limited"}.get(exc.reason, "overloaded")
         return error_response(status, code, str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
 
+    async def on_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(404, "unavailable", str(exc))
+
     async def on_deadline(_: Request, exc: Exception) -> JSONResponse:
         return error_response(504, "deadline_exceeded", str(exc))
 
@@ -114,5 +117,6 @@ def install(app: FastAPI, on_refused: Callable[[str], None] = lambda reason: Non
     app.add_exception_handler(LimitExceeded, on_limit)
     app.add_exception_handler(Overloaded, on_overloaded)
     app.add_exception_handler(DeadlineExceeded, on_deadline)
+    app.add_exception_handler(Unavailable, on_unavailable)
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from ..generator import METHODS
 from ..schemas import (BatchOut, Choice, CompletionOut, ErrorBody, ErrorOut, ExpertList, ExpertOut, HitOut,
                        ImportedExpertOut, LoraOut, NeighbourOut, SearchOut, Usage)
 
@@ -26,11 +27,18 @@ def valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(valid_unicode)]
-Description = Field(min_length=1, max_length=MAX_DESCRIPTION, description="What the LoRA should make the model do.")
+# Not blank: a character Python's str.strip() keeps (\s as Python reads it, which the server's
+# validator lacks for \x1c-\x1f).
+NONBLANK = r"[^\s\x1c-\x1f]"
+NonBlank = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DESCRIPTION, pattern=NONBLANK),
+                     AfterValidator(valid_unicode)]
+Description = Field(min_length=1, max_length=MAX_DESCRIPTION, pattern=NONBLANK,
+                    description="What the LoRA should make the model do.")
 
 
-Method = Field(default="weighted", min_length=1, max_length=64,
-               description="nearest, weighted, topk, uniform, or a trained learned method (icm, sg).")
+Method = Field(default="weighted", min_length=1, max_length=64, json_schema_extra={"enum": list(METHODS)},
+               description="nearest, weighted, topk, uniform, multitask, or a learned method (icm, sg) the server "
+                           "has a trained generator for.")
 
 
 class Strict(BaseModel):
@@ -44,8 +52,8 @@ class ExamplePair(BaseModel):
     """One input/output pair; other keys are ignored, as the generators ignore them."""
 
     model_config = ConfigDict(strict=True)
-    input: Text
-    output: Text
+    input: Text = Field(max_length=MAX_DESCRIPTION)
+    output: Text = Field(max_length=MAX_DESCRIPTION)
 
 
 class GenerateRequest(Strict):
@@ -58,12 +66,16 @@ class GenerateRequest(Strict):
         default=None, max_length=64,
         description="Input/output pairs ({input, output}) the LoRA should reproduce. weighted, icm and sg score "
                     "the description's top experts by how well each explains them and re-weigh (each neighbour's "
-                    "example_logprob); icm also adds its in-context task vector. Needs the base model locally.")
+                    "example_logprob); icm also adds its in-context task vector. Needs the base model locally. "
+                    "Limits (422 limit_exceeded past them): their total characters (max_example_chars, default "
+                    "16384) and tokens (max_example_tokens, default 4096); each example's prompt, output and "
+                    "end of text within the base model's context.")
 
 
 class BatchRequest(Strict):
-    descriptions: list[Annotated[Text, Field(min_length=1, max_length=MAX_DESCRIPTION)]] = Field(
-        min_length=1, max_length=MAX_BATCH)
+    descriptions: list[NonBlank] = Field(
+        min_length=1, max_length=MAX_BATCH, description="Their total characters, batch size x description length, "
+        "are limited too (max_batch_chars, default 65536; 422 limit_exceeded past it).")
     method: str = Method
     k: int | None = Field(default=None, ge=1, le=64)
     seed: int | None = Field(default=None, ge=0, lt=2**31)
@@ -72,7 +84,8 @@ class BatchRequest(Strict):
 class SearchRequest(Strict):
     description: Text = Description
     k: int = Field(default=4, ge=1, le=100)
-    method: str | None = Field(default=None, min_length=1, max_length=64, description="Rank as this generation method does (icm and sg "
+    method: str | None = Field(default=None, min_length=1, max_length=64,
+                               json_schema_extra={"enum": [*METHODS, None]}, description="Rank as this generation method does (icm and sg "
                                "score in their learned description space); omitted: the registry's own similarity.")
 
 
@@ -85,8 +98,9 @@ class CompletionRequest(Strict):
     model: str | None = Field(default=None, min_length=1, max_length=1024, description=(
         "As in OpenAI's and vLLM's completions: the base model's id (no LoRA) or a LoRA's id, as "
         "GET /v1/models lists them. A LoRA here is the same as lora_id."))
-    prompt: Text = Field(min_length=1, max_length=MAX_DESCRIPTION)
-    description: Text | None = Field(default=None, min_length=1, max_length=MAX_DESCRIPTION)
+    prompt: Text = Field(min_length=1, max_length=MAX_DESCRIPTION, description=(
+        "Its tokens plus max_tokens must fit the base model's context (422 limit_exceeded)."))
+    description: NonBlank | None = None
     lora_id: str | None = Field(default=None, min_length=1, max_length=128,
                                 description="A generated LoRA's id; not together with a description.")
     method: str = Method
@@ -133,7 +147,7 @@ class ReadyOut(BaseModel):
     encoder_workers: int
 
 
-__all__ = ["MAX_BATCH", "MAX_DESCRIPTION", "MIN_TEMPERATURE", "BatchOut", "BatchRequest", "Choice", "CompletionOut",
+__all__ = ["MAX_BATCH", "MAX_DESCRIPTION", "MIN_TEMPERATURE", "NONBLANK", "BatchOut", "BatchRequest", "Choice", "CompletionOut",
            "CompletionRequest", "ErrorBody", "ErrorOut", "ExamplePair", "ExpertList", "ExpertOut", "GenerateRequest",
            "HitOut", "ImportedExpertOut", "LoraOut", "ModelCard", "ModelList", "NeighbourOut", "ReadyOut",
            "SearchOut", "SearchRequest", "Strict", "Text", "Usage", "valid_unicode"]

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError, Completed
+from ..errors import Unavailable
 from ..embeddings import TextEncoder, resolve_dtype
 from ..generator import LEARNED_METHODS, METHODS, GenerationError, TaskVectors, check_descriptions, load_generator
 from ..generator.compiled_decode import bucket
@@ -279,6 +280,10 @@ class Service:
             if method in LEARNED_METHODS and self.generator_root is not None:
                 root = self.generator_root
                 gen_dir = root if (root / "config.json").is_file() else root / method
+            if method in LEARNED_METHODS and (gen_dir is None or _config_method(gen_dir) not in (method, None)
+                                              or not (gen_dir / "config.json").is_file()):
+                raise Unavailable(f"this server has no trained {method} generator; use another method "
+                                  "(GET /readyz lists what is loaded)")
             gen = load_generator(method, self.reg, k=k, temperature=self.settings.softmax_temperature,
                                  generator_dir=gen_dir, device=self.settings.device,
                                  inline_examples=self.settings.inline_examples,

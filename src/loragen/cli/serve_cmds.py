@@ -29,6 +29,15 @@ def serve(
                                                       "bfloat16 where the CPU has it natively, else float32).")] = None,
     encoder_workers: Annotated[int | None, typer.Option(min=1, max=64, help="Single-threaded workers a "
                                "text-encoding batch is split across (default 2; 1: torch's threads).")] = None,
+    auth_all_routes: Annotated[bool | None, typer.Option(
+        "--auth-all-routes/--auth-writes-only", help="With API keys (LORAGEN_API_KEYS): need a key on every route "
+        "but the probes /healthz and /readyz, so per-key rate limits count every request.")] = None,
+    max_concurrent_requests: Annotated[int | None, typer.Option(min=1, help="Requests each engine works on at "
+                                                                "once (default 32).")] = None,
+    max_queued_requests: Annotated[int | None, typer.Option(min=0, help="Requests waiting per engine; past it "
+                                                            "429 + Retry-After (default 64).")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(min=0.001, help="Each request's deadline; past it "
+                                                            "504 (default 30).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve LoRA generation over HTTP; with no --registry, the demo world (built first if missing)."""
@@ -39,7 +48,9 @@ def serve(
     overrides: dict[str, Any] = {"host": host, "port": port, "registry": registry, "generator": generator,
                                  "device": device, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
                                  "encoder_dtype": encoder_dtype.value if encoder_dtype else None,
-                                 "encoder_workers": encoder_workers}
+                                 "encoder_workers": encoder_workers, "auth_all_routes": auth_all_routes,
+                                 "max_concurrent_requests": max_concurrent_requests,
+                                 "max_queued_requests": max_queued_requests, "request_timeout_s": request_timeout_s}
     settings = ApiSettings(**{k: v for k, v in overrides.items() if v is not None})
     if settings.registry is None:
         from ..demo.world import build_demo
