@@ -414,6 +414,9 @@ def test_a_learned_method_without_a_trained_generator_is_404_without_server_path
                        ("/v1/search", {"description": "x", "method": "icm"})):
         err = assert_error(httpx.post(f"{server}{path}", json=body, timeout=60), 404, "unavailable")
         assert "icm" in err["message"] and "/" not in err["message"].replace("GET /readyz", "")
+    # JSON Schema's integers include 2.0; the server takes it as 2 (never a bool or 2.5)
+    r = httpx.post(f"{server}/v1/loras", json={"description": "x", "k": 2.0, "seed": 3.0}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["neighbours"]) == 2, r.text
 
 
 def _peft_dir(world: Path, tmp_path: Path) -> Path:
@@ -495,7 +498,7 @@ def test_bad_adapter_configs_get_4xx_that_say_what_is_wrong(server: str, world: 
             r = http.post("/v1/experts", data={"name": f"bad-{what}", "description": ["x"]},
                           files={"adapter_config": ("adapter_config.json", config_bytes),
                                  "adapter_model": ("adapter_model.safetensors", weights_bytes)})
-            message = assert_error(r, 400, "bad_request")["message"]
+            message = assert_error(r, 400, "invalid_adapter")["message"]
             assert says in message, (what, message)
             assert "the uploaded adapter" in message or what == "wrong shapes", (what, message)
             assert tempfile.gettempdir() not in message and "loragen-upload" not in message, (what, message)
@@ -505,11 +508,12 @@ def test_bad_adapter_configs_get_4xx_that_say_what_is_wrong(server: str, world: 
 BAD_REQUESTS = [
     ("POST", "/v1/loras", {"json": {}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": ""}}, 422, "invalid_request"),
-    ("POST", "/v1/loras", {"json": {"description": "   "}}, 400, "bad_request"),
+    ("POST", "/v1/loras", {"json": {"description": "   "}}, 422, "invalid_request"),  # blank, as the schema says
     ("POST", "/v1/loras", {"json": {"description": "x" * 4001}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": 12}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "method": "magic"}}, 400, "unknown_method"),
-    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "icm"}}, 400, "bad_request"),  # not trained
+    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "icm"}}, 404, "unavailable"),  # not trained
+    ("POST", "/v1/loras", {"json": {"description": "ok", "k": 2.5}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "num_samples": 17}}, 422, "invalid_request"),
     # No coercion: false is not 0, true is not 1, "3" is not 3 (the schema says integer).
     ("POST", "/v1/loras", {"json": {"description": "ok", "seed": False}}, 422, "invalid_request"),
@@ -533,11 +537,11 @@ BAD_REQUESTS = [
     ("POST", "/v1/loras", {"content": b"\xff\xfe\x00garbage", "headers": {"content-type": "application/json"}},
      400, None),
     ("POST", "/v1/loras", {"content": b"x" * (2**20 + 1)}, 413, "payload_too_large"),
-    ("POST", "/v1/search", {"json": {"description": "ok", "method": "icm"}}, 400, "bad_request"),  # not trained
+    ("POST", "/v1/search", {"json": {"description": "ok", "method": "icm"}}, 404, "unavailable"),  # not trained
     ("POST", "/v1/search", {"json": {"description": "ok", "method": 3}}, 422, "invalid_request"),
     ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"] * 257}}, 422, "invalid_request"),
     ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", ""]}}, 422, "invalid_request"),
-    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", " "]}}, 400, "bad_request"),
+    ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", " "]}}, 422, "invalid_request"),
     ("GET", "/v1/loras/lora-unknown", {}, 404, "not_found"),
     ("GET", "/v1/loras/lora-unknown/adapter", {}, 404, "not_found"),
     ("GET", "/v1/experts/987654", {}, 404, "not_found"),
@@ -552,7 +556,7 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"json": {"prompt": "a", "model": "lora-unknown"}}, 404, "not_found"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}}, 422, "invalid_request"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "stop": [""]}}, 422, "invalid_request"),
-    ("POST", "/v1/completions", {"json": {"prompt": "a", "model": "x", "description": "y"}}, 422, "invalid_request"),
+    ("POST", "/v1/completions", {"json": {"prompt": "a", "model": "x", "description": "y"}}, 404, "not_found"),
     ("POST", "/v1/completions", {"json": {"prompt": "a", "max_tokens": 257}}, 422, "invalid_request"),
     ("POST", "/v1/experts", {"content": b"--x\r\ntruncated", "headers": {
         "content-type": "multipart/form-data; boundary=x", "authorization": f"Bearer {KEY}"}}, 0, None),

@@ -21,9 +21,10 @@ from loragen.embeddings import TextEncoder
 
 from conftest import uvicorn_server
 
-# Refusals of schema-valid bodies that depend on the loaded base model or the server's settings, as
-# the schema's descriptions say (e.g. a prompt's tokens against the base model's context).
-DOCUMENTED_REFUSALS = {"limit_exceeded", "over_memory_budget"}
+# Refusals of schema-valid bodies that depend on the loaded base model, the server's settings or
+# the contents of an uploaded file, as the schema's descriptions say (e.g. a prompt's tokens against
+# the base model's context; adapter bytes that are not a safetensors file).
+DOCUMENTED_REFUSALS = {"limit_exceeded", "over_memory_budget", "invalid_adapter"}
 
 
 def positive_data_acceptance(ctx, response, case):  # type: ignore[no-untyped-def]
@@ -84,6 +85,9 @@ def test_the_schema_refuses_what_the_server_refuses() -> None:
     assert valid("CompletionRequest", {"prompt": "a", "description": None, "lora_id": "lora-1"})
     assert valid("CompletionRequest", {"prompt": "a", "description": "x"})
     assert valid("BatchRequest", {"descriptions": ["a"], "seed": 3})
+    assert not valid("CompletionRequest", {"prompt": "a", "stop": ["a"] * 5})
+    assert not valid("GenerateRequest", {"description": "ok", "k": 0})
+    assert valid("GenerateRequest", {"description": "ok", "k": 2.0})  # an integer in JSON Schema; the server agrees
     assert not valid("GenerateRequest", {"description": "ok", "method": "bogus"})  # methods are an enum
     assert not valid("SearchRequest", {"description": "ok", "method": "bogus"})
     assert valid("SearchRequest", {"description": "ok", "method": None})

@@ -75,3 +75,48 @@ def test_a_batch_waits_only_until_it_is_as_large_as_recent_ones() -> None:
     calls, waited_for_fourth, alone = asyncio.run(main())
     assert [len(c) for c in calls[:2]] == [4, 4]
     assert 0.09 <= waited_for_fourth < 0.28 and alone < 0.15
+
+
+def test_a_costly_group_runs_in_calls_of_at_most_max_cost() -> None:
+    async def main() -> list[list[int]]:
+        calls: list[list[int]] = []
+
+        async def run(jobs: list[int]) -> list[int]:
+            calls.append(list(jobs))
+            return [j * 10 for j in jobs]
+
+        batcher = MicroBatcher(run, lambda j: 0, max_batch=8, max_wait_s=0.2, cost=lambda j: j, max_cost=5)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(j) for j in (3, 2, 4, 9, 1)))
+        await batcher.stop()
+        assert results == [30, 20, 40, 90, 10]
+        return calls
+
+    assert asyncio.run(main()) == [[3, 2], [4], [9], [1]]  # a job over max_cost alone runs alone
+
+
+def test_a_call_whose_clients_all_left_is_cancelled_before_it_runs() -> None:
+    async def main() -> tuple[list[list[int]], list[int]]:
+        calls: list[list[int]] = []
+        ran: list[int] = []
+        gate = asyncio.Event()
+
+        async def run(jobs: list[int]) -> list[int]:
+            calls.append(list(jobs))
+            await gate.wait()  # the engine is busy
+            ran.extend(jobs)
+            return jobs
+
+        batcher = MicroBatcher(run, lambda j: j, max_batch=1, max_wait_s=0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)
+        first.cancel()  # its client leaves while its call waits for the engine
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await batcher.submit(2) == 2
+        await batcher.stop()
+        return calls, ran
+
+    calls, ran = asyncio.run(main())
+    assert calls == [[1], [2]] and ran == [2]

@@ -199,8 +199,10 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         description: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_DESCRIPTION,
                                                                      pattern=NONBLANK)]],
                                Form(min_length=1, max_length=64)],
-        adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
-        adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
+        adapter_config: Annotated[UploadFile, File(description="adapter_config.json of a PEFT LoRA on the "
+                                                   "registry's base model (else 400 invalid_adapter).")],
+        adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors, its weights (else 400 "
+                                                  "invalid_adapter).")],
         tags: Annotated[list[str], Form()] = [],  # noqa: B006 (FastAPI copies defaults)
     ) -> Any:
         for i, d in enumerate(description):

@@ -52,10 +52,13 @@ def add(service: Service, name: str, descriptions: list[str], tags: list[str], c
     if any(e.name == name for e in reg.experts()):
         raise ApiError(409, "conflict",
                        f"an expert named {name!r} already exists; delete it first or pick another name")
-    lora = read_upload(config, weights, weights_name)
-    if not all(bool(torch.isfinite(t).all()) for t in [*lora.A.values(), *lora.B.values()]):
-        raise AdapterFormatError("the uploaded adapter holds NaN or infinite values")
-    expert, projection = reg.import_adapter(lora, name, descriptions, tags=tags)
+    try:
+        lora = read_upload(config, weights, weights_name)
+        if not all(bool(torch.isfinite(t).all()) for t in [*lora.A.values(), *lora.B.values()]):
+            raise AdapterFormatError("the uploaded adapter holds NaN or infinite values")
+        expert, projection = reg.import_adapter(lora, name, descriptions, tags=tags)
+    except (AdapterFormatError, RegistryError) as exc:  # what the files hold, which the schema cannot say
+        raise ApiError(400, "invalid_adapter", str(exc)) from exc
     service.changed()
     out = expert_out(expert)
     out["fidelity"] = projection.fidelity

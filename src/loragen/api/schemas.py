@@ -4,7 +4,7 @@ The answers the SDK also reads are defined in `loragen.schemas` and re-exported 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -27,6 +27,7 @@ def valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(valid_unicode)]
+
 # Not blank: a character Python's str.strip() keeps (\s as Python reads it, which the server's
 # validator lacks for \x1c-\x1f).
 NONBLANK = r"[^\s\x1c-\x1f]"
@@ -46,6 +47,15 @@ class Strict(BaseModel):
     is not 0, `"k": "2"` is not 2), so the body is valid exactly when its JSON schema says so."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral(cls, data: Any) -> Any:
+        """JSON Schema's integers include 2.0, so an integer field takes 2.0 as 2 (never 2.5 or a bool)."""
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, f in cls.model_fields.items() if f.annotation is int or int in get_args(f.annotation)}
+        return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
 
 
 class ExamplePair(BaseModel):
@@ -108,8 +118,8 @@ class CompletionRequest(Strict):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0,
                                description=f"0 (or below {MIN_TEMPERATURE}) decodes greedily.")
     seed: int | None = Field(default=None, ge=0, lt=2**31)
-    stop: Annotated[str, Field(min_length=1, max_length=64)] | list[Annotated[str, Field(
-        min_length=1, max_length=64)]] | None = Field(default=None, max_length=4, description=(
+    stop: Annotated[str, Field(min_length=1, max_length=64)] | Annotated[list[Annotated[str, Field(
+        min_length=1, max_length=64)]], Field(max_length=4)] | None = Field(default=None, description=(
             "Up to 4 strings: the text ends before the first one the model writes (finish_reason stop)."))
 
     @property
