@@ -243,3 +243,39 @@ def test_per_key_rate_limits_and_memory_budget(world: Path, encoder: TextEncoder
         assert httpx.get(f"{url}/v1/experts").status_code == 401
         assert metric(url, 'loragen_refused_requests_total{reason="rate_limited"}', "scraper") == 2
         assert metric(url, 'loragen_refused_requests_total{reason="memory_budget"}', "scraper") == 1
+
+
+def test_a_batch_runs_in_steps_and_a_client_leaving_stops_the_rest(world: Path, encoder: TextEncoder) -> None:
+    """A batch is cut into generator calls of max_batch; when its client leaves during the first,
+    the engine runs no other."""
+    app = create_app(settings(world, max_batch=4), encoder=encoder)
+    service = app.state.service
+    inside, release, steps = threading.Event(), threading.Event(), []
+    generate = service._generate
+
+    def observed(jobs):  # type: ignore[no-untyped-def]
+        steps.append([j.description for j in jobs])
+        inside.set()
+        release.wait(30)  # the first step is still running when the client leaves
+        return generate(jobs)
+
+    with uvicorn_server(app) as url:
+        calls = metric(url, "loragen_generation_batch_size_count")
+        whole = httpx.post(f"{url}/v1/loras/batch", json={"descriptions": [f"whole batch {i}" for i in range(10)]},
+                           timeout=30)
+        assert whole.status_code == 200 and len(whole.json()["data"]) == 10
+        assert metric(url, "loragen_generation_batch_size_count") - calls == 3  # 4 + 4 + 2
+        service._generate = observed
+        host, port = url.removeprefix("http://").split(":")
+        body = httpx.Request("POST", url, json={"descriptions": [f"left batch {i}" for i in range(12)]}).content
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/loras/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert inside.wait(30)
+        sock.close()
+        wait_for(lambda: metric(url, 'loragen_cancelled_requests_total{reason="disconnect"}') == 1)
+        release.set()
+        assert httpx.post(f"{url}/v1/search", json={"description": "after"}, timeout=30).status_code == 200
+        assert steps == [[f"left batch {i}" for i in range(4)]]
+        made = generated_descriptions(app)
+        assert {f"left batch {i}" for i in range(4, 12)}.isdisjoint(made)

@@ -265,8 +265,13 @@ class Service:
         return stored, False, seconds
 
     async def generate_many(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
-        """One generator call for all of `jobs` (which share one group), bypassing the batcher."""
-        return await self._run_group(jobs)
+        """`jobs` (which share one group), bypassing the batcher, in generator calls of at most
+        max_batch: one call holds the engine no longer than a micro-batch, and a request cancelled
+        between calls (client gone, deadline past) runs no more of them."""
+        out: list[tuple[list[Stored], float]] = []
+        for start in range(0, len(jobs), self.settings.max_batch):
+            out += await self._run_group(jobs[start:start + self.settings.max_batch])
+        return out
 
     async def _run_group(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
         results = await self.in_engine(self._generate, jobs)
