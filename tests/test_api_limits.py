@@ -187,6 +187,8 @@ def test_a_client_leaving_mid_queue_frees_its_slot_and_its_work_never_runs(busy:
     assert not {"left while batched", "left while queued"} & made
     assert metric(url, "loragen_queue_dropped_total") - dropped_before == 1
     assert metric(url, 'loragen_cancelled_requests_total{reason="disconnect"}') - cancelled_before == 2
+    assert metric(url, 'loragen_requests_total{method="POST",route="/v1/loras",status="499"}') == 2
+    assert metric(url, 'loragen_requests_total{method="POST",route="/v1/loras",status="500"}') == 0
 
 
 def test_past_its_deadline_a_request_gets_504_and_its_work_is_dropped(busy: tuple[str, object]) -> None:

@@ -2,7 +2,8 @@
 
 Series (names, types and labels are part of the service's interface):
 
-- `loragen_requests_total{method, route, status}` counter: HTTP requests;
+- `loragen_requests_total{method, route, status}` counter: HTTP requests (status 499: the client
+  left before an answer);
 - `loragen_request_seconds{route}` histogram: HTTP request latency;
 - `loragen_generation_batch_size` histogram: LoRAs decoded per generator call;
 - `loragen_completion_batch_size` histogram: completions decoded per forward batch;

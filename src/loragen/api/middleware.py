@@ -74,16 +74,18 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), 500
+        started, status, answered = time.perf_counter(), 500, False
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
+            if not answered:  # the client left first (nginx's 499), not a server error
+                status = 499
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.request(scope["method"], route, status, time.perf_counter() - started)
