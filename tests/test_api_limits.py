@@ -281,3 +281,22 @@ def test_a_batch_runs_in_steps_and_a_client_leaving_stops_the_rest(world: Path, 
         assert steps == [[f"left batch {i}" for i in range(4)]]
         made = generated_descriptions(app)
         assert {f"left batch {i}" for i in range(4, 12)}.isdisjoint(made)
+
+
+def test_the_load_generator_counts_refusals_apart_from_errors(busy: tuple[str, object]) -> None:
+    """`loragen bench serve` reports 429s as refused (waiting their Retry-After), not as errors."""
+    import asyncio
+
+    from loragen.bench.loadtest import cases, run_level
+
+    url, app = busy
+    gate = block_engine(app)
+    threading.Timer(1.0, gate.set).start()  # the 2 running and 4 queued then complete
+
+    async def level():  # type: ignore[no-untyped-def]
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            return await run_level(http, cases("refusals")["loras-json"], 10, 1.5)
+
+    result = asyncio.run(level())
+    assert result.errors == 0, result.error_samples
+    assert result.refused >= 4 and result.requests >= 6

@@ -115,5 +115,8 @@ def test_metrics_keep_their_series_in_each_app_s_own_registry() -> None:
                      "loragen_generation_batch_size": "histogram", "loragen_completion_batch_size": "histogram",
                      "loragen_generated_loras_total": "counter", "loragen_cache_hits_total": "counter",
                      "loragen_cache_misses_total": "counter", "loragen_cache_bytes": "gauge",
-                     "loragen_cache_items": "gauge"}
+                     "loragen_cache_items": "gauge", "loragen_queue_depth": "gauge",
+                     "loragen_active_requests": "gauge", "loragen_queue_wait_seconds": "histogram",
+                     "loragen_refused_requests_total": "counter", "loragen_cancelled_requests_total": "counter",
+                     "loragen_queue_dropped_total": "counter"}
     assert "_created" not in text and "/healthz" not in second.render()

@@ -8,7 +8,9 @@ a good part of a core at the rates measured, which the server then would not hav
 Every request carries a description no other request of the run uses, so the server's LoRA cache
 cannot answer it; the cache hits the server counted during a level (from `/metrics`) are reported
 so that this can be checked. Latency is measured from just before the request is sent to the end
-of the response body.
+of the response body. A request the server refuses for load (429, or 503 while it starts) counts as
+refused, not as an error or in the latencies, and its client waits the `Retry-After` it was given
+(up to the end of the level), as a well-behaved client does.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Connection:
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.prefix = parts.path.rstrip("/")
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.headers: dict[str, str] = {}  # the last response's, names in lower case
 
     async def post(self, path: str, body: dict[str, Any], headers: dict[str, str],
                    params: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -89,6 +92,7 @@ class Connection:
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
             status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+            self.headers = fields
             if fields.get("transfer-encoding", "").lower() == "chunked":
                 payload = await self._chunked(reader)
             else:
@@ -126,6 +130,7 @@ class LevelResult(BaseModel):
     seconds: float
     requests: int
     errors: int
+    refused: int = 0  # answered 429 (or 503) with Retry-After: refused for load, not failed
     error_samples: list[str]
     req_per_s: float
     p50_ms: float | None
@@ -173,10 +178,12 @@ async def run_level(http: httpx.AsyncClient, case: Case, concurrency: int, secon
     """`concurrency` clients send `case` requests back to back for `seconds`."""
     latencies: list[float] = []
     errors: list[str] = []
+    refused = 0
     counter = iter(range(start_index, 2**62))
     loop = asyncio.get_running_loop()
 
     async def worker(deadline: float) -> None:
+        nonlocal refused
         connection = Connection(str(http.base_url))
         try:
             while loop.time() < deadline:
@@ -185,6 +192,11 @@ async def run_level(http: httpx.AsyncClient, case: Case, concurrency: int, secon
                 try:
                     status, payload = await asyncio.wait_for(
                         connection.post(case.path, case.body(i), case.headers, case.params), REQUEST_TIMEOUT_S)
+                    retry_after = connection.headers.get("retry-after", "")
+                    if status in (429, 503) and retry_after.isdigit():
+                        refused += 1
+                        await asyncio.sleep(max(0.0, min(float(retry_after), deadline - loop.time())))
+                        continue
                     if status >= 400:
                         errors.append(f"{status} {payload[:200].decode('utf-8', 'replace')}")
                 except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError,
@@ -210,7 +222,7 @@ async def run_level(http: httpx.AsyncClient, case: Case, concurrency: int, secon
     stat = (lambda f: round(float(f(ms)), 2)) if len(ms) else (lambda f: None)
     return LevelResult(
         case=case.name, concurrency=concurrency, seconds=round(wall, 3), requests=len(latencies),
-        errors=len(errors), error_samples=sorted(set(errors))[:5], req_per_s=round(len(latencies) / wall, 2),
+        errors=len(errors), refused=refused, error_samples=sorted(set(errors))[:5], req_per_s=round(len(latencies) / wall, 2),
         p50_ms=stat(lambda a: np.percentile(a, 50)), p99_ms=stat(lambda a: np.percentile(a, 99)),
         mean_ms=stat(np.mean), max_ms=stat(np.max),
         cache_hit_fraction=_ratio(hits, lookups),
@@ -244,7 +256,7 @@ async def bench_server(url: str, *, concurrency: list[int], seconds: float, case
                                          server_cpu=server_cpu)
                 index += 1_000_000
                 log(f"{url} {name} c={n}: {result.req_per_s} req/s, p50 {result.p50_ms} ms, "
-                    f"p99 {result.p99_ms} ms, {result.errors} errors")
+                    f"p99 {result.p99_ms} ms, {result.errors} errors, {result.refused} refused")
                 results.append(result)
     return results
 
