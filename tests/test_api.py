@@ -133,7 +133,7 @@ def test_readyz_waits_for_every_component(world: Path, encoder: TextEncoder) -> 
         assert body["components"] == dict.fromkeys(("registry", "encoder", "generators", "base_model"), "ready")
         assert body["max_batch"] == settings.max_batch
         service = app.state.service
-        assert service._base is not None and ("sg", 0) in service._generators  # loaded, not lazily later
+        assert service.completions.loaded and ("sg", 0) in service.pool.loaded()  # loaded, not lazily later
 
 
 def test_readyz_names_what_failed(world: Path, encoder: TextEncoder, tmp_path: Path) -> None:
@@ -287,7 +287,7 @@ def test_generators_share_one_base_model_for_examples(world: Path, encoder: Text
     with uvicorn_server(app) as url, Client(url, timeout=60) as c:
         for method, k in (("sg", None), ("weighted", 2), ("weighted", 3)):
             assert c.generate("reverse the word", method=method, k=k, examples=examples, download=False).neighbours
-        generators = list(app.state.service._generators.values())
+        generators = list(app.state.service.pool.loaded().values())
     assert len(generators) >= 3 and len({id(g.task_vectors) for g in generators}) == 1
     assert "base" in vars(generators[0].task_vectors)  # loaded once, for all of them
     assert generators[0].task_vectors.base is app.state.service.base_model()  # the completions' own copy
@@ -324,7 +324,7 @@ def test_a_compiled_decoder_is_compiled_at_warm_up_and_serves_the_same_loras(wor
     app = create_app(settings, encoder=encoder)
     descriptions = ["english to french", "reverse the word", "arithmetic for kids"]
     with uvicorn_server(app) as url:  # ready once warm: padded batch sizes 1, 2 and 4 compiled
-        gen = app.state.service._generators[("sg", 0)]
+        gen = app.state.service.pool.loaded()[("sg", 0)]
         assert gen._decode.compiled is not None
 
         async def run() -> list:

@@ -23,7 +23,7 @@ from .payloads import adapter_zip, weights_bytes
 from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
                       CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, ImportedExpertOut, LoraOut, ModelCard,
                       ModelList, ReadyOut, SearchOut, SearchRequest, Usage, valid_unicode)
-from .service import Service, Stored
+from .service import Service, Stored, check_method
 from .settings import ApiSettings
 
 BINARY = {200: {"content": {"application/zip": {}, "application/octet-stream": {}}}}
@@ -135,6 +135,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
 
     @app.post("/v1/loras/batch", response_model=BatchOut)
     async def create_batch(body: BatchRequest) -> BatchOut:
+        check_method(body.method)  # an unknown method is the request's error, not one description's
         jobs = []
         for i, description in enumerate(body.descriptions):
             try:
