@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapters import Lora
-from ..basemodel import BaseModel, Completed
+from ..basemodel import BaseModel
 from ..embeddings import TextEncoder
 from ..errors import NotFoundError, UnknownMethodError
 from ..generator import LEARNED_METHODS, METHODS, check_descriptions
 from ..registry import Hit, Registry
 from .batching import MicroBatcher
 from .cache import ByteLRU, tensor_bytes
-from .completions import CompletionEngine, new_completion_id
+from .completions import CompletionEngine
 from .lifecycle import Lifecycle, WarmStep
 from .metrics import Metrics
 from .pool import GeneratorPool
@@ -194,13 +194,5 @@ class Service:
         return stored
 
     # ------------------------------------------------------------ completions
-    async def complete(self, prompt: str, lora: Lora | None, max_tokens: int, temperature: float,
-                       seed: int | None, stop: tuple[str, ...] = ()) -> Completed:
-        return await self.completions.complete(prompt, lora, max_tokens, temperature, seed, stop)
-
     def base_model(self) -> BaseModel:
         return self.completions.base_model()
-
-    @staticmethod
-    def new_completion_id() -> str:
-        return new_completion_id()
