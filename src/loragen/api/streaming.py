@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..basemodel import Completed
 
-Event = tuple[int, str, Any]  # (choice index, "text" | "done" | "error", the text, Completed or exception)
+Event = tuple[int, str, Any]  # (choice index, "text" | "done" | "error", a piece of text | Completed | exception)
 
 
 def held_back(text: str, stop: tuple[str, ...]) -> int:

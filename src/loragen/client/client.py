@@ -26,8 +26,8 @@ import httpx
 from .adapter import AdapterFiles
 from .experts import AsyncExperts, Experts
 from .streaming import aiter_chunks, iter_chunks
-from .types import (Call, ChatCompletion, ChatCompletionChunk, Completion, GenerationResult, LoragenConnectionError,
-                    SearchHit, raise_for)
+from .types import (Call, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, GenerationResult,
+                    LoragenConnectionError, SearchHit, raise_for)
 
 Messages = list[dict[str, Any]]  # OpenAI's chat messages: {"role", "content"}
 
@@ -71,9 +71,11 @@ class _Api:
 
     @staticmethod
     def complete_call(prompt: str, description: str | None, lora_id: str | None, method: str, max_tokens: int,
-                      temperature: float, seed: int | None, stop: str | list[str] | None) -> Call:
+                      temperature: float, seed: int | None, stop: str | list[str] | None, stream: bool = False) -> Call:
         body = _drop_none({"prompt": prompt, "description": description, "lora_id": lora_id, "method": method,
                            "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stop": stop})
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
         return Call("POST", "/v1/completions", {"json": body})
 
     @staticmethod
@@ -154,10 +156,21 @@ class Client(_Api):
         data = self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
         return [SearchHit.model_validate(h) for h in data["neighbours"]]
 
+    @overload
+    def complete(self, prompt: str, *, stream: Literal[False] = False, **options: Any) -> Completion: ...
+
+    @overload
+    def complete(self, prompt: str, *, stream: Literal[True], **options: Any) -> Iterator[CompletionChunk]: ...
+
     def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                  method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
-                 seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
-        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop)
+                 seed: int | None = None, stop: str | list[str] | None = None,
+                 stream: bool = False) -> Completion | Iterator[CompletionChunk]:
+        """A completion of the raw `prompt` (no chat template; `chat` applies it). With `stream=True`,
+        the chunks as they are decoded, the last one with the usage and no choices."""
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop, stream)
+        if stream:
+            return iter_chunks(self._send(call, stream=True), CompletionChunk)
         return Completion.from_json(self._json(call))
 
     @overload
@@ -246,10 +259,21 @@ class AsyncClient(_Api):
         data = await self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
         return [SearchHit.model_validate(h) for h in data["neighbours"]]
 
+    @overload
+    async def complete(self, prompt: str, *, stream: Literal[False] = False, **options: Any) -> Completion: ...
+
+    @overload
+    async def complete(self, prompt: str, *, stream: Literal[True],
+                       **options: Any) -> AsyncIterator[CompletionChunk]: ...
+
     async def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                        method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
-                       seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
-        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop)
+                       seed: int | None = None, stop: str | list[str] | None = None,
+                       stream: bool = False) -> Completion | AsyncIterator[CompletionChunk]:
+        """As `Client.complete`."""
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop, stream)
+        if stream:
+            return aiter_chunks(await self._send(call, stream=True), CompletionChunk)
         return Completion.from_json(await self._json(call))
 
     @overload
