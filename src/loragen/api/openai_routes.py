@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .schemas import (MIN_TEMPERATURE, ChatChoice, ChatChunkChoice, ChatCompleti
 from .service import Service
 from .streaming import Event
 
+log = logging.getLogger(__name__)
 STREAMED = {200: {"content": {"text/event-stream": {}},
                   "description": "With stream: true, server-sent events ending with `data: [DONE]`."}}
 
@@ -121,9 +123,13 @@ def install(app: FastAPI, service: Service) -> None:
                     event = await anext(events, None)
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield sse(usage_chunk(usage(done)))
-            except LoragenError as exc:  # the answer has begun: the error is an event of its own
-                code = domain_status(exc)[1]
-                yield sse({"error": {"code": code, "message": str(exc)}})
+            except Exception as exc:  # the answer has begun: the error is an event of its own
+                if isinstance(exc, LoragenError):
+                    code, message = domain_status(exc)[1], str(exc)
+                else:
+                    log.exception("a streamed completion failed", exc_info=exc)
+                    code, message = "internal_error", "the server failed on this request; see its log"
+                yield sse({"error": {"code": code, "message": message}})
             finally:
                 await events.aclose()
             yield "data: [DONE]\n\n"
