@@ -1,8 +1,36 @@
-"""The root of loragen's user-facing errors: the CLI prints them as one line, the API as 4xx."""
+"""The root of loragen's user-facing errors: the CLI prints them as one line, the API as 4xx.
+
+The service raises the kinds below; the HTTP layer (`loragen.api.errors`) alone chooses the
+status each one gets.
+"""
 
 
 class LoragenError(Exception):
     """Something the caller can fix: bad input, a missing file, a mismatched model."""
+
+
+class UnknownMethodError(LoragenError, ValueError):
+    """No generation method of that name."""
+
+
+class NotFoundError(LoragenError, LookupError):
+    """The thing named (a LoRA, an expert, a model) does not exist, or is no longer kept."""
+
+
+class ConflictError(LoragenError):
+    """The request clashes with what exists, e.g. an expert of that name."""
+
+
+class NotReadyError(LoragenError):
+    """The service is still starting; the same request can be sent again shortly."""
+
+
+class UnavailableError(LoragenError):
+    """A component the request needs (the base model) could not be loaded."""
+
+
+class InvalidAdapterError(LoragenError, ValueError):
+    """An uploaded adapter that is not one, or does not fit the registry."""
 
 
 class LimitExceeded(LoragenError):
@@ -30,7 +58,3 @@ class Overloaded(LoragenError):
 class DeadlineExceeded(LoragenError):
     """The request did not finish within its deadline; its work was dropped."""
 
-
-class Unavailable(LoragenError):
-    """What the request names does not exist on this server (e.g. a learned method it has no
-    trained generator for)."""

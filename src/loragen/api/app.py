@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the FastAPI application serving generation, search, experts, completions."""
+"""`create_app(settings)`: the FastAPI application serving generation, search, experts, and (in
+`openai_routes`) models, completions and chat completions."""
 
 from __future__ import annotations
 
@@ -17,16 +18,15 @@ from starlette.convertors import Convertor, register_url_convertor
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
 from ..generator import check_descriptions
-from . import errors, experts
+from . import errors, experts, openai_routes
 from .deadline import Deadline
 from .errors import ApiError
 from .guard import Guard
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
-from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, NONBLANK, BatchOut, BatchRequest, Choice, CompletionOut,
-                      CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, ImportedExpertOut, LoraOut, ModelCard,
-                      ModelList, ReadyOut, SearchOut, SearchRequest, Usage, valid_unicode)
-from .service import Service, Stored
+from .schemas import (MAX_DESCRIPTION, NONBLANK, BatchOut, BatchRequest, ErrorOut, ExpertList, ExpertOut,
+                      GenerateRequest, ImportedExpertOut, LoraOut, ReadyOut, SearchOut, SearchRequest, valid_unicode)
+from .service import Service, Stored, check_method
 from .settings import ApiSettings
 
 BINARY = {200: {"content": {"application/zip": {}, "application/octet-stream": {}}}}
@@ -149,6 +149,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
 
     @app.post("/v1/loras/batch", response_model=BatchOut)
     async def create_batch(body: BatchRequest, request: Request) -> BatchOut:
+        check_method(body.method)  # an unknown method is the request's error, not one description's
         nbytes = guard.limits().batch(body.descriptions)
         jobs = []
         for i, description in enumerate(body.descriptions):
@@ -217,45 +218,5 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         return await service.in_engine(experts.add, service, name, description, tags, config, weights,
                                        adapter_model.filename)
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models() -> ModelList:
-        """The base model and every LoRA that can be named now, as vLLM lists its LoRA modules."""
-        base = service.reg.spec.base_model
-        cards = [ModelCard(id=base, created=service.started, root=base, parent=None)]
-        cards += [ModelCard(id=key, created=stored.created, root=key, parent=base)
-                  for key, stored in service.served_loras()]
-        return ModelList(data=cards)
-
-    @app.post("/v1/completions", response_model=CompletionOut)
-    async def completions(body: CompletionRequest) -> CompletionOut:
-        lora, lora_id = None, body.lora_id
-        if body.model is not None and body.model != service.reg.spec.base_model:
-            if body.model not in service.cache:
-                raise ApiError(404, "not_found", f"model {body.model!r} is neither the base model nor a LoRA "
-                               "served now (GET /v1/models lists both)")
-            if body.lora_id not in (None, body.model) or body.description is not None:  # which LoRA is meant?
-                raise ApiError(409, "conflict", f"model names the LoRA {body.model!r}, and the "
-                               f"{'lora_id' if body.description is None else 'description'} another; give one")
-            lora_id = body.model
-        if lora_id is not None:
-            lora = service.lookup(lora_id).lora
-        limits = guard.limits()
-        limits.completion(body.prompt, body.max_tokens)
-        if lora_id is None and body.description is not None:
-            job = service.job(body.description, body.method, None, body.seed)
-            limits.generation(job.num_samples)
-            async with guard.generation.slot():
-                stored, _, _ = await service.generate(job)
-            lora, lora_id = stored[0].lora, stored[0].info["id"]
-        temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-        async with guard.completion.slot():
-            done = await service.complete(body.prompt, lora, body.max_tokens, temperature, body.seed,
-                                          body.stop_strings)
-        return CompletionOut(id=service.new_completion_id(), created=int(time.time()),
-                             model=body.model or service.reg.spec.base_model,
-                             choices=[Choice(text=done.text, index=0, finish_reason=done.finish_reason)],
-                             usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                                         total_tokens=done.prompt_tokens + done.completion_tokens),
-                             lora_id=lora_id)
-
+    openai_routes.install(app, service, guard)
     return app

@@ -1,4 +1,7 @@
-"""Every error leaves the API as `{"error": {"code", "message"}}` with a 4xx status for bad input."""
+"""Every error leaves the API as `{"error": {"code", "message"}}` with a 4xx status for bad input.
+
+The service raises `loragen.errors` kinds; `DOMAIN_STATUS` is the one place that gives each its
+HTTP status and code (any other `LoragenError` is a 400)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from ..errors import DeadlineExceeded, LimitExceeded, LoragenError, OverBudget, Overloaded, Unavailable
+from ..errors import (ConflictError, DeadlineExceeded, InvalidAdapterError, LimitExceeded, LoragenError,
+                      NotFoundError, NotReadyError, OverBudget, Overloaded, UnavailableError, UnknownMethodError)
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,25 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
               415: "unsupported_media_type", 422: "invalid_request", 429: "overloaded", 503: "not_ready",
               504: "deadline_exceeded"}
+
+
+DOMAIN_STATUS: dict[type[LoragenError], tuple[int, str]] = {
+    UnknownMethodError: (400, "unknown_method"),
+    NotFoundError: (404, "not_found"),
+    ConflictError: (409, "conflict"),
+    NotReadyError: (503, "not_ready"),
+    UnavailableError: (503, "base_model_unavailable"),
+    InvalidAdapterError: (400, "invalid_adapter"),
+    DeadlineExceeded: (504, "deadline_exceeded"),
+}
+
+
+def domain_status(exc: LoragenError) -> tuple[int, str]:
+    """The status and code of a service error: its nearest kind in `DOMAIN_STATUS`, else 400."""
+    for kind in type(exc).__mro__:
+        if kind in DOMAIN_STATUS:
+            return DOMAIN_STATUS[kind]
+    return 400, "bad_request"
 
 
 class ApiError(Exception):
@@ -76,7 +99,9 @@ def install(app: FastAPI, on_refused: Callable[[str], None] = lambda reason: Non
         return error_response(*describe_validation(exc))
 
     async def on_loragen(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(400, "bad_request", str(exc))
+        assert isinstance(exc, LoragenError)
+        retry = {"Retry-After": "1"} if isinstance(exc, NotReadyError) else None
+        return error_response(*domain_status(exc), str(exc), retry)
 
     async def on_limit(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LimitExceeded)
@@ -91,12 +116,6 @@ def install(app: FastAPI, on_refused: Callable[[str], None] = lambda reason: Non
         status = 503 if exc.reason == "not_ready" else 429
         code = {"not_ready": "not_ready", "rate_limited": "rate_limited"}.get(exc.reason, "overloaded")
         return error_response(status, code, str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
-
-    async def on_unavailable(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(404, "unavailable", str(exc))
-
-    async def on_deadline(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(504, "deadline_exceeded", str(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -116,7 +135,5 @@ def install(app: FastAPI, on_refused: Callable[[str], None] = lambda reason: Non
     app.add_exception_handler(LoragenError, on_loragen)
     app.add_exception_handler(LimitExceeded, on_limit)
     app.add_exception_handler(Overloaded, on_overloaded)
-    app.add_exception_handler(DeadlineExceeded, on_deadline)
-    app.add_exception_handler(Unavailable, on_unavailable)
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

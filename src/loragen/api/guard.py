@@ -39,7 +39,7 @@ class Guard:
 
     def limits(self) -> Limits:
         self.generation.check_ready()
-        spec, base = self.service.reg.spec, self.service._base
+        spec, base = self.service.reg.spec, self.service.completions._base
         if self._limits is None or self._limits.spec != spec or self._limits.base is not base:
             self._limits = Limits(self.service.settings, spec, base)  # keeps its tokenizer copy until they change
         return self._limits

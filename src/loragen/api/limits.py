@@ -111,11 +111,12 @@ class Limits:
         return generated
 
     # ------------------------------------------------------------ completions
-    def completion(self, prompt: str, max_tokens: int) -> None:
+    def completion(self, prompt: str, max_tokens: int, raw: bool = False) -> None:
+        """`raw`: the prompt is sent as it is; else it is a chat's text, which the chat template wraps."""
         context = self._context()
         if context is None or self.base is None:
             return
-        tokens = len(self.tokenize([self.base.prompt(prompt)])[0])
+        tokens = len(self.tokenize([prompt if raw else self.base.prompt(prompt)])[0])
         if tokens + max_tokens > context:
             raise LimitExceeded(f"the prompt is {tokens} tokens and max_tokens is {max_tokens}: {tokens + max_tokens}, "
                                 f"over the base model's context of {context}", "context")
