@@ -412,7 +412,7 @@ def test_a_learned_method_without_a_trained_generator_is_404_without_server_path
     for path, body in (("/v1/loras", {"description": "x", "method": "icm"}),
                        ("/v1/loras/batch", {"descriptions": ["x"], "method": "icm"}),
                        ("/v1/search", {"description": "x", "method": "icm"})):
-        err = assert_error(httpx.post(f"{server}{path}", json=body, timeout=60), 404, "unavailable")
+        err = assert_error(httpx.post(f"{server}{path}", json=body, timeout=60), 404, "not_found")
         assert "icm" in err["message"] and "/" not in err["message"].replace("GET /readyz", "")
     # JSON Schema's integers include 2.0; the server takes it as 2 (never a bool or 2.5)
     r = httpx.post(f"{server}/v1/loras", json={"description": "x", "k": 2.0, "seed": 3.0}, timeout=60)
@@ -512,7 +512,7 @@ BAD_REQUESTS = [
     ("POST", "/v1/loras", {"json": {"description": "x" * 4001}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": 12}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "method": "magic"}}, 400, "unknown_method"),
-    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "icm"}}, 404, "unavailable"),  # not trained
+    ("POST", "/v1/loras", {"json": {"description": "ok", "method": "icm"}}, 404, "not_found"),  # not trained
     ("POST", "/v1/loras", {"json": {"description": "ok", "k": 2.5}}, 422, "invalid_request"),
     ("POST", "/v1/loras", {"json": {"description": "ok", "num_samples": 17}}, 422, "invalid_request"),
     # No coercion: false is not 0, true is not 1, "3" is not 3 (the schema says integer).
@@ -537,7 +537,7 @@ BAD_REQUESTS = [
     ("POST", "/v1/loras", {"content": b"\xff\xfe\x00garbage", "headers": {"content-type": "application/json"}},
      400, None),
     ("POST", "/v1/loras", {"content": b"x" * (2**20 + 1)}, 413, "payload_too_large"),
-    ("POST", "/v1/search", {"json": {"description": "ok", "method": "icm"}}, 404, "unavailable"),  # not trained
+    ("POST", "/v1/search", {"json": {"description": "ok", "method": "icm"}}, 404, "not_found"),  # not trained
     ("POST", "/v1/search", {"json": {"description": "ok", "method": 3}}, 422, "invalid_request"),
     ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a"] * 257}}, 422, "invalid_request"),
     ("POST", "/v1/loras/batch", {"json": {"descriptions": ["a", ""]}}, 422, "invalid_request"),

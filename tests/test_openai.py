@@ -187,10 +187,14 @@ def _batch_sizes(url: str) -> tuple[float, float]:
     return float(lines["loragen_completion_batch_size_sum"]), float(lines["loragen_completion_batch_size_count"])
 
 
+# Tokens a long stream decodes: with its prompt, within the world's context of 128.
+LONG = 120
+
+
 def _long_prompt(base: BaseModel, lora) -> str:
-    """A prompt the model continues for all of max_tokens=256 (no end-of-sequence)."""
+    """A prompt the model continues for all of max_tokens=LONG (no end-of-sequence)."""
     for prompt in ("abcde", "hello", "aaaa", "xyz", "qwerty", "zzzz", "abab"):
-        if base.completions([prompt], loras=[lora], max_new_tokens=256, raw=True)[0].finish_reason == "length":
+        if base.completions([prompt], loras=[lora], max_new_tokens=LONG, raw=True)[0].finish_reason == "length":
             return prompt
     pytest.skip("every prompt ends early under this random model")
 
@@ -201,13 +205,13 @@ def test_a_client_that_disconnects_frees_the_engine(served, url: str, lora_id: s
     model = app.state.service.completions.base_model().model
     steps = threading.Semaphore(0)
 
-    def slow_step(module, args) -> None:  # each decoding step takes 20 ms: 256 steps take over 5 s
+    def slow_step(module, args) -> None:  # each decoding step takes 45 ms: LONG steps take over 5 s
         steps.release()
-        time.sleep(0.02)
+        time.sleep(0.045)
 
     hook = model.register_forward_pre_hook(slow_step)
     try:
-        body = {"model": lora_id, "prompt": prompt, "max_tokens": 256, "stream": True}
+        body = {"model": lora_id, "prompt": prompt, "max_tokens": LONG, "stream": True}
         with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
