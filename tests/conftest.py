@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -57,59 +56,6 @@ def encoder():
     enc = TextEncoder(os.environ.get("LORAGEN_TEST_ENCODER"))
     assert enc.dim == 384
     return enc
-
-
-# The `world` fixture's experts: random weights under these descriptions.
-EXPERTS = {
-    "sentiment": ["classify the sentiment of movie reviews as positive or negative",
-                  "decide whether a film review is favourable"],
-    "translate": ["translate english sentences into french", "convert english text to the french language"],
-    "math": ["solve grade school arithmetic word problems", "answer simple maths questions for children"],
-    "code": ["write python functions from a docstring", "generate python code implementing a function"],
-    "scratch": ["an expert that the auth test deletes"],
-}
-
-
-def tiny_llama(directory: Path) -> None:
-    """A tiny random Llama (context 128) with the demo's character tokenizer, saved in `directory`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loragen.demo.world import build_tokenizer
-
-    tok = build_tokenizer(directory)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, encoder) -> Path:  # type: ignore[no-untyped-def]
-    """A tiny random Llama, a registry of random experts (q and v projections) over it, a trained sg
-    generator and a multi-task LoRA."""
-    from loragen.adapters import spec_from_config
-    from loragen.generator import train_generator
-    from loragen.registry import Registry
-    from loragen.registry.multitask import save_multitask
-
-    root = tmp_path_factory.mktemp("api-world")
-    tiny_llama(root / "base")
-    spec = spec_from_config(root / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(root / "base"))
-    reg = Registry.create(root / "registry", spec, encoder=encoder)
-    for i, (name, descriptions) in enumerate(EXPERTS.items()):
-        g = torch.Generator().manual_seed(i)
-        final = {m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()}
-        checkpoints = [{m: b + 0.1 * torch.randn(b.shape, generator=g) for m, b in final.items()} for _ in range(2)]
-        reg.add_expert(name, [*checkpoints, final], descriptions)
-    train_generator(reg, "sg", out_dir=root / "generators" / "sg", epochs=1, batch=4, latent=16, hidden=64,
-                    val_fraction=0.2, seed=0)
-    g = torch.Generator().manual_seed(99)
-    save_multitask(reg, reg.basis.lora({m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()},
-                                       {"method": "multitask"}))
-    reg.close()
-    return root
 
 
 @pytest.fixture(scope="session", autouse=True)
