@@ -84,6 +84,12 @@ def test_the_schema_refuses_what_the_server_refuses() -> None:
     assert not valid("CompletionRequest", {"prompt": "a", "description": "x", "lora_id": "lora-1"})
     assert valid("CompletionRequest", {"prompt": "a", "description": None, "lora_id": "lora-1"})
     assert valid("CompletionRequest", {"prompt": "a", "description": "x"})
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert not valid("ChatCompletionRequest", {**chat, "examples": [{"input": "a", "output": "b"}]})
+    assert not valid("ChatCompletionRequest", {**chat, "examples": [], "description": None})
+    assert valid("ChatCompletionRequest", {**chat, "examples": [{"input": "a", "output": "b"}], "description": "x"})
+    assert valid("ChatCompletionRequest", {**chat, "examples": None})
+    assert not valid("ChatCompletionRequest", {**chat, "description": "x", "lora_id": "lora-1"})
     assert valid("BatchRequest", {"descriptions": ["a"], "seed": 3})
     assert not valid("CompletionRequest", {"prompt": "a", "stop": ["a"] * 5})
     assert not valid("GenerateRequest", {"description": "ok", "k": 0})

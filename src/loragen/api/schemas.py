@@ -170,6 +170,13 @@ class ChatMessageIn(Strict):
 
 
 class ChatCompletionRequest(Sampling):
+    # As in Sampling, not both a description and a lora_id; and examples (not null) need a description.
+    model_config = ConfigDict(json_schema_extra={
+        "not": {"required": ["description", "lora_id"],
+                "properties": {"description": {"type": "string"}, "lora_id": {"type": "string"}}},
+        "if": {"required": ["examples"], "properties": {"examples": {"type": "array"}}},
+        "then": {"required": ["description"], "properties": {"description": {"type": "string"}}}})
+
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=64, description=(
         "The conversation; the base model's chat template formats it, ending with the assistant's turn."))
     max_completion_tokens: int | None = Field(default=None, ge=1, le=256, description="OpenAI's newer name "
