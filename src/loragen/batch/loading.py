@@ -44,18 +44,25 @@ def generator_dirs(paths: Iterable[str | Path]) -> dict[str, Path]:
     return found
 
 
-def load_generators(methods: Sequence[str], registry: Registry, dirs: dict[str, Path], *, k: int = 4,
-                    temperature: float = 0.05, device: str = "cpu") -> tuple[dict[str, Generator], dict[str, str]]:
-    """The generators of `methods`, and for each one that cannot be had, why."""
-    generators: dict[str, Generator] = {}
+def unavailable(methods: Sequence[str], dirs: dict[str, Path]) -> dict[str, str]:
+    """For each of `methods` that cannot run, why: unknown, or learned with no checkpoint given."""
     missing: dict[str, str] = {}
-    examples_model = TaskVectors(registry.spec, device=device)  # one base model for every method's examples
     for method in dict.fromkeys(methods):
         if method not in METHODS:
             missing[method] = f"unknown method {method!r}; choose from {', '.join(METHODS)}"
         elif method in LEARNED_METHODS and method not in dirs:
             missing[method] = f"method {method!r} needs a trained generator (--generator DIR)"
-        else:
+    return missing
+
+
+def load_generators(methods: Sequence[str], registry: Registry, dirs: dict[str, Path], *, k: int = 4,
+                    temperature: float = 0.05, device: str = "cpu") -> tuple[dict[str, Generator], dict[str, str]]:
+    """The generators of `methods`, and for each one that cannot be had, why."""
+    generators: dict[str, Generator] = {}
+    missing = unavailable(methods, dirs)
+    examples_model = TaskVectors(registry.spec, device=device)  # one base model for every method's examples
+    for method in dict.fromkeys(methods):
+        if method not in missing:
             gen = load_generator(method, registry, k=k, temperature=temperature, generator_dir=dirs.get(method),
                                  device=device)
             gen.task_vectors = examples_model
