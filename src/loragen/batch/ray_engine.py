@@ -17,6 +17,7 @@ import json
 import logging
 import pickle
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..errors import LoragenError
 from ..registry import Registry
 from .config import BatchConfig
 from .loading import load_generators
-from .step import Job, chunk_records
+from .step import Generator, Job, chunk_records
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +41,27 @@ def import_ray() -> Any:
 
 
 class ChunkWorker:
-    """One actor of the pool: the registry and generators, loaded once, then chunk after chunk."""
+    """One actor of the pool: the registry and generators, loaded once, then chunk after chunk.
+    Ray may call the actor from another thread than the one that built it, and a registry's SQLite
+    connection belongs to one thread, so loading and every chunk run on one engine thread."""
 
     def __init__(self, config: BatchConfig, methods: list[str], missing: dict[str, str]) -> None:
         self.config, self.missing = config, missing
-        registry = Registry.open(config.registry)
-        self.generators = load_generators(methods, registry, config.generators, k=config.k,
-                                          temperature=config.temperature, device=config.device)[0]
+        self.engine = ThreadPoolExecutor(1, thread_name_prefix="loragen-chunk")
+        self.generators = self.engine.submit(self._load, methods).result()
+
+    def _load(self, methods: list[str]) -> dict[str, Generator]:
+        registry = Registry.open(self.config.registry)
+        return load_generators(methods, registry, self.config.generators, k=self.config.k,
+                               temperature=self.config.temperature, device=self.config.device)[0]
+
+    def _run(self, blob: bytes) -> str:
+        jobs: list[Job] = pickle.loads(blob)
+        records = chunk_records(self.generators, self.missing, jobs, seed=self.config.seed, out_dir=self.config.out)
+        return json.dumps(records, default=str)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for blob in batch["chunk"]:
-            jobs: list[Job] = pickle.loads(blob)
-            records = chunk_records(self.generators, self.missing, jobs, seed=self.config.seed,
-                                    out_dir=self.config.out)
-            out.append(json.dumps(records, default=str))
+        out = [self.engine.submit(self._run, blob).result() for blob in batch["chunk"]]
         return {"records": np.array(out, dtype=object)}
 
 
