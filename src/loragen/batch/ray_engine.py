@@ -51,7 +51,7 @@ class ChunkWorker:
         self.generators = self.engine.submit(self._load, methods).result()
 
     def _load(self, methods: list[str]) -> dict[str, Generator]:
-        registry = Registry.open(self.config.registry)
+        registry = Registry.open(self.config.registry, device=self.config.device)
         return load_generators(methods, registry, self.config.generators, k=self.config.k,
                                temperature=self.config.temperature, device=self.config.device)[0]
 

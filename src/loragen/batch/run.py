@@ -101,7 +101,7 @@ def run_batch(config: BatchConfig, *, after_chunk: Callable[[int], None] | None 
     parsed = read_items(config.input, train_fraction=config.train_fraction, seed=config.seed)
     items = [p for p in parsed if isinstance(p, BatchItem)]
     errors = [p for p in parsed if isinstance(p, ItemError)]
-    registry = Registry.open(config.registry)
+    registry = Registry.open(config.registry, device=config.device)
     wanted = list(dict.fromkeys([*config.methods, *(m for i in items for m in i.methods or ())]))
     missing = unavailable(wanted, config.generators)
     for method in config.methods:  # a run-wide method that cannot run stops before anything is written

@@ -52,8 +52,8 @@ class Registry:
         self.index = index
         self.blobs = Blobs(path)
         self._stale_embeddings = False
-        self.lock = write_lock(path)  # held by every write, across processes
-        self._follower = IndexFollower(store)
+        self.lock, self._follower = write_lock(path), IndexFollower(store)  # see sharing.py
+        self.device = "cpu"
 
     # ---------------------------------------------------------------- create / open
     @classmethod
@@ -87,10 +87,10 @@ class Registry:
         return cls.open(path, encoder=encoder)
 
     @classmethod
-    def open(cls, path: str | Path, *, encoder: TextEncoder | None = None,
-             allow_encoder_change: bool = False) -> Registry:
+    def open(cls, path: str | Path, *, encoder: TextEncoder | None = None, allow_encoder_change: bool = False,
+             device: str = "cpu") -> Registry:
         """Open a registry. With `allow_encoder_change`, a different encoder is accepted and
-        `reindex()` must run before anything that embeds text."""
+        `reindex()` must run before anything that embeds text. `device`: where FAISS searches."""
         path = Path(path).resolve()
         if not (path / DB_NAME).is_file():
             raise RegistryError(f"no registry at {path} (create one with `loragen registry init {path} --base MODEL`)")
@@ -117,7 +117,7 @@ class Registry:
                 )
             stale = theirs is not None
         reg = cls(path, store, spec, basis, encoder, dim, VectorIndex(dim))
-        reg._stale_embeddings = stale
+        reg._stale_embeddings, reg.device = stale, device
         reg._load_index()
         return reg
 
@@ -140,7 +140,8 @@ class Registry:
             log.warning("rebuilding the FAISS index of %s from SQLite (%d descriptions)", self.path, len(ids))
             index = VectorIndex.build(self.dim, ids, vecs)
             index.save(self.path / INDEX_NAME)
-        self.index = index
+        self.index = index.to(self.device)
+        self.device = self.index.device  # "cpu" after a fallback, so it is logged once
 
     def close(self) -> None:
         self.store.close()
@@ -335,8 +336,7 @@ class Registry:
 
     # ---------------------------------------------------------------- search
     def search(self, texts: list[str], k: int = 5) -> list[list[Hit]]:
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else texts
         return self.search_vectors(self._embed(list(texts)), k)
 
     def search_vectors(self, vecs: np.ndarray, k: int = 5) -> list[list[Hit]]:
@@ -388,7 +388,7 @@ class Registry:
             self.store.set_meta("embedding_model", self.encoder.model_id)
             self.store.set_meta("embedding_dim", str(dim))
         self.dim = dim
-        self.index = VectorIndex.build(dim, np.array([i for i, _ in rows], dtype=np.int64), vecs)
+        self.index = VectorIndex.build(dim, np.array([i for i, _ in rows], dtype=np.int64), vecs).to(self.device)
         self.index.save(self.path / INDEX_NAME)
         return len(rows)
 
