@@ -1,24 +1,32 @@
 """`batch --engine ray` on a local Ray (2 CPUs, started here and shut down after): the same manifest
 and byte-identical adapters as the local engine, and a resume after an interrupt that regenerates
-nothing finished. The tiny world is test_batch's."""
+nothing finished. The tiny world is test_batch's. Also: nothing imports Ray unless it runs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from test_batch import ENV, _items, _manifest, _state, _write, world  # noqa: F401  (world: a fixture)
 
-pytest.importorskip("ray")
+from loragen.batch import BatchConfig, run_batch
+from loragen.batch.ray_engine import RayEngine
 
-from test_batch import _items, _manifest, _state, _write, world  # noqa: E402,F401  (world: a fixture)
 
-from loragen.batch import BatchConfig, run_batch  # noqa: E402
-from loragen.batch.ray_engine import RayEngine  # noqa: E402
+def test_the_plain_paths_never_import_ray():
+    code = ("import sys, loragen.cli.serve_cmds, loragen.cli.batch_cmds, loragen.cli.ray_serve_cmds, loragen.api, "
+            "loragen.api.ray_serve, loragen.batch.ray_engine; assert 'ray' not in sys.modules, 'ray imported'")
+    res = subprocess.run([sys.executable, "-c", code], env={**ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
+    ray = pytest.importorskip("ray")
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
