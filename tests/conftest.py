@@ -92,3 +92,57 @@ def uvicorn_server(app, *, wait_ready: bool = True, timeout: float = 120) -> Ite
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+# The API world's experts: random LoRAs under descriptions that the text encoder tells apart.
+EXPERTS = {
+    "sentiment": ["classify the sentiment of movie reviews as positive or negative",
+                  "decide whether a film review is favourable"],
+    "translate": ["translate english sentences into french", "convert english text to the french language"],
+    "math": ["solve grade school arithmetic word problems", "answer simple maths questions for children"],
+    "code": ["write python functions from a docstring", "generate python code implementing a function"],
+    "scratch": ["an expert that the auth test deletes"],
+}
+
+
+def tiny_llama(directory):
+    """A tiny random Llama with the demo tokenizer (and its chat template), saved in HF format."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loragen.demo.world import build_tokenizer
+
+    tok = build_tokenizer(directory)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, encoder):
+    """The API world: a tiny Llama, a registry of random experts over it (`EXPERTS`), a trained
+    sg generator and a multitask LoRA."""
+    from loragen.adapters import spec_from_config
+    from loragen.generator import train_generator
+    from loragen.registry import Registry
+    from loragen.registry.multitask import save_multitask
+
+    root = tmp_path_factory.mktemp("api-world")
+    tiny_llama(root / "base")
+    spec = spec_from_config(root / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(root / "base"))
+    reg = Registry.create(root / "registry", spec, encoder=encoder)
+    for i, (name, descriptions) in enumerate(EXPERTS.items()):
+        g = torch.Generator().manual_seed(i)
+        final = {m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()}
+        checkpoints = [{m: b + 0.1 * torch.randn(b.shape, generator=g) for m, b in final.items()} for _ in range(2)]
+        reg.add_expert(name, [*checkpoints, final], descriptions)
+    train_generator(reg, "sg", out_dir=root / "generators" / "sg", epochs=1, batch=4, latent=16, hidden=64,
+                    val_fraction=0.2, seed=0)
+    g = torch.Generator().manual_seed(99)
+    save_multitask(reg, reg.basis.lora({m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()},
+                                       {"method": "multitask"}))
+    reg.close()
+    return root

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import TARGETS, TINY_CONFIGS, tiny_model, uvicorn_server
+from conftest import TARGETS, TINY_CONFIGS, tiny_llama, tiny_model, uvicorn_server
 from typer.testing import CliRunner
 
 from loragen.adapters import Lora, LoraSpec, ModuleSpec, spec_from_config
@@ -181,18 +181,8 @@ def test_cli_imports_subsets_and_refuses_unknown_modules(reg7: Registry, tmp_pat
 @pytest.fixture(scope="module")
 def api_world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Path:
     """A tiny Llama with the demo tokenizer and an empty registry on all seven projections."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loragen.demo.world import build_tokenizer
-
     root = tmp_path_factory.mktemp("import-world")
-    tok = build_tokenizer(root / "base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tiny_llama(root / "base")
     spec = spec_from_config(root / "base", targets=SEVEN, rank=4, base_model=str(root / "base"))
     Registry.create(root / "registry", spec, encoder=encoder).close()
     return root

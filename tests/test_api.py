@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import uvicorn_server
+from conftest import EXPERTS, uvicorn_server
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -25,52 +25,11 @@ from loragen.basemodel import BaseModel
 from loragen.client import (AsyncClient, AuthenticationError, BadRequestError, Client, ConflictError,
                             NotFoundError)
 from loragen.embeddings import TextEncoder
-from loragen.generator import load_generator, train_generator
+from loragen.generator import load_generator
 from loragen.registry import Registry
-from loragen.registry.multitask import load_multitask, save_multitask
+from loragen.registry.multitask import load_multitask
 
 KEY = "s3cret-key"
-EXPERTS = {
-    "sentiment": ["classify the sentiment of movie reviews as positive or negative",
-                  "decide whether a film review is favourable"],
-    "translate": ["translate english sentences into french", "convert english text to the french language"],
-    "math": ["solve grade school arithmetic word problems", "answer simple maths questions for children"],
-    "code": ["write python functions from a docstring", "generate python code implementing a function"],
-    "scratch": ["an expert that the auth test deletes"],
-}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, encoder: TextEncoder) -> Path:
-    """A tiny random Llama with the demo tokenizer, and a registry of random experts over it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loragen.demo.world import build_tokenizer
-
-    root = tmp_path_factory.mktemp("api-world")
-    tok = build_tokenizer(root / "base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
-    spec = spec_from_config(root / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(root / "base"))
-    reg = Registry.create(root / "registry", spec, encoder=encoder)
-    for i, (name, descriptions) in enumerate(EXPERTS.items()):
-        g = torch.Generator().manual_seed(i)
-        final = {m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()}
-        checkpoints = [{m: b + 0.1 * torch.randn(b.shape, generator=g) for m, b in final.items()} for _ in range(2)]
-        reg.add_expert(name, [*checkpoints, final], descriptions)
-    train_generator(reg, "sg", out_dir=root / "generators" / "sg", epochs=1, batch=4, latent=16, hidden=64,
-                    val_fraction=0.2, seed=0)
-    g = torch.Generator().manual_seed(99)
-    save_multitask(reg, reg.basis.lora({m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()},
-                                       {"method": "multitask"}))
-    reg.close()
-    return root
-
-
 @pytest.fixture(scope="module")
 def server(world: Path, encoder: TextEncoder):
     settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home",
@@ -133,7 +92,7 @@ def test_readyz_waits_for_every_component(world: Path, encoder: TextEncoder) -> 
         assert body["components"] == dict.fromkeys(("registry", "encoder", "generators", "base_model"), "ready")
         assert body["max_batch"] == settings.max_batch
         service = app.state.service
-        assert service._base is not None and ("sg", 0) in service._generators  # loaded, not lazily later
+        assert service.completions.loaded and ("sg", 0) in service.pool.loaded()  # loaded, not lazily later
 
 
 def test_readyz_names_what_failed(world: Path, encoder: TextEncoder, tmp_path: Path) -> None:
@@ -287,7 +246,7 @@ def test_generators_share_one_base_model_for_examples(world: Path, encoder: Text
     with uvicorn_server(app) as url, Client(url, timeout=60) as c:
         for method, k in (("sg", None), ("weighted", 2), ("weighted", 3)):
             assert c.generate("reverse the word", method=method, k=k, examples=examples, download=False).neighbours
-        generators = list(app.state.service._generators.values())
+        generators = list(app.state.service.pool.loaded().values())
     assert len(generators) >= 3 and len({id(g.task_vectors) for g in generators}) == 1
     assert "base" in vars(generators[0].task_vectors)  # loaded once, for all of them
     assert generators[0].task_vectors.base is app.state.service.base_model()  # the completions' own copy
@@ -324,7 +283,7 @@ def test_a_compiled_decoder_is_compiled_at_warm_up_and_serves_the_same_loras(wor
     app = create_app(settings, encoder=encoder)
     descriptions = ["english to french", "reverse the word", "arithmetic for kids"]
     with uvicorn_server(app) as url:  # ready once warm: padded batch sizes 1, 2 and 4 compiled
-        gen = app.state.service._generators[("sg", 0)]
+        gen = app.state.service.pool.loaded()[("sg", 0)]
         assert gen._decode.compiled is not None
 
         async def run() -> list:
@@ -404,7 +363,7 @@ def test_concurrent_completions_equal_sequential(server: str, client: Client, wo
     assert len(same_prompt) > 1  # the LoRAs really change the output
     base = BaseModel.load(world / "base")
     lora = client.download(ids[1]).to_lora()
-    expected = base.completions([requests[1][0]], loras=[lora], max_new_tokens=8)[0]
+    expected = base.completions([requests[1][0]], loras=[lora], max_new_tokens=8, raw=True)[0]
     assert expected.text == sequential[1]
     assert client.complete(requests[1][0], lora_id=ids[1], max_tokens=8).finish_reason == expected.finish_reason
     assert client.complete(requests[1][0], lora_id=ids[1], max_tokens=1).finish_reason in {"stop", "length"}
@@ -435,7 +394,7 @@ def test_the_openai_client_names_a_lora_as_its_model(server: str, client: Client
     stop = ours.text[len(ours.text) // 2:][:1] or "a"
     cut = oa.completions.create(model=lora_id, prompt="hello", max_tokens=8, temperature=0, stop=[stop, "zz"])
     expected = BaseModel.load(world / "base").completions(["hello"], loras=[client.download(lora_id).to_lora()],
-                                                          max_new_tokens=8, stop=[stop, "zz"])[0]
+                                                          max_new_tokens=8, stop=[stop, "zz"], raw=True)[0]
     assert (cut.choices[0].text, cut.choices[0].finish_reason) == (expected.text, expected.finish_reason)
     assert cut.usage.completion_tokens == expected.completion_tokens
     plain = oa.completions.create(model=base, prompt="hello", max_tokens=8, temperature=0)

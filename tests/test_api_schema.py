@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
-from test_api import KEY, world  # noqa: F401 (the tiny world fixture)
+from test_api import KEY
 
 from loragen.api import ApiSettings, create_app
 from loragen.embeddings import TextEncoder

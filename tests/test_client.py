@@ -117,3 +117,16 @@ def test_metrics_keep_their_series_in_each_app_s_own_registry() -> None:
                      "loragen_cache_misses_total": "counter", "loragen_cache_bytes": "gauge",
                      "loragen_cache_items": "gauge"}
     assert "_created" not in text and "/healthz" not in second.render()
+
+
+def test_streamed_events_parse_into_chunks_and_errors() -> None:
+    from loragen.client import ChatCompletionChunk, LoragenAPIError
+    from loragen.client.streaming import _parse
+
+    chunk = _parse('data: {"id": "c", "created": 1, "model": "m", "choices": [{"index": 0, "delta": '
+                   '{"content": "ab"}}], "a_field_of_a_newer_server": 1}', ChatCompletionChunk)
+    assert isinstance(chunk, ChatCompletionChunk) and chunk.choices[0].delta.content == "ab"
+    assert _parse("data: [DONE]", ChatCompletionChunk) is False
+    assert _parse(": a comment", ChatCompletionChunk) is None and _parse("", ChatCompletionChunk) is None
+    with pytest.raises(LoragenAPIError, match="base_model_unavailable: gone"):
+        _parse('data: {"error": {"code": "base_model_unavailable", "message": "gone"}}', ChatCompletionChunk)

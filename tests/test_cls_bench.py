@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -61,9 +62,17 @@ def test_bench_cls_runs_on_another_file_and_reuses_its_experts(tmp_path):
     assert "produce_kind" not in {e.name for e in Registry.open(cache / "registry").experts()}
     assert {e.name for e in Registry.open(cache / "oracle").experts()} == {"produce_kind"}
 
+    # Again into the same OUT: experts and generators are reused, with the same scores.
     logs.clear()
-    again = run_cls_bench(data, tmp_path / "out2", TINY, cache=cache.parent, log=logs.append)
-    assert any("cached" in line for line in logs) and again["expert_cache"] == bench["expert_cache"]
+    again = run_cls_bench(data, tmp_path / "out", TINY, cache=cache.parent, log=logs.append)
+    assert any("experts: cached" in line for line in logs) and again["expert_cache"] == bench["expert_cache"]
+    assert {f"{g}: cached" for g in GENERATORS} <= {line.split(" in ")[0] for line in logs}
+    assert again["summary"] == bench["summary"]
+    # A changed training setting trains the generator again.
+    logs.clear()
+    run_cls_bench(data, tmp_path / "out", replace(TINY, task_steps=3, generators=("sg:task",), examples_per_request=()),
+                  cache=cache.parent, log=logs.append)
+    assert any(line.startswith("sg:task: trained") for line in logs)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TARGETS, TINY_CONFIGS
-from test_api import world  # noqa: F401 (fixture)
 from test_generators import TRAIN, _examples, _registry, icm_world  # noqa: F401 (fixture)
 
 from loragen.adapters import spec_from_config

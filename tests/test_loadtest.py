@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
-from test_api import server, world  # noqa: F401 (the tiny world and its uvicorn server)
+from test_api import server  # noqa: F401 (the tiny world's uvicorn server)
 
 from loragen.bench.loadtest import cases, parse_levels
 

@@ -126,6 +126,30 @@ def test_task_loss_training_lowers_the_loss_keeps_the_base_and_round_trips(world
         assert all(torch.equal(a.B[m], b.B[m]) for m in a.B)
 
 
+def _description_gap(gen: LearnedGenerator, base: TaskModel, tasks: list[Task]) -> float:
+    """Mean task loss under another family's description minus under the task's own."""
+    cond = _Conditions(gen, tasks, [gen.registry.get(t.name).descriptions for t in tasks])
+    batches = [t.split_instances()[0][:8] for t in tasks]
+    other = [next(j for j, u in enumerate(tasks) if u.cluster != t.cluster) for t in tasks]
+    eps = torch.zeros(len(tasks), gen.model.config.latent)
+    cols = list(range(len(tasks)))
+    with torch.no_grad():
+        own = task_loss(gen, base, cond, cols, [r[0] for r in cond.rows], batches, eps)
+        wrong = task_loss(gen, base, cond, cols, [cond.rows[j][0] for j in other], batches, eps)
+    return float(wrong - own)
+
+
+def test_the_contrast_hinge_makes_the_own_description_matter(world):
+    registry, encoder, tasks = world["registry"], world["encoder"], world["tasks"]
+    base = TaskModel("classify", encoder)
+    kw = {"latent": 16, "description_encoder": False, "description_head": False}
+    start = _description_gap(train_generator(registry, "sg", epochs=0, **kw), base, tasks)
+    config = TaskTrainingConfig(steps=12, tasks_per_step=4, rows_per_task=4, lr=3e-3, validation_tasks=0.0,
+                                eval_every=6, contrast_weight=1.0, contrast_margin=1.0)
+    gen = train_generator_for("task", registry, "sg", tasks, base, config, **kw)
+    assert _description_gap(gen, base, tasks) > start + 0.05
+
+
 def test_derived_tasks_come_from_the_training_split_only():
     topic = _topic_task()
     derived = one_vs_rest(topic)

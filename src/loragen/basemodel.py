@@ -3,6 +3,8 @@
 A prompt is the tokenizer's chat template applied to the input when the tokenizer has one (the
 demo model's template is `{input}=`), else the raw input. Training, evaluation and serving all
 format prompts here, so an expert sees at generation time exactly what it saw in training.
+`completions` also takes a raw prompt, tokenized as is with the tokenizer's special tokens (as
+OpenAI's and vLLM's completions do), and a chat's messages, which the template formats.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ class BaseModelError(LoragenError, ValueError):
     """The base model cannot be loaded or used as asked."""
 
 
+Messages = list[dict[str, str]]  # a chat: {"role", "content"} per message
+Prompt = str | Messages
+
+
 class CompletionOptions(TypedDict, total=False):
     """`BaseModel.completions`' keyword arguments, which `complete` passes on."""
 
@@ -32,6 +38,10 @@ class CompletionOptions(TypedDict, total=False):
     temperature: float
     seed: int | None
     stop: Sequence[str]
+    top_p: float
+    raw: bool | Sequence[bool]
+    streamer: Any
+    criteria: Sequence[Any]
 
 
 class Completed(NamedTuple):
@@ -77,6 +87,20 @@ class BaseModel:
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             ))
         return text
+
+    def prompt_ids(self, prompt: Prompt, raw: bool = False) -> list[int]:
+        """The token ids a completion starts from: a chat's messages formatted by the chat template,
+        a raw text as is (with the tokenizer's special tokens, e.g. a leading BOS), or else `prompt(text)`."""
+        tok = self.tokenizer
+        if isinstance(prompt, list):
+            if not getattr(tok, "chat_template", None):
+                raise BaseModelError("the base model's tokenizer has no chat template; send a raw prompt "
+                                     "to the completions route instead")
+            text = str(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        if raw:
+            return list(tok(prompt, add_special_tokens=True)["input_ids"])
+        return list(tok(self.prompt(prompt), add_special_tokens=False)["input_ids"])
 
     def encode_pairs(self, inputs: list[str], outputs: list[str]) -> dict[str, torch.Tensor]:
         """Right-padded prompt+output+eos ids, with labels = -100 outside the output tokens."""
@@ -135,7 +159,7 @@ class BaseModel:
         last = mask.sum(dim=1) - 1  # right-padded: the eos after the output
         return out.hidden_states[-1][torch.arange(len(inputs)), last]
 
-    def complete(self, inputs: list[str], **options: Unpack[CompletionOptions]) -> list[str]:
+    def complete(self, inputs: Sequence[Prompt], **options: Unpack[CompletionOptions]) -> list[str]:
         """Complete each input, row i with `loras[i]` applied per row (shared weights untouched). A row
         ends at the end-of-sequence token or before the first of the `stop` strings it writes."""
         return [c.text for c in self.completions(inputs, **options)]
@@ -143,18 +167,28 @@ class BaseModel:
     @torch.no_grad()
     def completions(
         self,
-        inputs: list[str],
+        inputs: Sequence[Prompt],
         *,
         loras: list[Lora | None] | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        top_p: float = 1.0,
+        raw: bool | Sequence[bool] = False,
+        streamer: Any = None,
+        criteria: Sequence[Any] = (),
     ) -> list[Completed]:
         """As `complete`, with each row's finish reason and token counts, as OpenAI's and vLLM's
-        completions give them."""
+        completions give them. `raw` (one for all rows, or one per row) takes a text prompt as is
+        (see `prompt_ids`). `streamer` (a transformers streamer) is given each step's new token of
+        every row; `criteria` are further transformers stopping criteria, which may end single rows.
+        `top_p` below 1 samples from the nucleus (with a temperature above 0)."""
+        rows = [raw] * len(inputs) if isinstance(raw, bool) else list(raw)
         with self.lock:
-            return self._complete(inputs, loras, max_new_tokens, temperature, seed, list(stop))
+            ids = [self.prompt_ids(x, r) for x, r in zip(inputs, rows)]
+            return self._complete(ids, loras, max_new_tokens, temperature, seed, list(stop), top_p, streamer,
+                                  list(criteria))
 
     def _stop_criterion(self, stop: list[str]) -> Any:
         """One criterion for the stop strings the model's vocabulary can spell, or None: transformers
@@ -170,25 +204,38 @@ class BaseModel:
             kept.append(text)
         return StopStringCriteria(self.tokenizer, kept) if kept else None
 
-    def _complete(self, inputs: list[str], loras: list[Lora | None] | None, max_new_tokens: int,
-                  temperature: float, seed: int | None, stop: list[str]) -> list[Completed]:
+    def _left_padded(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if p:
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def _complete(self, prompts: list[list[int]], loras: list[Lora | None] | None, max_new_tokens: int,
+                  temperature: float, seed: int | None, stop: list[str], top_p: float, streamer: Any,
+                  criteria: list[Any]) -> list[Completed]:
         tok = self.tokenizer
-        tok.padding_side = "left"
-        enc = tok([self.prompt(x) for x in inputs], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc = self._left_padded(prompts)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
-                                  "eos_token_id": tok.eos_token_id}
+                                  "eos_token_id": tok.eos_token_id, "streamer": streamer}
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature)
+            if top_p < 1:
+                kwargs.update(top_p=top_p)
             if seed is not None:
                 torch.manual_seed(seed)
         else:
             kwargs.update(do_sample=False)
         criterion = self._stop_criterion(stop)
         if criterion is not None:  # built once here, not again inside generate
+            criteria = [criterion, *criteria]
+        if criteria:
             from transformers import StoppingCriteriaList
 
-            kwargs.update(stopping_criteria=StoppingCriteriaList([criterion]))
+            kwargs.update(stopping_criteria=StoppingCriteriaList(criteria))
         present = [lo for lo in (loras or []) if lo is not None]
         if not present:
             out = self.model.generate(**enc, **kwargs)

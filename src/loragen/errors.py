@@ -1,5 +1,29 @@
-"""The root of loragen's user-facing errors: the CLI prints them as one line, the API as 4xx."""
+"""The root of loragen's user-facing errors: the CLI prints them as one line, the API as 4xx.
+
+The service raises the kinds below; the HTTP layer (`loragen.api.errors`) alone chooses the
+status each one gets.
+"""
 
 
 class LoragenError(Exception):
     """Something the caller can fix: bad input, a missing file, a mismatched model."""
+
+
+class UnknownMethodError(LoragenError, ValueError):
+    """No generation method of that name."""
+
+
+class NotFoundError(LoragenError, LookupError):
+    """The thing named (a LoRA, an expert, a model) does not exist, or is no longer kept."""
+
+
+class ConflictError(LoragenError):
+    """The request clashes with what exists, e.g. an expert of that name."""
+
+
+class NotReadyError(LoragenError):
+    """The service is still starting; the same request can be sent again shortly."""
+
+
+class UnavailableError(LoragenError):
+    """A component the request needs (the base model) could not be loaded."""

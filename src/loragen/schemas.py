@@ -126,3 +126,71 @@ class CompletionOut(BaseModel):
     choices: list[Choice]
     usage: Usage
     lora_id: str | None
+
+
+class StreamChoice(BaseModel):
+    """A piece of one choice's text in a streamed completion; the last piece has its finish_reason."""
+
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (OpenAI's chunk of `text_completion`). With
+    `stream_options.include_usage`, a last chunk has no choices and the usage."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[StreamChoice]
+    usage: Usage | None = None
+    lora_id: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: the model ended the message; length: max_tokens ran out first.")
+
+
+class ChatCompletionOut(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    lora_id: str | None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (OpenAI's `chat.completion.chunk`): the
+    first of each choice carries the role, the next ones pieces of the content, the last its
+    finish_reason; with `stream_options.include_usage`, a last chunk has no choices and the usage."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    lora_id: str | None = None

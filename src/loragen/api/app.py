@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the FastAPI application serving generation, search, experts, completions."""
+"""`create_app(settings)`: the FastAPI application serving generation, search, experts, and (in
+`openai_routes`) models, completions and chat completions."""
 
 from __future__ import annotations
 
@@ -16,14 +17,13 @@ from starlette.convertors import Convertor, register_url_convertor
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
 from ..generator import check_descriptions
-from . import errors, experts
+from . import errors, experts, openai_routes
 from .errors import ApiError
 from .middleware import BodyLimit, RequestMetrics, key_checker
 from .payloads import adapter_zip, weights_bytes
-from .schemas import (MAX_DESCRIPTION, MIN_TEMPERATURE, BatchOut, BatchRequest, Choice, CompletionOut,
-                      CompletionRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest, ImportedExpertOut, LoraOut, ModelCard,
-                      ModelList, ReadyOut, SearchOut, SearchRequest, Usage, valid_unicode)
-from .service import Service, Stored
+from .schemas import (MAX_DESCRIPTION, BatchOut, BatchRequest, ErrorOut, ExpertList, ExpertOut, GenerateRequest,
+                      ImportedExpertOut, LoraOut, ReadyOut, SearchOut, SearchRequest, valid_unicode)
+from .service import Service, Stored, check_method
 from .settings import ApiSettings
 
 BINARY = {200: {"content": {"application/zip": {}, "application/octet-stream": {}}}}
@@ -135,6 +135,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
 
     @app.post("/v1/loras/batch", response_model=BatchOut)
     async def create_batch(body: BatchRequest) -> BatchOut:
+        check_method(body.method)  # an unknown method is the request's error, not one description's
         jobs = []
         for i, description in enumerate(body.descriptions):
             try:
@@ -195,38 +196,5 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
         return await service.in_engine(experts.add, service, name, description, tags, config, weights,
                                        adapter_model.filename)
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models() -> ModelList:
-        """The base model and every LoRA that can be named now, as vLLM lists its LoRA modules."""
-        base = service.reg.spec.base_model
-        cards = [ModelCard(id=base, created=service.started, root=base, parent=None)]
-        cards += [ModelCard(id=key, created=stored.created, root=key, parent=base)
-                  for key, stored in service.served_loras()]
-        return ModelList(data=cards)
-
-    @app.post("/v1/completions", response_model=CompletionOut)
-    async def completions(body: CompletionRequest) -> CompletionOut:
-        lora, lora_id = None, body.lora_id
-        if body.model is not None and body.model != service.reg.spec.base_model:
-            if body.lora_id is not None or body.description is not None:
-                raise ApiError(422, "invalid_request", "model names a LoRA: give it there or as lora_id, "
-                               "and no description")
-            if body.model not in service.cache:
-                raise ApiError(404, "not_found", f"model {body.model!r} is neither the base model nor a LoRA "
-                               "served now (GET /v1/models lists both)")
-            lora_id = body.model
-        if lora_id is not None:
-            lora = service.lookup(lora_id).lora
-        elif body.description is not None:
-            stored, _, _ = await service.generate(service.job(body.description, body.method, None, body.seed))
-            lora, lora_id = stored[0].lora, stored[0].info["id"]
-        temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-        done = await service.complete(body.prompt, lora, body.max_tokens, temperature, body.seed, body.stop_strings)
-        return CompletionOut(id=service.new_completion_id(), created=int(time.time()),
-                             model=body.model or service.reg.spec.base_model,
-                             choices=[Choice(text=done.text, index=0, finish_reason=done.finish_reason)],
-                             usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                                         total_tokens=done.prompt_tokens + done.completion_tokens),
-                             lora_id=lora_id)
-
+    openai_routes.install(app, service)
     return app

@@ -1,4 +1,7 @@
-"""Every error leaves the API as `{"error": {"code", "message"}}` with a 4xx status for bad input."""
+"""Every error leaves the API as `{"error": {"code", "message"}}` with a 4xx status for bad input.
+
+The service raises `loragen.errors` kinds; `DOMAIN_STATUS` is the one place that gives each its
+HTTP status and code (any other `LoragenError` is a 400)."""
 
 from __future__ import annotations
 
@@ -11,13 +14,31 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from ..errors import LoragenError
+from ..errors import (ConflictError, LoragenError, NotFoundError, NotReadyError, UnavailableError,
+                      UnknownMethodError)
 
 log = logging.getLogger(__name__)
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
               415: "unsupported_media_type", 422: "invalid_request", 503: "not_ready"}
+
+
+DOMAIN_STATUS: dict[type[LoragenError], tuple[int, str]] = {
+    UnknownMethodError: (400, "unknown_method"),
+    NotFoundError: (404, "not_found"),
+    ConflictError: (409, "conflict"),
+    NotReadyError: (503, "not_ready"),
+    UnavailableError: (503, "base_model_unavailable"),
+}
+
+
+def domain_status(exc: LoragenError) -> tuple[int, str]:
+    """The status and code of a service error: its nearest kind in `DOMAIN_STATUS`, else 400."""
+    for kind in type(exc).__mro__:
+        if kind in DOMAIN_STATUS:
+            return DOMAIN_STATUS[kind]
+    return 400, "bad_request"
 
 
 class ApiError(Exception):
@@ -71,7 +92,8 @@ def install(app: FastAPI) -> None:
         return error_response(*describe_validation(exc))
 
     async def on_loragen(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(400, "bad_request", str(exc))
+        assert isinstance(exc, LoragenError)
+        return error_response(*domain_status(exc), str(exc))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

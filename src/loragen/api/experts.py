@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from ..adapters import AdapterFormatError
+from ..errors import ConflictError, NotFoundError
 from ..registry import Expert, RegistryError
-from .errors import ApiError
 from .payloads import read_upload
 from .service import Service
 
@@ -25,7 +25,7 @@ def find(service: Service, key: str) -> Expert:
     try:
         return service.reg.get(key)
     except (RegistryError, OverflowError) as exc:  # OverflowError: an id past SQLite's 64-bit integers
-        raise ApiError(404, "not_found", f"no expert {key!r} in the registry") from exc
+        raise NotFoundError(f"no expert {key!r} in the registry") from exc
 
 
 def page(service: Service, offset: int, limit: int) -> dict[str, Any]:
@@ -50,8 +50,7 @@ def add(service: Service, name: str, descriptions: list[str], tags: list[str], c
     reg = service.reg
     name = name.strip()
     if any(e.name == name for e in reg.experts()):
-        raise ApiError(409, "conflict",
-                       f"an expert named {name!r} already exists; delete it first or pick another name")
+        raise ConflictError(f"an expert named {name!r} already exists; delete it first or pick another name")
     lora = read_upload(config, weights, weights_name)
     if not all(bool(torch.isfinite(t).all()) for t in [*lora.A.values(), *lora.B.values()]):
         raise AdapterFormatError("the uploaded adapter holds NaN or infinite values")

@@ -8,8 +8,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from ..schemas import (BatchOut, Choice, CompletionOut, ErrorBody, ErrorOut, ExpertList, ExpertOut, HitOut,
-                       ImportedExpertOut, LoraOut, NeighbourOut, SearchOut, Usage)
+from ..schemas import (BatchOut, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionOut, ChatDelta,
+                       ChatMessage, Choice, CompletionChunk, CompletionOut, ErrorBody, ErrorOut, ExpertList, ExpertOut, HitOut,
+                       ImportedExpertOut, LoraOut, NeighbourOut, SearchOut, StreamChoice, Usage)
 
 MAX_DESCRIPTION = 4000
 MAX_BATCH = 256
@@ -76,7 +77,17 @@ class SearchRequest(Strict):
                                "score in their learned description space); omitted: the registry's own similarity.")
 
 
-class CompletionRequest(Strict):
+Stop = Annotated[str, Field(min_length=1, max_length=64)] | list[Annotated[str, Field(
+    min_length=1, max_length=64)]] | None
+
+
+class StreamOptions(Strict):
+    include_usage: bool = Field(default=False, description="Send the token usage in a last chunk with no choices.")
+
+
+class Sampling(Strict):
+    """What the completions and the chat completions routes share: the model or LoRA, and how to decode."""
+
     # Both a description and a lora_id are refused; the schema says so too.
     model_config = ConfigDict(json_schema_extra={"not": {
         "required": ["description", "lora_id"],
@@ -85,28 +96,63 @@ class CompletionRequest(Strict):
     model: str | None = Field(default=None, min_length=1, max_length=1024, description=(
         "As in OpenAI's and vLLM's completions: the base model's id (no LoRA) or a LoRA's id, as "
         "GET /v1/models lists them. A LoRA here is the same as lora_id."))
-    prompt: Text = Field(min_length=1, max_length=MAX_DESCRIPTION)
-    description: Text | None = Field(default=None, min_length=1, max_length=MAX_DESCRIPTION)
+    description: Text | None = Field(default=None, min_length=1, max_length=MAX_DESCRIPTION, description=(
+        "A task description: the LoRA is generated for it (or found in the cache), as POST /v1/loras does."))
     lora_id: str | None = Field(default=None, min_length=1, max_length=128,
                                 description="A generated LoRA's id; not together with a description.")
     method: str = Method
     max_tokens: int = Field(default=32, ge=1, le=256)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0,
                                description=f"0 (or below {MIN_TEMPERATURE}) decodes greedily.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling (with a temperature).")
+    n: int = Field(default=1, ge=1, le=8, description="Choices to return. With a seed, choice i samples with seed + i.")
     seed: int | None = Field(default=None, ge=0, lt=2**31)
-    stop: Annotated[str, Field(min_length=1, max_length=64)] | list[Annotated[str, Field(
-        min_length=1, max_length=64)]] | None = Field(default=None, max_length=4, description=(
-            "Up to 4 strings: the text ends before the first one the model writes (finish_reason stop)."))
+    stop: Stop = Field(default=None, max_length=4, description=(
+        "Up to 4 strings: the text ends before the first one the model writes (finish_reason stop)."))
+    stream: bool = Field(default=False, description="Answer with server-sent events, OpenAI's chunks, "
+                         "ended by `data: [DONE]`.")
+    stream_options: StreamOptions | None = None
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @model_validator(mode="after")
-    def _one_lora(self) -> CompletionRequest:
+    def _one_lora(self) -> Sampling:
         if self.description is not None and self.lora_id is not None:
             raise ValueError("give either description or lora_id, not both")
         return self
+
+
+class CompletionRequest(Sampling):
+    prompt: Text = Field(min_length=1, max_length=MAX_DESCRIPTION, description=(
+        "The raw text the model continues; no chat template is applied (POST /v1/chat/completions applies it)."))
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessageIn(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[Text, Field(max_length=MAX_DESCRIPTION)] | list[TextPart] = Field(
+        description="Text, or OpenAI's list of text parts (joined).")
+    name: str | None = Field(default=None, max_length=64)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=64, description=(
+        "The conversation; the base model's chat template formats it, ending with the assistant's turn."))
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=256, description="OpenAI's newer name "
+                                              "for max_tokens; it wins when both are given.")
+    examples: list[ExamplePair] | None = Field(
+        default=None, max_length=64, description="With a description: input/output pairs the LoRA should "
+        "reproduce, as in POST /v1/loras.")
 
 
 class ModelCard(BaseModel):
@@ -133,7 +179,9 @@ class ReadyOut(BaseModel):
     encoder_workers: int
 
 
-__all__ = ["MAX_BATCH", "MAX_DESCRIPTION", "MIN_TEMPERATURE", "BatchOut", "BatchRequest", "Choice", "CompletionOut",
-           "CompletionRequest", "ErrorBody", "ErrorOut", "ExamplePair", "ExpertList", "ExpertOut", "GenerateRequest",
+__all__ = ["MAX_BATCH", "MAX_DESCRIPTION", "MIN_TEMPERATURE", "BatchOut", "BatchRequest", "ChatChoice",
+           "ChatChunkChoice", "ChatCompletionChunk", "ChatCompletionOut", "ChatCompletionRequest", "ChatDelta",
+           "ChatMessage", "ChatMessageIn", "Choice", "CompletionChunk", "CompletionOut", "CompletionRequest",
+           "Sampling", "StreamChoice", "StreamOptions", "TextPart", "ErrorBody", "ErrorOut", "ExamplePair", "ExpertList", "ExpertOut", "GenerateRequest",
            "HitOut", "ImportedExpertOut", "LoraOut", "ModelCard", "ModelList", "NeighbourOut", "ReadyOut",
            "SearchOut", "SearchRequest", "Strict", "Text", "Usage", "valid_unicode"]

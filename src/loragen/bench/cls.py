@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..adapters import Basis, Lora, spec_from_config
+from ..adapters import Basis, Lora, atomic, spec_from_config
 from ..embeddings import TextEncoder, default_model_path
 from ..encoder import EncoderModel, accuracy
 from ..errors import LoragenError
@@ -78,6 +78,8 @@ class ClsBenchConfig:
     tasks_per_step: int = 8
     task_rows: int = 4
     validation_tasks: float = 0.15
+    contrast_weight: float = 1.0  # `+contrast` generators: the hinge's weight and margin (TaskTrainingConfig)
+    contrast_margin: float = 0.1
     train_controls: bool = False  # also score the controls on the train tasks (slower)
     top_k: int = 4
     temperature: float = 0.05
@@ -95,30 +97,37 @@ class ClsBenchConfig:
 
 @dataclass(frozen=True)
 class Variant:
-    """One generator of the benchmark: `method:objective`, then `+derived` to train the task loss also
-    on one-vs-rest tasks derived from multi-class train tasks, `+plain` for a task-objective generator
-    that is not residual over the multi-task LoRA (which it is by default)."""
+    """One generator of the benchmark: `method:objective`, then flags for the task objective:
+    `+derived` also trains on one-vs-rest tasks derived from multi-class train tasks, `+contrast`
+    adds the own-versus-mismatched description hinge, `+plain` is not residual over the multi-task
+    LoRA (which a task-objective generator is by default)."""
 
     method: str
     objective: str
     derived: bool = False
     residual: bool = False
+    contrast: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         head, *flags = text.strip().split("+")
         method, _, objective = head.partition(":")
-        if method not in ("icm", "sg") or objective not in OBJECTIVES or set(flags) - {"derived", "plain"}:
-            raise ClsBenchError(f"generator {text!r}: write method:objective[+derived][+plain] with method icm or sg "
-                                f"and objective one of {', '.join(OBJECTIVES)}")
-        if objective != "task" and ("plain" in flags or "derived" in flags):
-            raise ClsBenchError(f"generator {text!r}: +derived and +plain apply to the task objective")
-        return cls(method, objective, "derived" in flags, objective == "task" and "plain" not in flags)
+        if method not in ("icm", "sg") or objective not in OBJECTIVES or set(flags) - set(VARIANT_FLAGS):
+            raise ClsBenchError(f"generator {text!r}: write method:objective[+derived][+contrast][+plain] with method "
+                                f"icm or sg and objective one of {', '.join(OBJECTIVES)}")
+        if objective != "task" and flags:
+            raise ClsBenchError(f"generator {text!r}: +{flags[0]} applies to the task objective")
+        return cls(method, objective, "derived" in flags, objective == "task" and "plain" not in flags,
+                   "contrast" in flags)
 
     @property
     def name(self) -> str:
         plain = self.objective == "task" and not self.residual
-        return f"{self.method}:{self.objective}" + ("+derived" if self.derived else "") + ("+plain" if plain else "")
+        return (f"{self.method}:{self.objective}" + ("+derived" if self.derived else "")
+                + ("+contrast" if self.contrast else "") + ("+plain" if plain else ""))
+
+
+VARIANT_FLAGS = ("derived", "contrast", "plain")
 
 
 def describe(task: Task, text: str, with_labels: bool) -> str:
@@ -192,32 +201,61 @@ def build_multitask(registry: Registry, tasks: list[Task], cfg: ClsBenchConfig, 
 
 def build_generators(registry: Registry, tasks: list[Task], out: Path, cfg: ClsBenchConfig, encoder: EncoderModel,
                      say: Callable[[str], None]) -> dict[str, LearnedGenerator]:
-    """{variant name: generator} for every generator `cfg` names."""
+    """{variant name: generator} for every generator `cfg` names. A generator already saved under
+    `out/generators/` with the same settings and the same registry is loaded, not trained again."""
     gens = {}
     seen = [t for t in tasks if t.split == "train"]
     examples = {t.name: t.example_pairs(cfg.train_fraction, cfg.seed) for t in seen}
-    task_config = TaskTrainingConfig(steps=cfg.task_steps, lr=cfg.task_lr, tasks_per_step=cfg.tasks_per_step,
-                                     rows_per_task=cfg.task_rows, validation_tasks=cfg.validation_tasks,
-                                     seed=cfg.seed, train_fraction=cfg.train_fraction)
     base = TaskModel("classify", encoder)
     variants = [Variant.parse(g) for g in cfg.generators]
-    derived = []
-    if any(v.derived for v in variants):
-        derived = [replace(d, descriptions=[describe(d, d.description, cfg.labels_in_description)])
-                   for d in derived_tasks(seen, cfg.train_fraction, cfg.seed)]
-        say(f"derived tasks: {len(derived)}")
+    derived: list[Task] = []
     for v in variants:
+        directory = out / "generators" / v.name.replace(":", "-")
+        key = generator_key(v, cfg, registry)
+        if (directory / GENERATOR_KEY_NAME).is_file() and (directory / GENERATOR_KEY_NAME).read_text().strip() == key:
+            gens[v.name] = LearnedGenerator.from_pretrained(directory, registry, device=cfg.device)
+            say(f"{v.name}: cached in {directory}")
+            continue
+        if v.derived and not derived:
+            derived = [replace(d, descriptions=[describe(d, d.description, cfg.labels_in_description)])
+                       for d in derived_tasks(seen, cfg.train_fraction, cfg.seed)]
+            say(f"derived tasks: {len(derived)}")
+        task_config = TaskTrainingConfig(steps=cfg.task_steps, lr=cfg.task_lr, tasks_per_step=cfg.tasks_per_step,
+                                         rows_per_task=cfg.task_rows, validation_tasks=cfg.validation_tasks,
+                                         contrast_weight=cfg.contrast_weight if v.contrast else 0.0,
+                                         contrast_margin=cfg.contrast_margin, seed=cfg.seed,
+                                         train_fraction=cfg.train_fraction)
         kl = cfg.kl_weight_icm if v.method == "icm" else cfg.kl_weight_sg
         t0 = time.perf_counter()
         with_examples = v.method == "icm" and v.objective == "reconstruction" and any(cfg.examples_per_request)
         tv = TaskVectors(registry.spec, loaded=encoder) if with_examples else None
         gens[v.name] = train_generator_for(
             v.objective, registry, v.method, seen, base, task_config, residual=v.residual,
-            derived=derived if v.derived else (), out_dir=out / "generators" / v.name.replace(":", "-"),
+            derived=derived if v.derived else (), out_dir=directory,
             epochs=cfg.generator_epochs, latent=cfg.latent, kl_weight=kl, seed=cfg.seed, top_k=cfg.top_k,
             temperature=cfg.temperature, examples=examples if tv is not None else None, task_vectors=tv)
+        atomic.write_bytes(directory / GENERATOR_KEY_NAME, (key + "\n").encode())
         say(f"{v.name}: trained in {time.perf_counter() - t0:.0f} s")
     return gens
+
+
+GENERATOR_KEY_NAME = "bench_key.txt"
+
+
+def generator_key(v: Variant, cfg: ClsBenchConfig, registry: Registry) -> str:
+    """What a saved generator of the benchmark was trained from: its variant, the settings that reach
+    its training, and the registry (experts and multi-task LoRA) it was trained on."""
+    fields = {k: getattr(cfg, k) for k in ("train_fraction", "generator_epochs", "task_steps",
+                                           "task_lr", "tasks_per_step", "task_rows", "validation_tasks", "top_k",
+                                           "temperature", "latent", "kl_weight_icm", "kl_weight_sg", "seed",
+                                           "labels_in_description")}
+    if v.contrast:
+        fields |= {"contrast_weight": cfg.contrast_weight, "contrast_margin": cfg.contrast_margin}
+    if v.method == "icm":
+        fields["examples"] = bool(any(cfg.examples_per_request)) and v.objective == "reconstruction"
+    multitask = load_multitask(registry).metadata.get("config") if has_multitask(registry) else None
+    state = {"variant": asdict(v), "settings": fields, "registry": registry.fingerprint(), "multitask": multitask}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------ evaluation

@@ -121,12 +121,15 @@ def cls(
     labels_in_description: Annotated[bool, typer.Option(help="Append the label set to descriptions.")] = True,
     examples: Annotated[str, typer.Option(help="icm+N examples: comma-separated pairs per request ('' or 0: off).")] = "4,16",
     generators: Annotated[str, typer.Option(help="Generators to train, comma-separated method:objective[+derived]"
-                          "[+plain] (objective reconstruction, task or mixed; +derived: also one-vs-rest tasks "
-                          "derived from the train tasks; +plain: task objective without the multi-task residual).")]
+                          "[+contrast][+plain] (objective reconstruction, task or mixed; +derived: also one-vs-rest "
+                          "tasks derived from the train tasks; +contrast: the own-versus-mismatched description "
+                          "hinge; +plain: task objective without the multi-task residual).")]
     = "icm:reconstruction,sg:reconstruction,icm:task,sg:task",
     multitask_steps: Annotated[int, typer.Option(min=1, help="Multi-task LoRA training steps.")] = 100,
     task_steps: Annotated[int, typer.Option(min=1, help="Task-loss training steps of each generator.")] = 150,
     task_lr: Annotated[float, typer.Option(min=0, help="Task-loss learning rate.")] = 1e-3,
+    contrast_weight: Annotated[float, typer.Option(min=0, help="+contrast: weight of the hinge.")] = 1.0,
+    contrast_margin: Annotated[float, typer.Option(min=0, help="+contrast: margin of the hinge (nats).")] = 0.1,
     train_controls: Annotated[bool, typer.Option(help="Also score the controls on the train tasks.")] = False,
     seed: int = 0,
 ) -> None:
@@ -151,7 +154,7 @@ def cls(
                          kl_weight_icm=kl_icm, kl_weight_sg=kl_sg, labels_in_description=labels_in_description,
                          examples_per_request=tuple(n for n in shots if n > 0), generators=chosen,
                          multitask_steps=multitask_steps, task_steps=task_steps, task_lr=task_lr,
-                         train_controls=train_controls, seed=seed, device=device)
+                         contrast_weight=contrast_weight, contrast_margin=contrast_margin, train_controls=train_controls, seed=seed, device=device)
     out.mkdir(parents=True, exist_ok=True)
     bench = run_cls_bench(data, out, cfg, cache=cache, base=base, log=lambda s: typer.echo(s, err=True))
     typer.echo((out / "report.md").read_text())

@@ -199,6 +199,10 @@ def train_generator_cmd(
                                      "loss.")] = 1.0,
     residual: Annotated[bool, typer.Option(help="task: decode on top of the registry's multi-task LoRA "
                         "(`loragen train multitask`).")] = False,
+    contrast_weight: Annotated[float, typer.Option(min=0, help="task/mixed: weight of a hinge that asks LoRAs from "
+                               "a task's own descriptions to beat LoRAs from other families' descriptions on its "
+                               "instances (0: off).")] = 0.0,
+    contrast_margin: Annotated[float, typer.Option(min=0, help="task/mixed: the hinge's margin (nats).")] = 0.1,
     seed: int = 0,
 ) -> None:
     """Train an ICM-LoRA or SG-LoRA generator on the registry's experts (or through the task loss)."""
@@ -227,7 +231,8 @@ def train_generator_cmd(
         pairs = {t.name: t.example_pairs(train_fraction, seed) for t in read_tasks(examples)}
     base = TaskModel.for_registry(reg) if task_list is not None else None
     config = TaskTrainingConfig(steps=task_steps, lr=task_lr, seed=seed, train_fraction=train_fraction,
-                                reconstruction_weight=reconstruction_weight if objective == "mixed" else 0.0)
+                                reconstruction_weight=reconstruction_weight if objective == "mixed" else 0.0,
+                                contrast_weight=contrast_weight, contrast_margin=contrast_margin)
     train_generator_for(objective, reg, method, task_list, base, config, residual=residual, out_dir=out,
                         resume=resume, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
                         patience=patience, holdout=names, examples=pairs, temperature=temperature,

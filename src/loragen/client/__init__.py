@@ -6,10 +6,12 @@ PEFT adapter's files, which `save_pretrained` writes as the directory PEFT loads
 
 from .adapter import AdapterFiles
 from .client import AsyncClient, Client
-from .types import (AuthenticationError, BadRequestError, Completion, ConflictError, Expert, ExpertPage,
+from .types import (AuthenticationError, BadRequestError, ChatCompletion, ChatCompletionChunk, Completion,
+                    CompletionChunk, ConflictError, Expert, ExpertPage,
                     GenerationResult, ImportedExpert, LoragenAPIError, LoragenConnectionError, Neighbour,
                     NotFoundError, SearchHit, ServerError)
 
-__all__ = ["AdapterFiles", "AsyncClient", "AuthenticationError", "BadRequestError", "Client", "Completion",
+__all__ = ["AdapterFiles", "AsyncClient", "AuthenticationError", "BadRequestError", "ChatCompletion",
+           "ChatCompletionChunk", "Client", "Completion", "CompletionChunk",
            "ConflictError", "Expert", "ExpertPage", "GenerationResult", "ImportedExpert", "LoragenAPIError",
            "LoragenConnectionError", "Neighbour", "NotFoundError", "SearchHit", "ServerError"]

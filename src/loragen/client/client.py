@@ -3,7 +3,11 @@
     client = Client("http://127.0.0.1:8000")
     result = client.generate("reverse the input string")
     result.save_pretrained("./adapter")
-    print(client.complete("abcde", lora_id=result.id).text)
+    answer = client.chat([{"role": "user", "content": "abcde"}], model=result.id)
+    print(answer.choices[0].message.content)
+    for chunk in client.chat([{"role": "user", "content": "abcde"}], model=result.id, stream=True):
+        if chunk.choices:
+            print(chunk.choices[0].delta.content or "", end="")
 
 Connection failures (the request never reached the server) are retried by httpx's transport
 (`retries`: the first retry at once, then with a doubling backoff from 0.5 s) and then raise
@@ -14,13 +18,18 @@ Connection failures (the request never reached the server) are retried by httpx'
 from __future__ import annotations
 
 import tempfile
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal, overload
 
 import httpx
 
 from .adapter import AdapterFiles
 from .experts import AsyncExperts, Experts
-from .types import Call, Completion, GenerationResult, LoragenConnectionError, SearchHit, raise_for
+from .streaming import aiter_chunks, iter_chunks
+from .types import (Call, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, GenerationResult,
+                    LoragenConnectionError, SearchHit, raise_for)
+
+Messages = list[dict[str, Any]]  # OpenAI's chat messages: {"role", "content"}
 
 # What the transport retries: the request never reached the server.
 UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -62,10 +71,28 @@ class _Api:
 
     @staticmethod
     def complete_call(prompt: str, description: str | None, lora_id: str | None, method: str, max_tokens: int,
-                      temperature: float, seed: int | None, stop: str | list[str] | None) -> Call:
+                      temperature: float, seed: int | None, stop: str | list[str] | None, stream: bool = False) -> Call:
         body = _drop_none({"prompt": prompt, "description": description, "lora_id": lora_id, "method": method,
                            "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stop": stop})
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
         return Call("POST", "/v1/completions", {"json": body})
+
+    @staticmethod
+    def chat_call(messages: Messages, options: dict[str, Any], stream: bool, include_usage: bool) -> Call:
+        body = _drop_none({"messages": list(messages), **options})
+        if stream:
+            body["stream"] = True
+            if include_usage:
+                body["stream_options"] = {"include_usage": True}
+        return Call("POST", "/v1/chat/completions", {"json": body})
+
+
+def chat_options(model: str | None, description: str | None, lora_id: str | None, method: str | None,
+                 examples: list[dict[str, str]] | None, max_tokens: int, temperature: float, top_p: float | None,
+                 n: int, seed: int | None, stop: str | list[str] | None) -> dict[str, Any]:
+    return {"model": model, "description": description, "lora_id": lora_id, "method": method, "examples": examples,
+            "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "n": n, "seed": seed, "stop": stop}
 
 
 class Client(_Api):
@@ -129,11 +156,43 @@ class Client(_Api):
         data = self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
         return [SearchHit.model_validate(h) for h in data["neighbours"]]
 
+    @overload
+    def complete(self, prompt: str, *, stream: Literal[False] = False, **options: Any) -> Completion: ...
+
+    @overload
+    def complete(self, prompt: str, *, stream: Literal[True], **options: Any) -> Iterator[CompletionChunk]: ...
+
     def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                  method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
-                 seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
-        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop)
+                 seed: int | None = None, stop: str | list[str] | None = None,
+                 stream: bool = False) -> Completion | Iterator[CompletionChunk]:
+        """A completion of the raw `prompt` (no chat template; `chat` applies it). With `stream=True`,
+        the chunks as they are decoded, the last one with the usage and no choices."""
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop, stream)
+        if stream:
+            return iter_chunks(self._send(call, stream=True), CompletionChunk)
         return Completion.from_json(self._json(call))
+
+    @overload
+    def chat(self, messages: Messages, *, stream: Literal[False] = False, **options: Any) -> ChatCompletion: ...
+
+    @overload
+    def chat(self, messages: Messages, *, stream: Literal[True], **options: Any) -> Iterator[ChatCompletionChunk]: ...
+
+    def chat(self, messages: Messages, *, model: str | None = None, description: str | None = None,
+             lora_id: str | None = None, method: str | None = None, examples: list[dict[str, str]] | None = None,
+             max_tokens: int = 32, temperature: float = 0.0, top_p: float | None = None, n: int = 1,
+             seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
+             include_usage: bool = False) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """A chat completion (`POST /v1/chat/completions`): `model` is the base model or a LoRA id, or
+        `description` (with `examples`) generates the LoRA. With `stream=True`, the chunks as they are
+        decoded; `include_usage` adds a last chunk with the usage and no choices."""
+        options = chat_options(model, description, lora_id, method, examples, max_tokens, temperature, top_p, n,
+                               seed, stop)
+        call = _Api.chat_call(messages, options, stream, include_usage)
+        if stream:
+            return iter_chunks(self._send(call, stream=True), ChatCompletionChunk)
+        return ChatCompletion.model_validate(self._json(call))
 
     def health(self) -> bool:
         return self._http.get("/readyz").is_success
@@ -200,8 +259,40 @@ class AsyncClient(_Api):
         data = await self._json(Call("POST", "/v1/search", {"json": _Api.search_body(description, k, method)}))
         return [SearchHit.model_validate(h) for h in data["neighbours"]]
 
+    @overload
+    async def complete(self, prompt: str, *, stream: Literal[False] = False, **options: Any) -> Completion: ...
+
+    @overload
+    async def complete(self, prompt: str, *, stream: Literal[True],
+                       **options: Any) -> AsyncIterator[CompletionChunk]: ...
+
     async def complete(self, prompt: str, *, description: str | None = None, lora_id: str | None = None,
                        method: str = "weighted", max_tokens: int = 32, temperature: float = 0.0,
-                       seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
-        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop)
+                       seed: int | None = None, stop: str | list[str] | None = None,
+                       stream: bool = False) -> Completion | AsyncIterator[CompletionChunk]:
+        """As `Client.complete`."""
+        call = _Api.complete_call(prompt, description, lora_id, method, max_tokens, temperature, seed, stop, stream)
+        if stream:
+            return aiter_chunks(await self._send(call, stream=True), CompletionChunk)
         return Completion.from_json(await self._json(call))
+
+    @overload
+    async def chat(self, messages: Messages, *, stream: Literal[False] = False, **options: Any) -> ChatCompletion: ...
+
+    @overload
+    async def chat(self, messages: Messages, *, stream: Literal[True],
+                   **options: Any) -> AsyncIterator[ChatCompletionChunk]: ...
+
+    async def chat(self, messages: Messages, *, model: str | None = None, description: str | None = None,
+                   lora_id: str | None = None, method: str | None = None,
+                   examples: list[dict[str, str]] | None = None, max_tokens: int = 32, temperature: float = 0.0,
+                   top_p: float | None = None, n: int = 1, seed: int | None = None,
+                   stop: str | list[str] | None = None, stream: bool = False,
+                   include_usage: bool = False) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
+        """As `Client.chat`; with `stream=True`, `async for chunk in await client.chat(..., stream=True)`."""
+        options = chat_options(model, description, lora_id, method, examples, max_tokens, temperature, top_p, n,
+                               seed, stop)
+        call = _Api.chat_call(messages, options, stream, include_usage)
+        if stream:
+            return aiter_chunks(await self._send(call, stream=True), ChatCompletionChunk)
+        return ChatCompletion.model_validate(await self._json(call))

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import PrivateAttr
 
-from ..schemas import ExpertList, ExpertOut, HitOut, ImportedExpertOut, LoraOut, NeighbourOut
+from ..schemas import (ChatCompletionChunk, ChatCompletionOut, CompletionChunk,  # noqa: F401 (chunks: re-exported)
+                       ExpertList, ExpertOut, HitOut, ImportedExpertOut, LoraOut, NeighbourOut)
 from .adapter import AdapterFiles, adapter_upload  # noqa: F401 (adapter_upload: re-exported)
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ SearchHit = HitOut  # an expert found by description
 Expert = ExpertOut  # a registry expert
 ImportedExpert = ImportedExpertOut  # an uploaded expert, with the modules its adapter does not target
 ExpertPage = ExpertList  # a page of `client.experts.list`
+ChatCompletion = ChatCompletionOut  # `client.chat`'s answer: choices[i].message.content, finish_reason, usage
 
 
 class LoragenAPIError(Exception):

@@ -7,7 +7,10 @@ own expert is not retrievable), applies them to the frozen base model one per ro
 back-propagates the base model's loss on those tasks' training instances into the generator.
 
 `reconstruction_weight` > 0 (`--objective mixed`) adds the reconstruction loss on the same
-experts' checkpoints as a regulariser. A share of the tasks (`validation_tasks`) is never trained
+experts' checkpoints as a regulariser. `contrast_weight` > 0 adds a hinge that asks each step's
+LoRAs, drawn from the tasks' own descriptions, to beat LoRAs drawn from descriptions of other
+families' tasks on the same instances by `contrast_margin` (in loss units): a generator that ignores
+its description cannot meet it. A share of the tasks (`validation_tasks`) is never trained
 on: their task loss picks the step whose weights are kept, so the stopping point is chosen on
 tasks the generator has not seen, as a held-out task will be.
 """
@@ -44,6 +47,8 @@ class TaskTrainingConfig:
     rows_per_task: int = 4  # training instances of each task per step
     lr: float = 1e-3
     reconstruction_weight: float = 0.0  # > 0: `mixed`, the reconstruction loss added with this weight
+    contrast_weight: float = 0.0  # > 0: the own-versus-mismatched description hinge, with this weight
+    contrast_margin: float = 0.1  # how much lower the own description's loss must be (nats)
     validation_tasks: float = 0.15  # share of matched tasks kept out of training to pick the step
     eval_every: int = 25  # steps between validations
     validation_rows: int = 8  # instances per validation task
@@ -84,7 +89,9 @@ def task_loss(gen: LearnedGenerator, base: TaskModel, cond: _Conditions, columns
     B = model.layout.to_modules(groups)  # module -> (tasks, L, out, r)
     B, _ = gen.safety.clip(B)  # the norm range inference enforces, so training sees what users get
     basis = gen.registry.basis
-    stack = LoraStack(basis.spec, {m: a.to(text) for m, a in basis.A.items()}, B)
+    device = next(base.module.parameters()).device  # the generator may sit on another device than the base
+    stack = LoraStack(basis.spec, {m: a.to(device, text.dtype) for m, a in basis.A.items()},
+                      {m: b.to(device) for m, b in B.items()})
     tasks = [cond.tasks[c] for c in columns]
     task_rows = [i for i, b in enumerate(batches) for _ in b]
     with applied(base.module, stack) as hooks:
@@ -115,6 +122,9 @@ def train_on_task_loss(gen: LearnedGenerator, tasks: list[Task], base: TaskModel
     held = {every[c].name for c in val_cols}
     train_cols = [c for c in range(len(every)) if c not in val_cols and every[c].extra.get("source") not in held]
     pools = {c: every[c].split_instances(config.train_fraction, config.seed)[0] for c in range(len(every))}
+    family = [t.cluster or t.extra.get("source") or t.name for t in every]
+    mismatch = {c: [o for o in train_cols if family[o] != family[c]] or [o for o in train_cols if o != c]
+                for c in train_cols}
     val_batches = [random.Random(f"{config.seed}:{c}").sample(pools[c], min(config.validation_rows, len(pools[c])))
                    for c in val_cols]
     model = gen.model
@@ -157,6 +167,10 @@ def train_on_task_loss(gen: LearnedGenerator, tasks: list[Task], base: TaskModel
         batches = [rng.choices(pools[c], k=config.rows_per_task) for c in cols]
         eps = torch.randn(len(cols), latent, generator=noise)
         loss = task_loss(gen, base, cond, cols, rows, batches, eps)
+        if config.contrast_weight > 0:
+            others = [rng.choice(cond.rows[rng.choice(mismatch[c])]) for c in cols]
+            wrong = task_loss(gen, base, cond, cols, others, batches, eps)
+            loss = loss + config.contrast_weight * torch.relu(config.contrast_margin + loss - wrong)
         if config.reconstruction_weight > 0:
             loss = loss + config.reconstruction_weight * reconstruction_loss(gen, cond, cols, rows, rng, noise)
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,126 @@
+"""The service's life-cycle: open the registry, warm every component in order, say when ready, stop.
+
+SQLite connections belong to the thread that opened them, so the registry is opened, and every
+registry or generator call runs, on one `engine` thread. Serving starts at once; loading and
+warming go on in the background, and `/readyz` names what is not ready yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from ..embeddings import TextEncoder, resolve_dtype
+from ..errors import NotReadyError
+from ..registry import Registry
+from .readiness import Readiness
+from .settings import ApiSettings
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class Runs(Protocol):
+    """A background worker the life-cycle starts and stops (the micro-batchers, the completion engine)."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WarmStep:
+    """One component's loading: `run` on `pool`, reported to readiness under `component`."""
+
+    component: str
+    pool: Executor
+    run: Callable[[], None]
+
+
+class Lifecycle:
+    """Owns the engine thread and the registry; runs the warm-up steps after opening it."""
+
+    def __init__(self, settings: ApiSettings, encoder: TextEncoder | None = None) -> None:
+        self.settings = settings
+        self._encoder = encoder
+        self.engine = ThreadPoolExecutor(1, thread_name_prefix="loragen-engine")
+        self.registry: Registry | None = None
+        self.generator_root: Path | None = settings.generator
+        self.readiness = Readiness()
+        self._warming: asyncio.Task[None] | None = None
+        self._workers: list[Runs] = []
+        self._stopping = False
+
+    async def start(self, workers: list[Runs], steps: list[WarmStep]) -> None:
+        """Start `workers` now; open the registry, warm the encoder, then run `steps`, in the background."""
+        self._workers = workers
+        for w in workers:
+            w.start()
+        self._warming = asyncio.get_running_loop().create_task(self._warm(steps))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._warming is not None:
+            self._warming.cancel()
+        for w in self._workers:
+            await w.stop()
+        if self.registry is not None:
+            await self.in_engine(self.registry.close)
+        self.engine.shutdown(wait=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness.ready and not self._stopping
+
+    @property
+    def reg(self) -> Registry:
+        if self.registry is None:
+            raise NotReadyError("the service is still starting")
+        return self.registry
+
+    async def in_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.engine, partial(fn, *args, **kwargs))
+
+    async def _warm(self, steps: list[WarmStep]) -> None:
+        loop = asyncio.get_running_loop()
+        own = [WarmStep("registry", self.engine, self._open), WarmStep("encoder", self.engine, self._warm_encoder)]
+        for step in own + steps:
+            self.readiness.loading(step.component)
+            try:
+                await loop.run_in_executor(step.pool, step.run)
+            except Exception as exc:  # the service stays up and /readyz says what failed
+                log.error("%s failed to load: %s", step.component, exc)
+                self.readiness.failed(step.component, exc)
+                if step.component == "registry":
+                    return  # nothing else can load without it
+                continue
+            self.readiness.done(step.component)
+        # Torch, transformers and the models are hundreds of thousands of long-lived objects; a full
+        # collection walks them all, stalling every request meanwhile. Freezing them keeps the
+        # collector to what requests allocate.
+        gc.collect()
+        gc.freeze()
+
+    def _open(self) -> None:
+        path = self.settings.registry
+        if path is None:
+            from ..demo.world import build_demo
+
+            world = build_demo(self.settings.home, encoder=self._encoder)
+            path, self.generator_root = world.registry, self.generator_root or world.generators
+        registry = Registry.open(path, encoder=self._encoder, device=self.settings.device)
+        dtype = resolve_dtype(self.settings.encoder_dtype, registry.encoder.device)
+        registry.encoder = registry.encoder.with_options(compute_dtype=dtype, workers=self.settings.encoder_workers)
+        self.registry = registry
+
+    def _warm_encoder(self) -> None:
+        # Enough texts to be split, so the encoder's workers start now rather than on a request.
+        encoder = self.reg.encoder
+        encoder.encode(["warm up"] * 2 * encoder.workers)
