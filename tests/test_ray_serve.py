@@ -1,5 +1,5 @@
 """`serve --engine ray`: the app on a Ray Serve deployment of 2 replicas on a local Ray (2 CPUs,
-started here, shut down after), against the plain server on the same world (test_api's).
+started here, shut down after), against the plain server on the same world (conftest's API world).
 One deployment for the module; the replica-kill test runs last."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("ray")
 
 from conftest import uvicorn_server  # noqa: E402
-from test_api import world  # noqa: E402,F401  (a fixture)
 
 from loragen.api import ApiSettings, create_app  # noqa: E402
 from loragen.api.ray_serve import RayServeOptions, deploy  # noqa: E402
