@@ -121,6 +121,6 @@ class DescriptionEncoder:
 
     @classmethod
     def from_state_dict(cls, base: TextEncoder, tensors: dict[str, torch.Tensor],
-                        config: dict | None) -> DescriptionEncoder | None:
+                        config: TuningConfig | None) -> DescriptionEncoder | None:
         weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-        return cls(base, weights, TuningConfig(**(config or {}))) if weights else None
+        return cls(base, weights, config or TuningConfig()) if weights else None

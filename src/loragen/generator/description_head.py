@@ -47,10 +47,11 @@ class DescriptionHead:
         return asdict(self.config)
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict | None = None) -> DescriptionHead | None:
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor],
+                        config: HeadConfig | None = None) -> DescriptionHead | None:
         if WEIGHT_KEY not in tensors:
             return None
-        return cls(tensors[WEIGHT_KEY], HeadConfig(**(config or {})))
+        return cls(tensors[WEIGHT_KEY], config)
 
     @classmethod
     def fit(cls, vecs: np.ndarray, owners: np.ndarray, config: HeadConfig | None = None, *,
