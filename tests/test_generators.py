@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -117,6 +119,55 @@ def test_save_load_roundtrip_and_dtype(trained, registry):
     assert c.dtype == torch.bfloat16
     rel = max(float((c.B[m].float() - a.B[m]).norm() / a.B[m].norm()) for m in a.B)
     assert rel < 0.1
+
+
+def _version_1(config: dict) -> dict:
+    """A config.json in the flat layout written before the settings were typed."""
+    new = dict(config)
+    settings = new.pop("generator")
+    old = {"format": new.pop("format"), "version": 1, "method": settings["method"], **new, "holdout": settings["holdout"]}
+    return {k: v for k, v in old.items() if not (k in ("objective", "task_training") and v is None)}
+
+
+def test_a_version_1_checkpoint_loads_and_generates_the_same(trained, registry, tmp_path):
+    gen, out = trained
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["version"] == 2 and saved["generator"]["method"] == gen.method
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    (old / "config.json").write_text(json.dumps(_version_1(saved)))
+    loaded = LearnedGenerator.from_pretrained(old, registry)
+    assert loaded.config.cvae == gen.config.cvae and loaded.config.training == gen.config.training
+    settings, want = loaded.config.generator, gen.config.generator
+    for name in ("method", "holdout", "latent", "hidden", "top_k", "temperature", "epochs", "lr", "batch", "seed",
+                 "val_fraction", "patience", "description_head", "description_encoder", "residual"):
+        assert getattr(settings, name) == getattr(want, name), name
+    a = gen.generate(["double each letter", "sort them"], seed=5, num_samples=2)
+    b = loaded.generate(["double each letter", "sort them"], seed=5, num_samples=2)
+    assert all(torch.equal(x.B[m], y.B[m]) for x, y in zip(a, b) for m in x.B)
+    assert [x.metadata for x in a] == [y.metadata for y in b]
+    loaded.save_pretrained(tmp_path / "v2")  # saving again writes the current layout
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["version"] == 2
+
+
+def test_generator_config_is_typed_and_documented(registry):
+    from loragen.generator import GeneratorConfig
+    from loragen.generator.training import settings
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(GeneratorConfig))
+    with pytest.raises(GenerationError, match="unknown learned method"):
+        GeneratorConfig(method="vae")
+    with pytest.raises(GenerationError, match="task loss only"):
+        GeneratorConfig(residual=True)
+    with pytest.raises(TypeError, match="unknown generator settings: epoch"):
+        settings("icm", epoch=3)
+    cfg = settings("sg", GeneratorConfig(latent=8, holdout=("b", "a")), epochs=0)
+    assert (cfg.method, cfg.latent, cfg.epochs, cfg.holdout, cfg.kl(), cfg.prior()) == ("sg", 8, 0, ["a", "b"], 1.0, 0.0)
+    light = {**TRAIN, "epochs": 1, "seed": 2, "description_encoder": False}
+    by_name = train_generator(registry, "icm", **light)
+    by_config = train_generator(registry, config=GeneratorConfig(method="icm", **light))
+    assert by_name.config == by_config.config
+    assert _same(by_name.generate(["sort the letters"], seed=1)[0], by_config.generate(["sort the letters"], seed=1)[0])
 
 
 def test_wrong_registry_is_rejected(trained, tmp_path, encoder):
