@@ -518,8 +518,8 @@ def test_a_generator_without_a_tuned_encoder_keeps_its_description_head(registry
     assert loaded.head is not None and torch.equal(loaded.head.weight, gen.head.weight)
     # Neighbours are ranked and weighted by their similarity in the head's space.
     neighbours = gen.generate(["put the characters in order"], seed=0)[0].metadata["neighbours"]
-    query = gen.describe(registry.encoder.encode(["put the characters in order"]))
-    desc = gen.describe(registry.encoder.encode(TASKS[neighbours[0]["expert"]]))
+    query = gen.space.describe(registry.encoder.encode(["put the characters in order"]))
+    desc = gen.space.describe(registry.encoder.encode(TASKS[neighbours[0]["expert"]]))
     assert neighbours[0]["similarity"] == pytest.approx(float((query @ desc.T).max()), abs=1e-5)
     sims = [n["similarity"] for n in neighbours]
     assert sims == sorted(sims, reverse=True)
