@@ -15,6 +15,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..adapters import LoraSpec
 from ..registry import Registry
 from .cvae import CVAEConfig, FitConfig
 from .description_encoder import TuningConfig
@@ -177,13 +178,11 @@ class CheckpointConfig:
     def check_compatible(self, registry: Registry, where: str) -> None:
         """Raise unless the generator can run on `registry`: same base model shape and rank, basis and
         text encoder. A registry whose experts changed since is only warned about."""
-        from ..adapters import LoraSpec
-
         spec = LoraSpec.from_dict(self.spec)
         mine = registry.spec
         if spec.shape_key() != mine.shape_key() or spec.rank != mine.rank:
-            raise GenerationError(f"generator {where} was trained for another base model or rank "
-                                  f"(spec {spec.fingerprint()} r={spec.rank}, registry {mine.fingerprint()} r={mine.rank})")
+            raise GenerationError(f"generator {where} was trained for another base model or rank (spec "
+                                  f"{spec.fingerprint()} r={spec.rank}, registry {mine.fingerprint()} r={mine.rank})")
         if self.basis_sha256 != registry.basis.sha256():
             raise GenerationError(f"generator {where} was trained on another basis; retrain it on this registry")
         if self.embedding_model != registry.encoder.model_id:

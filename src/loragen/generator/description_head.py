@@ -12,7 +12,7 @@ held-back paraphrases): weight decay 0.01, temperature 0.1.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,9 +42,6 @@ class DescriptionHead:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {WEIGHT_KEY: self.weight}
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self.config)
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor],

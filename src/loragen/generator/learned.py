@@ -29,7 +29,8 @@ from .cvae import LoraCVAE, denormalise
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
-from .example_evidence import EXAMPLE_CANDIDATES, Evidence, applies, candidates, example_logprobs, examples_metadata, reweigh
+from .example_evidence import (EXAMPLE_CANDIDATES, Evidence, applies, candidates, example_logprobs, examples_metadata,
+                               reweigh)
 from .inline_examples import with_inline_examples
 from .retrieval import Neighbour, ambiguous, check_descriptions
 from .safety import Safety
