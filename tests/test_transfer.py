@@ -118,7 +118,7 @@ def test_task_loss_training_lowers_the_loss_keeps_the_base_and_round_trips(world
                               out_dir=tmp_path / "gen", latent=16, description_encoder=False, description_head=False)
     assert _mean_task_loss(gen, base, tasks) < start
     assert all(torch.equal(before[k], v) for k, v in encoder.model.state_dict().items())
-    assert gen.config["objective"] == "task" and gen.config["cvae"]["residual"] is residual
+    assert gen.config.objective == "task" and gen.config.cvae.residual is residual
 
     loaded = LearnedGenerator.from_pretrained(tmp_path / "gen", registry)
     descs = ["Is this sentence about weather? Answer yes or no.", "Which animal is it?"]

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from ..errors import LoragenError
 from ..generator import LEARNED_METHODS, METHODS, TaskVectors, load_generator
+from ..generator.config import saved_method
 from ..registry import Registry
 from .step import Generator
 
 
 def _method_of(checkpoint: Path) -> str:
     try:
-        method = json.loads((checkpoint / "config.json").read_text()).get("method")
+        method = saved_method(json.loads((checkpoint / "config.json").read_text()))
     except (OSError, ValueError) as exc:
         raise LoragenError(f"{checkpoint}/config.json is not a readable generator config: {exc}") from exc
     if method not in LEARNED_METHODS:
