@@ -284,7 +284,7 @@ def test_a_compiled_decoder_is_compiled_at_warm_up_and_serves_the_same_loras(wor
     descriptions = ["english to french", "reverse the word", "arithmetic for kids"]
     with uvicorn_server(app) as url:  # ready once warm: padded batch sizes 1, 2 and 4 compiled
         gen = app.state.service.pool.loaded()[("sg", 0)]
-        assert gen._decode.compiled is not None
+        assert gen.fused_decode.compiled is not None
 
         async def run() -> list:
             async with AsyncClient(url) as ac:

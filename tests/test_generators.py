@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -119,6 +121,55 @@ def test_save_load_roundtrip_and_dtype(trained, registry):
     assert rel < 0.1
 
 
+def _version_1(config: dict) -> dict:
+    """A config.json in the flat layout written before the settings were typed."""
+    new = dict(config)
+    settings = new.pop("generator")
+    old = {"format": new.pop("format"), "version": 1, "method": settings["method"], **new, "holdout": settings["holdout"]}
+    return {k: v for k, v in old.items() if not (k in ("objective", "task_training") and v is None)}
+
+
+def test_a_version_1_checkpoint_loads_and_generates_the_same(trained, registry, tmp_path):
+    gen, out = trained
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["version"] == 2 and saved["generator"]["method"] == gen.method
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    (old / "config.json").write_text(json.dumps(_version_1(saved)))
+    loaded = LearnedGenerator.from_pretrained(old, registry)
+    assert loaded.config.cvae == gen.config.cvae and loaded.config.training == gen.config.training
+    settings, want = loaded.config.generator, gen.config.generator
+    for name in ("method", "holdout", "latent", "hidden", "top_k", "temperature", "epochs", "lr", "batch", "seed",
+                 "val_fraction", "patience", "description_head", "description_encoder", "residual"):
+        assert getattr(settings, name) == getattr(want, name), name
+    a = gen.generate(["double each letter", "sort them"], seed=5, num_samples=2)
+    b = loaded.generate(["double each letter", "sort them"], seed=5, num_samples=2)
+    assert all(torch.equal(x.B[m], y.B[m]) for x, y in zip(a, b) for m in x.B)
+    assert [x.metadata for x in a] == [y.metadata for y in b]
+    loaded.save_pretrained(tmp_path / "v2")  # saving again writes the current layout
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["version"] == 2
+
+
+def test_generator_config_is_typed_and_documented(registry):
+    from loragen.generator import GeneratorConfig
+    from loragen.generator.training import settings
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(GeneratorConfig))
+    with pytest.raises(GenerationError, match="unknown learned method"):
+        GeneratorConfig(method="vae")
+    with pytest.raises(GenerationError, match="task loss only"):
+        GeneratorConfig(residual=True)
+    with pytest.raises(TypeError, match="unknown generator settings: epoch"):
+        settings("icm", epoch=3)
+    cfg = settings("sg", GeneratorConfig(latent=8, holdout=("b", "a")), epochs=0)
+    assert (cfg.method, cfg.latent, cfg.epochs, cfg.holdout, cfg.kl(), cfg.prior()) == ("sg", 8, 0, ["a", "b"], 1.0, 0.0)
+    light = {**TRAIN, "epochs": 1, "seed": 2, "description_encoder": False}
+    by_name = train_generator(registry, "icm", **light)
+    by_config = train_generator(registry, config=GeneratorConfig(method="icm", **light))
+    assert by_name.config == by_config.config
+    assert _same(by_name.generate(["sort the letters"], seed=1)[0], by_config.generate(["sort the letters"], seed=1)[0])
+
+
 def test_wrong_registry_is_rejected(trained, tmp_path, encoder):
     _, out = trained
     other_basis = _registry(tmp_path / "basis", encoder, seed=7)
@@ -169,7 +220,7 @@ def test_holdout_experts_are_never_neighbours(registry):
     gen = train_generator(registry, "sg", holdout=["reverse"], **{**TRAIN, "epochs": 1})
     lora = gen.generate(["reverse the string"], seed=0)[0]
     assert "reverse" not in {n["expert"] for n in lora.metadata["neighbours"]}
-    assert gen.config["holdout"] == ["reverse"]
+    assert gen.config.generator.holdout == ["reverse"]
 
 
 def test_training_is_deterministic_and_resumable(registry, tmp_path):
@@ -177,11 +228,11 @@ def test_training_is_deterministic_and_resumable(registry, tmp_path):
     b = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 1}, out_dir=tmp_path / "g")
     assert _same(a.generate(["sort"], seed=0)[0], b.generate(["sort"], seed=0)[0])
     c = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 1}, out_dir=tmp_path / "g", resume=True)
-    assert c.config["training"]["epochs"] == 1
+    assert c.config.training["epochs"] == 1
     d = train_generator(registry, "icm", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g", resume=True)
-    history = d.config["training"]["history"]
-    assert d.config["training"]["epochs"] == 2 and len(history) == 2  # one more epoch on the saved one
-    assert history[0] == b.config["training"]["history"][0]
+    history = d.config.training["history"]
+    assert d.config.training["epochs"] == 2 and len(history) == 2  # one more epoch on the saved one
+    assert history[0] == b.config.training["history"][0]
     with pytest.raises(GenerationError, match="cannot resume .* 'icm' generator's, not 'sg'"):
         train_generator(registry, "sg", seed=1, **{**TRAIN, "epochs": 2}, out_dir=tmp_path / "g", resume=True)
 
@@ -376,10 +427,10 @@ def test_example_logprobs_match_peft(icm_world, tmp_path):
     reg, gen, root = icm_world
     sets = [_examples("reverse", 3), [], _examples("count", 2)]
     candidates = [[0, 2], [1], [3, 0, 5]]
-    evidence = example_logprobs(gen.task_vectors.base, gen._expert_stack, sets, candidates)
+    evidence = example_logprobs(gen.task_vectors.base, gen.expert_stack, sets, candidates)
     got = evidence.logprobs
     assert got[1] is None and evidence.fit(1) is None and evidence.ood(1) is None
-    experts = gen._tokens.experts
+    experts = gen.experts()
     base = gen.task_vectors.base
     for row, examples in enumerate(sets):  # output tokens, eos included, the same for every candidate
         tokens = sum(len(base.tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) + 1 for ex in examples)
@@ -461,14 +512,14 @@ def test_description_head_pulls_an_experts_paraphrases_together(registry):
 def test_a_generator_without_a_tuned_encoder_keeps_its_description_head(registry, tmp_path):
     gen = train_generator(registry, "sg", out_dir=tmp_path, description_encoder=False, **{**TRAIN, "epochs": 1})
     out = tmp_path
-    assert gen.encoder is None and gen.config["description_encoder"] is None
-    assert gen.head is not None and gen.config["description_head"]["weight_decay"] == HeadConfig().weight_decay
+    assert gen.encoder is None and gen.config.description_encoder is None
+    assert gen.head is not None and gen.config.description_head.weight_decay == HeadConfig().weight_decay
     loaded = LearnedGenerator.from_pretrained(out, registry)
     assert loaded.head is not None and torch.equal(loaded.head.weight, gen.head.weight)
     # Neighbours are ranked and weighted by their similarity in the head's space.
     neighbours = gen.generate(["put the characters in order"], seed=0)[0].metadata["neighbours"]
-    query = gen.describe(registry.encoder.encode(["put the characters in order"]))
-    desc = gen.describe(registry.encoder.encode(TASKS[neighbours[0]["expert"]]))
+    query = gen.space.describe(registry.encoder.encode(["put the characters in order"]))
+    desc = gen.space.describe(registry.encoder.encode(TASKS[neighbours[0]["expert"]]))
     assert neighbours[0]["similarity"] == pytest.approx(float((query @ desc.T).max()), abs=1e-5)
     sims = [n["similarity"] for n in neighbours]
     assert sims == sorted(sims, reverse=True)
@@ -479,7 +530,7 @@ def test_trained_generators_keep_their_tuned_encoder_and_its_head(trained, regis
 
     gen, out = trained
     assert gen.head is not None and gen.encoder is not None
-    layers = gen.config["description_encoder"]["layers"]
+    layers = gen.config.description_encoder.layers
     assert {k.split(".")[2] for k in gen.encoder.weights} == {str(6 - i) for i in range(1, layers + 1)}
     # The registry's own encoder (and so its FAISS index) is untouched.
     probe = ["put the characters in order"]
@@ -504,7 +555,7 @@ def test_trained_generators_keep_their_tuned_encoder_and_its_head(trained, regis
     # Generators of one registry can share one tuned encoder.
     other = "icm" if gen.method == "sg" else "sg"
     shared = train_generator(registry, other, description_encoder=gen.encoder, **{**TRAIN, "epochs": 1})
-    assert shared.encoder is gen.encoder and shared.config["description_encoder"] == gen.config["description_encoder"]
+    assert shared.encoder is gen.encoder and shared.config.description_encoder == gen.config.description_encoder
 
 
 def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):
@@ -533,7 +584,7 @@ def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):
 
 
 def test_prior_weight_adds_the_decode_from_the_prior(registry):
-    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.tokens import RegistryTokens
     from loragen.generator.training import training_set
 
     gen = train_generator(registry, "sg", **{**TRAIN, "epochs": 1})
@@ -555,7 +606,7 @@ def test_prior_weight_adds_the_decode_from_the_prior(registry):
 
 
 def test_sg_draws_self_conditions_with_their_fraction(registry):
-    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.tokens import RegistryTokens
     from loragen.generator.training import training_set
 
     gen = train_generator(registry, "sg", **{**TRAIN, "epochs": 1})
@@ -575,11 +626,11 @@ def test_sg_draws_self_conditions_with_their_fraction(registry):
 def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
     import numpy as np
 
-    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.tokens import RegistryTokens
     from loragen.generator.training import training_set
 
     gen = train_generator(registry, "icm", out_dir=tmp_path / "icm", temperature=1e-4, **{**TRAIN, "epochs": 1})
-    assert gen.reads_memory and gen.config["cvae"]["condition_from"] == "memory"
+    assert gen.reads_memory and gen.config.cvae.condition_from == "memory"
     # Two wordings whose nearest expert is the same read the same key, so give the same LoRA.
     a, b = gen.generate(["write the letters backwards", "reverse the string"], seed=5)
     assert [x.metadata["neighbours"][0]["expert"] for x in (a, b)] == ["reverse", "reverse"]
@@ -597,7 +648,7 @@ def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
     gen = train_generator(registry, "icm", temperature=0.05, description_encoder=False, description_head=False,
                           **{**TRAIN, "epochs": 1})
     data = training_set(gen, RegistryTokens(registry, gen.model.layout, set()))
-    desc, col = (t.double().numpy() for t in gen._described[:2])
+    desc, col = (t.double().numpy() for t in gen.space.described[:2])
     col = col.astype(int)
     sims = desc @ desc.T
     assert np.bincount(col).min() >= 2  # every expert keeps another description to be found by
@@ -620,7 +671,7 @@ def test_icm_memory_condition_is_the_keys_of_its_neighbours(registry, tmp_path):
 
 
 def test_memory_condition_keeps_an_experts_only_description(tmp_path, encoder):
-    from loragen.generator.learned import RegistryTokens
+    from loragen.generator.tokens import RegistryTokens
     from loragen.generator.training import training_set
 
     reg = _registry(tmp_path / "registry", encoder)
@@ -629,9 +680,9 @@ def test_memory_condition_keeps_an_experts_only_description(tmp_path, encoder):
                    ["translate the word into pig latin"])
     gen = train_generator(reg, "icm", temperature=1e-4, **{**TRAIN, "epochs": 1})
     data = training_set(gen, RegistryTokens(reg, gen.model.layout, set()))
-    lonely = gen._column[reg.get("lonely").id]
-    row = int((gen._described[1] == lonely).nonzero())
-    torch.testing.assert_close(data.text[row], gen._memory_keys[lonely])
+    lonely = gen.space.column[reg.get("lonely").id]
+    row = int((gen.space.described[1] == lonely).nonzero())
+    torch.testing.assert_close(data.text[row], gen.space.memory_keys[lonely])
 
 
 def test_icm_reads_memory_by_default_only_where_experts_have_several_descriptions(registry, tmp_path, encoder):
@@ -643,7 +694,7 @@ def test_icm_reads_memory_by_default_only_where_experts_have_several_description
                 for m in single.spec.modules}]
         single.add_expert(name, cps, descriptions[:1])
     icm = train_generator(single, "icm", **{**TRAIN, "epochs": 1})
-    assert not icm.reads_memory and icm.config["cvae"]["condition_from"] == "text"
+    assert not icm.reads_memory and icm.config.cvae.condition_from == "text"
     assert train_generator(single, "icm", condition_from="memory", **{**TRAIN, "epochs": 1}).reads_memory
 
 
@@ -687,7 +738,7 @@ def test_the_ood_threshold_is_calibrated_in_the_generators_own_space(trained):
     from loragen.generator.safety import OOD_PERCENTILE, calibrate_ood
 
     gen, _ = trained
-    desc, col, _ = gen._described
+    desc, col, _ = gen.space.described
     x, owner = desc.double().numpy(), col.numpy()
     sims = x @ x.T
     best = [sims[i, owner != owner[i]].max() for i in range(len(x))]  # each one's nearest other expert
@@ -822,4 +873,4 @@ def test_a_decoder_that_does_not_compile_decodes_eagerly(trained, registry, monk
     with caplog.at_level("WARNING"):
         got = compiled.generate(["reverse the string"], seed=1)[0]
     assert _same(got, gen.generate(["reverse the string"], seed=1)[0])
-    assert "decoding eagerly" in caplog.text and compiled._decode.compiled is None
+    assert "decoding eagerly" in caplog.text and compiled.fused_decode.compiled is None

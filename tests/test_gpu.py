@@ -126,7 +126,7 @@ def test_cuda_graph_decoder_generates_what_the_eager_one_does(trained):
     got = graphs.generate(DESCRIPTIONS[:3], seed=2, num_samples=2)  # 3 requests padded to a graph of 4
     kept = [{m: b.clone() for m, b in lo.B.items()} for lo in got]
     graphs.generate(DESCRIPTIONS[1:], seed=7, num_samples=2)  # a replay must not overwrite returned LoRAs
-    assert graphs._decode.compiled is not None  # compiled, not fallen back to eager
+    assert graphs.fused_decode.compiled is not None  # compiled, not fallen back to eager
     for r, g, k in zip(ref, got, kept):
         for m in r.B:
             assert g.B[m].dtype == torch.bfloat16 and torch.equal(g.B[m], k[m])

@@ -118,7 +118,7 @@ def test_task_loss_training_lowers_the_loss_keeps_the_base_and_round_trips(world
                               out_dir=tmp_path / "gen", latent=16, description_encoder=False, description_head=False)
     assert _mean_task_loss(gen, base, tasks) < start
     assert all(torch.equal(before[k], v) for k, v in encoder.model.state_dict().items())
-    assert gen.config["objective"] == "task" and gen.config["cvae"]["residual"] is residual
+    assert gen.config.objective == "task" and gen.config.cvae.residual is residual
 
     loaded = LearnedGenerator.from_pretrained(tmp_path / "gen", registry)
     descs = ["Is this sentence about weather? Answer yes or no.", "Which animal is it?"]
@@ -148,6 +148,34 @@ def test_the_contrast_hinge_makes_the_own_description_matter(world):
                                 eval_every=6, contrast_weight=1.0, contrast_margin=1.0)
     gen = train_generator_for("task", registry, "sg", tasks, base, config, **kw)
     assert _description_gap(gen, base, tasks) > start + 0.05
+
+
+def test_task_loss_training_resumes_where_it_stopped(world, tmp_path, monkeypatch):
+    import loragen.training.generator_task as generator_task
+
+    registry, encoder, tasks = world["registry"], world["encoder"], world["tasks"]
+    base = TaskModel("classify", encoder)
+    kw = {"latent": 16, "description_encoder": False, "description_head": False, "progress": False}
+    config = TaskTrainingConfig(steps=8, tasks_per_step=3, rows_per_task=2, lr=3e-3, validation_tasks=0.0,
+                                eval_every=4)
+    straight = train_generator_for("task", registry, "icm", tasks, base, config, out_dir=tmp_path / "a", **kw)
+
+    real, calls = generator_task.task_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:  # step 6: after the state of step 4 was saved
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generator_task, "task_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator_for("task", registry, "icm", tasks, base, config, out_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(generator_task, "task_loss", real)
+    resumed = train_generator_for("task", registry, "icm", tasks, base, config, out_dir=tmp_path / "b", resume=True,
+                                  **kw)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_derived_tasks_come_from_the_training_split_only():

@@ -115,7 +115,7 @@ class Lifecycle:
 
             world = build_demo(self.settings.home, encoder=self._encoder)
             path, self.generator_root = world.registry, self.generator_root or world.generators
-        registry = Registry.open(path, encoder=self._encoder)
+        registry = Registry.open(path, encoder=self._encoder, device=self.settings.device)
         dtype = resolve_dtype(self.settings.encoder_dtype, registry.encoder.device)
         registry.encoder = registry.encoder.with_options(compute_dtype=dtype, workers=self.settings.encoder_workers)
         self.registry = registry

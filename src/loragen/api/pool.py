@@ -19,6 +19,7 @@ from ..basemodel import BaseModel
 from ..errors import NotFoundError, UnavailableError
 from ..generator import LEARNED_METHODS, GenerationError, TaskVectors, load_generator
 from ..generator.compiled_decode import bucket
+from ..generator.config import saved_method
 from .lifecycle import Lifecycle
 from .settings import ApiSettings
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def _config_method(directory: Path) -> str | None:
     try:
-        return json.loads((directory / "config.json").read_text()).get("method")
+        return saved_method(json.loads((directory / "config.json").read_text()))
     except (OSError, ValueError, AttributeError):
         return None
 

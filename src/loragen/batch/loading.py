@@ -12,13 +12,14 @@ from pathlib import Path
 
 from ..errors import LoragenError
 from ..generator import LEARNED_METHODS, METHODS, TaskVectors, load_generator
+from ..generator.config import saved_method
 from ..registry import Registry
 from .step import Generator
 
 
 def _method_of(checkpoint: Path) -> str:
     try:
-        method = json.loads((checkpoint / "config.json").read_text()).get("method")
+        method = saved_method(json.loads((checkpoint / "config.json").read_text()))
     except (OSError, ValueError) as exc:
         raise LoragenError(f"{checkpoint}/config.json is not a readable generator config: {exc}") from exc
     if method not in LEARNED_METHODS:
@@ -44,18 +45,25 @@ def generator_dirs(paths: Iterable[str | Path]) -> dict[str, Path]:
     return found
 
 
-def load_generators(methods: Sequence[str], registry: Registry, dirs: dict[str, Path], *, k: int = 4,
-                    temperature: float = 0.05, device: str = "cpu") -> tuple[dict[str, Generator], dict[str, str]]:
-    """The generators of `methods`, and for each one that cannot be had, why."""
-    generators: dict[str, Generator] = {}
+def unavailable(methods: Sequence[str], dirs: dict[str, Path]) -> dict[str, str]:
+    """For each of `methods` that cannot run, why: unknown, or learned with no checkpoint given."""
     missing: dict[str, str] = {}
-    examples_model = TaskVectors(registry.spec, device=device)  # one base model for every method's examples
     for method in dict.fromkeys(methods):
         if method not in METHODS:
             missing[method] = f"unknown method {method!r}; choose from {', '.join(METHODS)}"
         elif method in LEARNED_METHODS and method not in dirs:
             missing[method] = f"method {method!r} needs a trained generator (--generator DIR)"
-        else:
+    return missing
+
+
+def load_generators(methods: Sequence[str], registry: Registry, dirs: dict[str, Path], *, k: int = 4,
+                    temperature: float = 0.05, device: str = "cpu") -> tuple[dict[str, Generator], dict[str, str]]:
+    """The generators of `methods`, and for each one that cannot be had, why."""
+    generators: dict[str, Generator] = {}
+    missing = unavailable(methods, dirs)
+    examples_model = TaskVectors(registry.spec, device=device)  # one base model for every method's examples
+    for method in dict.fromkeys(methods):
+        if method not in missing:
             gen = load_generator(method, registry, k=k, temperature=temperature, generator_dir=dirs.get(method),
                                  device=device)
             gen.task_vectors = examples_model

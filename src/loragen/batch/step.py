@@ -122,3 +122,13 @@ def write_outcome(outcome: Outcome, out_dir: str | Path) -> dict[str, Any]:
             **{k: meta[k] for k in EXAMPLE_KEYS if k in meta},
             "timings": {"generate_s": round(outcome.generate_s, 6),
                         "write_s": round(time.perf_counter() - started, 6)}}
+
+
+def chunk_records(generators: Mapping[str, Generator], missing: Mapping[str, str], jobs: Sequence[Job], *,
+                  seed: int, out_dir: str | Path) -> list[dict[str, Any]]:
+    """One chunk, start to finish: its manifest records, adapters written; the same on every engine.
+    Jobs whose method cannot run (`missing`: method -> why) are recorded as errors first."""
+    records = [{"id": j.item.id, "method": j.method, "line": j.item.line, "status": "error",
+                "error": missing[j.method]} for j in jobs if j.method in missing]
+    runnable = [j for j in jobs if j.method not in missing]
+    return records + [write_outcome(o, out_dir) for o in generate_chunk(generators, runnable, seed=seed)]

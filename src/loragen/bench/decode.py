@@ -23,6 +23,7 @@ from ..adapters import LoraSpec
 from ..errors import LoragenError
 from ..registry import Registry
 from ..registry.index import normalised
+from ..generator.config import CheckpointConfig, GeneratorConfig
 from ..generator.cvae import CVAEConfig, LoraCVAE
 from ..generator.decoder import TokenLayout
 from ..generator.learned import LearnedGenerator
@@ -98,9 +99,10 @@ def build_generator(spec: LoraSpec, *, hidden: int = 512, latent: int = 256, con
     # The norm range never clips, but end to end still pays for the norm computation.
     lo = {m: torch.zeros(spec.num_layers) for m in spec.module_names}
     hi = {m: torch.full((spec.num_layers,), float("inf")) for m in spec.module_names}
+    config = CheckpointConfig(generator=GeneratorConfig(method="icm", latent=latent, hidden=hidden), cvae=model.config,
+                              spec=spec.to_dict(), basis_sha256="", embedding_model="", embedding_dim=condition_dim)
     # decode() never touches the registry, so none is needed.
-    return LearnedGenerator(cast(Registry, None), model, Safety(lo, hi, -1.0), {"holdout": []},
-                            device=device, dtype=dtype)
+    return LearnedGenerator(cast(Registry, None), model, Safety(lo, hi, -1.0), config, device=device, dtype=dtype)
 
 
 def fused_decode(gen: LearnedGenerator, text: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:

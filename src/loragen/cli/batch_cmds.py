@@ -32,6 +32,15 @@ def batch(
                               "instances kept for training; the rest are evaluated.")] = 0.7,
     max_eval_instances: Annotated[int | None, typer.Option(
         min=1, help="Evaluate at most N instances per item.")] = None,
+    engine: Annotated[str, typer.Option(help="local: this process; ray: a Ray Data actor pool "
+                                        "(pip install 'loragen[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="With --engine ray: the cluster (auto, ray://HOST:10001); default: a local "
+        "Ray started for this run.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --engine ray: actors, each loading the "
+                                         "generators once.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs per actor "
+                                                   "(use with --device cuda).")] = 0.0,
 ) -> None:
     """Generate every (item, method) adapter not yet in OUT/manifest.jsonl. Exit code: failed items (≤ 255)."""
     from ..batch import BatchConfig, run_batch
@@ -45,6 +54,14 @@ def batch(
                            f"choose from {', '.join(METHODS)}")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise LoragenError(f"--device must be cpu or cuda, not {device!r}")
+    if engine not in ("local", "ray"):
+        raise LoragenError(f"--engine must be local or ray, not {engine!r}")
+    runner = None
+    if engine == "ray":
+        from ..batch.ray_engine import RayEngine, import_ray
+
+        import_ray()  # a missing Ray is one line before anything runs
+        runner = RayEngine(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     settings = Settings()
     paths = list(generator or [])
     if not paths and registry is None and (settings.demo_dir / "generators").is_dir():
@@ -54,7 +71,7 @@ def batch(
                          temperature=temperature, evaluate=evaluate, train_fraction=train_fraction,
                          max_eval_instances=max_eval_instances)
     try:
-        summary = run_batch(config)
+        summary = run_batch(config, engine=runner)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: finished chunks are in {out / 'manifest.jsonl'}; run the same command "
                    "again to resume", err=True)

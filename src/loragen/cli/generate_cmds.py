@@ -132,10 +132,8 @@ def demo_run() -> None:
 def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: bool) -> None:
     """OUT must be new, empty, or a generator checkpoint of `method` that --resume or --overwrite names:
     a trained generator is never replaced by accident, nor files of something else mixed into it."""
-    import json
-
     from ..generator import GenerationError
-    from ..generator.learned import STATE_NAME
+    from ..generator.persistence import STATE_NAME, read_method
     from ..training.generator_task import TASK_STATE_NAME
 
     if not out.exists():
@@ -147,10 +145,7 @@ def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: boo
         return
     if not held <= {"config.json", "model.safetensors", STATE_NAME, TASK_STATE_NAME}:
         raise GenerationError(f"--out {out} holds files that are not a generator's; give a new or empty directory")
-    try:
-        saved = json.loads((out / "config.json").read_text()).get("method") if "config.json" in held else None
-    except (OSError, ValueError, AttributeError):
-        saved = None
+    saved = read_method(out) if "config.json" in held else None
     if saved is not None and saved != method:
         raise GenerationError(f"--out {out} holds a generator of method {saved!r}, not {method!r}; give another directory")
     if not (resume or overwrite):
@@ -206,7 +201,7 @@ def train_generator_cmd(
     seed: int = 0,
 ) -> None:
     """Train an ICM-LoRA or SG-LoRA generator on the registry's experts (or through the task loss)."""
-    from ..generator import LEARNED_METHODS, GenerationError
+    from ..generator import LEARNED_METHODS, GenerationError, GeneratorConfig
     from ..registry import Registry
     from ..training.generator_task import OBJECTIVES, TaskTrainingConfig, train_generator_for
     from ..training.objective import TaskModel
@@ -233,11 +228,12 @@ def train_generator_cmd(
     config = TaskTrainingConfig(steps=task_steps, lr=task_lr, seed=seed, train_fraction=train_fraction,
                                 reconstruction_weight=reconstruction_weight if objective == "mixed" else 0.0,
                                 contrast_weight=contrast_weight, contrast_margin=contrast_margin)
+    settings = GeneratorConfig(method=method, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
+                               patience=patience, holdout=names, temperature=temperature, prior_weight=prior_weight,
+                               self_fraction=self_fraction, description_head=description_head,
+                               condition_from=condition_from, description_encoder=description_encoder)
     train_generator_for(objective, reg, method, task_list, base, config, residual=residual, out_dir=out,
-                        resume=resume, epochs=epochs, lr=lr, latent=latent, kl_weight=kl_weight, seed=seed,
-                        patience=patience, holdout=names, examples=pairs, temperature=temperature,
-                        prior_weight=prior_weight, self_fraction=self_fraction, description_head=description_head,
-                        condition_from=condition_from, description_encoder=description_encoder, progress=True)
+                        resume=resume, config=settings, examples=pairs, progress=True)
     typer.echo(f"wrote {method} generator ({objective}) to {out}")
 
 

@@ -39,12 +39,27 @@ def serve(
     request_timeout_s: Annotated[float | None, typer.Option(min=0.001, help="Each request's deadline; past it "
                                                             "504 (default 30).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    engine: Annotated[str, typer.Option(help="plain: one uvicorn process; ray: a Ray Serve deployment "
+                                        "(pip install 'loragen[ray]').")] = "plain",
+    replicas: Annotated[int, typer.Option(min=1, help="With --engine ray: replicas, each loading its own "
+                                          "generators and base model.")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="With --engine ray: the cluster (auto, ray://HOST:10001); default: a local "
+        "Ray started for this command.")] = None,
+    gpus_per_replica: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs each replica "
+                                                    "asks for (use with --device cuda).")] = 0.0,
+    cpus_per_replica: Annotated[float, typer.Option(min=0, help="With --engine ray: CPUs each replica "
+                                                    "asks for.")] = 1.0,
 ) -> None:
     """Serve LoRA generation over HTTP; with no --registry, the demo world (built first if missing)."""
     import uvicorn
 
     from ..api import ApiSettings, create_app
 
+    if engine not in ("plain", "ray"):
+        from ..errors import LoragenError
+
+        raise LoragenError(f"--engine must be plain or ray, not {engine!r}")
     overrides: dict[str, Any] = {"host": host, "port": port, "registry": registry, "generator": generator,
                                  "device": device, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
                                  "encoder_dtype": encoder_dtype.value if encoder_dtype else None,
@@ -61,5 +76,11 @@ def serve(
         from ..registry import Registry
 
         Registry.open(settings.registry).close()
+    if engine == "ray":
+        from .ray_serve_cmds import serve_on_ray
+
+        serve_on_ray(settings, replicas=replicas, address=ray_address, gpus_per_replica=gpus_per_replica,
+                     cpus_per_replica=cpus_per_replica)
+        return
     typer.echo(f"serving on http://{settings.host}:{settings.port}  (docs at /docs)")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)

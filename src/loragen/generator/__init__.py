@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..registry import Registry
+from .config import CheckpointConfig, GeneratorConfig
 from .errors import GenerationError
 from .learned import LearnedGenerator
 from .multitask import MultitaskGenerator
@@ -52,6 +53,6 @@ def _load(method: str, registry: Registry, k: int, temperature: float, generator
     raise GenerationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-__all__ = ["LEARNED_METHODS", "METHODS", "MULTITASK", "RETRIEVAL_METHODS", "GenerationError", "LearnedGenerator",
-           "MultitaskGenerator", "Neighbour",
+__all__ = ["LEARNED_METHODS", "METHODS", "MULTITASK", "RETRIEVAL_METHODS", "CheckpointConfig", "GenerationError",
+           "GeneratorConfig", "LearnedGenerator", "MultitaskGenerator", "Neighbour",
            "RetrievalGenerator", "TaskVectors", "check_descriptions", "load_generator", "train_generator"]

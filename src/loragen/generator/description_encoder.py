@@ -16,7 +16,7 @@ the head alone.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -116,11 +116,8 @@ class DescriptionEncoder:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {PREFIX + k: v for k, v in self.weights.items()}
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self.config)
-
     @classmethod
     def from_state_dict(cls, base: TextEncoder, tensors: dict[str, torch.Tensor],
-                        config: dict | None) -> DescriptionEncoder | None:
+                        config: TuningConfig | None) -> DescriptionEncoder | None:
         weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
-        return cls(base, weights, TuningConfig(**(config or {}))) if weights else None
+        return cls(base, weights, config or TuningConfig()) if weights else None

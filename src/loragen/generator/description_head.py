@@ -12,7 +12,7 @@ held-back paraphrases): weight decay 0.01, temperature 0.1.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,14 +43,12 @@ class DescriptionHead:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {WEIGHT_KEY: self.weight}
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self.config)
-
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict | None = None) -> DescriptionHead | None:
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor],
+                        config: HeadConfig | None = None) -> DescriptionHead | None:
         if WEIGHT_KEY not in tensors:
             return None
-        return cls(tensors[WEIGHT_KEY], HeadConfig(**(config or {})))
+        return cls(tensors[WEIGHT_KEY], config)
 
     @classmethod
     def fit(cls, vecs: np.ndarray, owners: np.ndarray, config: HeadConfig | None = None, *,

@@ -1,16 +1,15 @@
 """`LearnedGenerator`: ICM-LoRA or SG-LoRA trained on a registry, behind `generate(descriptions)`.
 
-One model per registry, trained on every checkpoint of every expert (minus `holdout`). Held-out
-experts are invisible to the generator at inference too (never a neighbour), so a held-out task is
-really unseen. A checkpoint directory holds `config.json` and `model.safetensors`; `training.py` trains one.
+One model per registry, trained on every checkpoint of every expert but its holdout
+(`tokens.py`). A request is read in the generator's description space (`space.py`); this module
+turns the neighbours found there into the decoder's condition and decodes every request and sample
+in one fused pass. `training.py` trains a generator, `persistence.py` saves and loads one, and
+`config.py` types its settings.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import secrets
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from functools import cached_property
@@ -19,16 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import einsum, reduce, repeat
-from safetensors.torch import load_file, save_file
+from einops import einsum, repeat
 
-from ..adapters import Lora, LoraStack, atomic
+from ..adapters import Lora, LoraStack
 from ..registry import Expert, Hit, Registry
-from ..registry.index import normalised
+from . import persistence
 from .compiled_decode import CompiledDecode, Decode
-from .cvae import CVAEConfig, LoraCVAE, denormalise, normalise
-from .decoder import TokenLayout
-from .description_encoder import PREFIX as ENCODER_PREFIX
+from .config import CheckpointConfig
+from .cvae import LoraCVAE, denormalise
 from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
@@ -37,50 +34,15 @@ from .example_evidence import (EXAMPLE_CANDIDATES, Evidence, applies, candidates
 from .inline_examples import with_inline_examples
 from .retrieval import Neighbour, ambiguous, check_descriptions
 from .safety import Safety
+from .space import DescriptionSpace
 from .task_vector import Example, TaskVectors, check_examples
+from .tokens import RegistryTokens, Stats
 
-log = logging.getLogger(__name__)
-FORMAT = "loragen-generator"
-STATE_NAME = "training_state.pt"
 SIGMA_FLOOR = 1e-4  # added to σ*² (normalised space) so log σ* and the residual scale stay finite
-# On the 2-core CPU, 32 requests at K = 4: dense 12 ms vs gathered 25 ms at 18 experts; 186 vs 16 ms at 1,000.
+# Past this many experts per neighbour, sg's prior mixes each row's gathered top-k prototypes
+# instead of reading all E: a dense product over a few experts is faster than the gather, while
+# over a large registry it reads mostly zero weights.
 GATHER_EXPERTS_PER_K = 8
-Stats = tuple[list[torch.Tensor], list[torch.Tensor]]  # per group (T_g,) mean and std
-
-
-class RegistryTokens:
-    """The registry's experts (minus held-out ones) as normalised tokens, and their prototypes."""
-
-    def __init__(self, registry: Registry, layout: TokenLayout, holdout: set[str]) -> None:
-        self.experts = [e for e in registry.experts() if e.name not in holdout]
-        if not self.experts:
-            raise GenerationError("no experts left to train or condition on")
-        self.ids = [e.id for e in self.experts]
-        self.excluded = {e.id for e in registry.experts() if e.name in holdout}
-        self.raw = [registry.checkpoints(e) for e in self.experts]
-        self.layout = layout
-
-    def stats(self) -> Stats:
-        tokens = self.layout.to_groups({m: torch.stack([c[m] for cps in self.raw for c in cps])
-                                        for m in self.layout.spec.module_names})
-        mean = [reduce(t, "c t w -> t", "mean") for t in tokens]
-        std = [(reduce((t - m[:, None]) ** 2, "c t w -> t", "mean")).sqrt().clamp_min(1e-8) for t, m in zip(tokens, mean)]
-        return mean, std
-
-    def tokens(self, stats: Stats) -> tuple[list[torch.Tensor], torch.Tensor]:
-        flat = [c for cps in self.raw for c in cps]
-        groups = self.layout.to_groups({m: torch.stack([c[m] for c in flat]) for m in self.layout.spec.module_names})
-        owner = torch.tensor([i for i, cps in enumerate(self.raw) for _ in cps])
-        return normalise(groups, *stats), owner
-
-    def prototypes(self, stats: Stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per group (E, T_g, W_g): each expert's checkpoint mean and second moment (σ² + μ²)."""
-        tokens, owner = self.tokens(stats)
-        count = torch.bincount(owner).float()[:, None, None]
-        onehot = torch.nn.functional.one_hot(owner).float()
-        mean = [einsum(onehot, t, "c e, c t w -> e t w") / count for t in tokens]
-        second = [einsum(onehot, t * t, "c e, c t w -> e t w") / count for t in tokens]
-        return mean, second
 
 
 def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tensor],
@@ -101,102 +63,95 @@ def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tens
 
 
 class LearnedGenerator:
+    """`generate(descriptions)` from a trained CVAE. `space` passes a description space already
+    built (training's, with the registry's descriptions encoded); otherwise one is made from
+    `head` and `encoder`. The registry's checkpoints are read on first use only."""
+
     inline_examples: bool = True  # rows without examples read the pairs their description writes out
     compile_decoder: bool = False  # decode under torch.compile / CUDA graphs (`compiled_decode.py`)
 
-    def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: dict[str, Any], *,
+    def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: CheckpointConfig, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 head: DescriptionHead | None = None, encoder: DescriptionEncoder | None = None) -> None:
-        self.registry, self.safety, self.config, self.head, self.encoder = registry, safety, config, head, encoder
+                 head: DescriptionHead | None = None, encoder: DescriptionEncoder | None = None,
+                 space: DescriptionSpace | None = None) -> None:
+        self.registry, self.safety, self.config = registry, safety, config
         self.method = model.config.method
-        self.holdout = set(config.get("holdout", []))
-        self.task_vector_dim = int(config.get("task_vector_dim", 0))  # 0: trained without examples
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         # Normalisation stays in float32 whatever the decoder's dtype.
-        self.stats = tuple([t.detach().to("cpu", torch.float32).clone() for t in ts] for ts in model.stats())
+        self.stats: Stats = tuple([t.detach().to("cpu", torch.float32).clone() for t in ts]  # type: ignore[assignment]
+                                  for ts in model.stats())
         self.model = model.to(self.device, self.dtype).eval()
+        if space is None:
+            tokens = RegistryTokens(registry, model.layout, set(config.generator.holdout))
+            space = DescriptionSpace(registry, tokens, top_k=model.config.top_k,
+                                     temperature=model.config.temperature, head=head, encoder=encoder)
+        self.space = space
+        self.tokens = space.tokens
 
-    @cached_property
-    def _tokens(self) -> RegistryTokens:
-        return RegistryTokens(self.registry, self.model.layout, self.holdout)
+    @property
+    def holdout(self) -> set[str]:
+        return set(self.config.generator.holdout)
 
-    @cached_property
-    def _prototypes(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        mean, second = self._tokens.prototypes(self.stats)  # type: ignore[arg-type]
-        return [m.to(self.device) for m in mean], [s.to(self.device) for s in second]
+    @property
+    def task_vector_dim(self) -> int:
+        """Width of the in-context task vector the generator was trained with; 0: none."""
+        return self.config.task_vector_dim
+
+    @property
+    def head(self) -> DescriptionHead | None:
+        return self.space.head
+
+    @property
+    def encoder(self) -> DescriptionEncoder | None:
+        return self.space.encoder
 
     def experts(self) -> list[Expert]:
         """The registry experts the generator learned from, in its column order."""
-        return self._tokens.experts
+        return self.tokens.experts
 
     def expert_tokens(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every checkpoint of those experts as normalised tokens per group, and each one's column."""
-        return self._tokens.tokens(self.stats)  # type: ignore[arg-type]
+        return self.tokens.tokens(self.stats)
 
+    # ------------------------------------------------------------ reading a description
     def embed(self, descriptions: list[str]) -> np.ndarray:
-        """Descriptions as the generator reads them: unit rows in its description space (the tuned
-        encoder's, if any, else the registry's; then through the learned head, if any)."""
-        encoder = self.encoder if self.encoder is not None else self.registry.encoder
-        return self.describe(normalised(encoder.encode(descriptions)))
-
-    def describe(self, vecs: np.ndarray) -> np.ndarray:
-        """Encoder embeddings through the learned head, if any."""
-        return self.head.project(vecs) if self.head is not None else vecs
+        """Descriptions as unit rows in the generator's description space (`DescriptionSpace.embed`)."""
+        return self.space.embed(descriptions)
 
     def search(self, query: np.ndarray, own: list[int | None] | None = None, k: int | None = None) -> list[list[Hit]]:
-        """Top-K experts (K: the model's, unless `k`) for each `query` row (from `embed`), each scored
-        by its best registry description in the generator's space; `own[i]` (leave-one-out) skipped.
-        Exact, over every description of the generator's experts: held-out ones are never candidates."""
-        k = min(k or self.model.config.top_k, len(self._column))
-        desc, desc_owner, texts = self._described
-        sims = torch.from_numpy(np.ascontiguousarray(query)) @ desc.T
-        best = self._best_per_expert(sims)
-        for row, o in enumerate(own or []):
-            if o is not None and o in self._column:
-                best[row, self._column[o]] = -torch.inf
-        top = best.topk(k, dim=1)
-        experts = self._tokens.experts
-        hits = []
-        for row, (values, columns) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-            row_hits = []
-            for sim, col in zip(values, columns):
-                if sim == -torch.inf:
-                    continue
-                text = texts[int(sims[row].masked_fill(desc_owner != col, -torch.inf).argmax())]
-                row_hits.append(Hit(experts[col].id, experts[col].name, text, sim))
-            hits.append(row_hits)
-        return hits
+        """Top-K experts for each `query` row (`DescriptionSpace.search`)."""
+        return self.space.search(query, own, k)
+
+    def memory_weights(self, query: torch.Tensor) -> torch.Tensor:
+        """icm's memory read at training's conditions (`DescriptionSpace.memory_weights`)."""
+        return self.space.memory_weights(query)
+
+    def candidates(self, query: np.ndarray, example_sets: Sequence[Sequence[Example]]) -> list[list[Hit]]:
+        """Each row's top-K experts; the top EXAMPLE_CANDIDATES for rows whose examples will weigh them."""
+        if not applies(self.registry.spec, example_sets):
+            return self.search(query)
+        return candidates(lambda n: self.search(query, k=n), self.model.config.top_k, example_sets)
 
     @cached_property
-    def _column(self) -> dict[int, int]:
-        """Expert id -> its column in the generator's expert order."""
-        return {eid: i for i, eid in enumerate(self._tokens.ids)}
+    def expert_stack(self) -> LoraStack:
+        """The generator's experts' final LoRAs, in column order, on the generator's device."""
+        return self.registry.expert_stack(self.tokens.experts, self.device)
 
-    @cached_property
-    def _described(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """The registry's descriptions in the generator's space, each one's expert column, and texts."""
-        texts, vecs, owners = registry_descriptions(self.registry, self._tokens)
-        if self.encoder is not None:
-            vecs = normalised(self.encoder.encode(texts))
-        return self.described(texts, vecs, owners)
+    def example_evidence(self, example_sets: Sequence[Sequence[Example]], hits: list[list[Hit]]) -> Evidence | None:
+        """Per row and hit: log p(the row's examples | that hit's expert); None without examples
+        or for a base model that is not a causal LM."""
+        if not applies(self.registry.spec, example_sets):
+            return None
+        columns = [[self.space.column[h.expert_id] for h in row] for row in hits]
+        return example_logprobs(self.task_vectors.base, self.expert_stack, example_sets, columns)
 
-    def described(self, texts: list[str], vecs: np.ndarray,
-                  owners: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """`_described` from the registry's descriptions already encoded (by `encoder` if it has one)."""
-        return torch.from_numpy(self.describe(vecs)), torch.tensor([self._column[o] for o in owners.tolist()]), texts
-
-    def _best_per_expert(self, sims: torch.Tensor) -> torch.Tensor:
-        """(N, descriptions) similarities -> (N, E): each expert scored by its best description."""
-        col = self._described[1]
-        best = torch.full((len(sims), len(self._column)), -torch.inf)
-        return best.scatter_reduce(1, col.expand(len(sims), -1), sims, "amax")
-
+    # ------------------------------------------------------------ the condition
     def weights(self, hits: list[list[Hit]],
                 evidence: list[list[float] | None] | None = None) -> tuple[torch.Tensor, list[list[Neighbour]]]:
         """α = softmax(sim/τ) over each row's hits, plus the examples' log-likelihood under each
         hit's expert when there is `evidence` (`example_evidence.py`)."""
-        column = self._column
+        column = self.space.column
         w = torch.zeros(len(hits), len(column))
         neighbours = []
         for row, row_hits in enumerate(hits):
@@ -209,66 +164,29 @@ class LearnedGenerator:
                 w[row, column[h.expert_id]] = a
         return w, neighbours
 
-    @cached_property
-    def _expert_stack(self) -> LoraStack:
-        """The generator's experts' final LoRAs, in column order, on the generator's device."""
-        return self.registry.expert_stack(self._tokens.experts, self.device)
-
-    def candidates(self, query: np.ndarray, example_sets: Sequence[Sequence[Example]]) -> list[list[Hit]]:
-        """Each row's top-K experts; the top EXAMPLE_CANDIDATES for rows whose examples will weigh them."""
-        if not applies(self.registry.spec, example_sets):
-            return self.search(query)
-        return candidates(lambda n: self.search(query, k=n), self.model.config.top_k, example_sets)
-
-    def example_evidence(self, example_sets: Sequence[Sequence[Example]], hits: list[list[Hit]]) -> Evidence | None:
-        """Per row and hit: log p(the row's examples | that hit's expert); None without examples
-        or for a base model that is not a causal LM."""
-        if not applies(self.registry.spec, example_sets):
-            return None
-        columns = [[self._column[h.expert_id] for h in row] for row in hits]
-        return example_logprobs(self.task_vectors.base, self._expert_stack, example_sets, columns)
-
     @property
     def reads_memory(self) -> bool:
         return self.method == "icm" and self.model.config.condition_from == "memory"
 
     @cached_property
-    def _memory_keys(self) -> torch.Tensor:
-        """(E, dim): each expert's unit mean description, in the generator's space."""
-        desc, col, _ = self._described
-        keys = torch.zeros(len(self._column), desc.shape[1]).index_add_(0, col, desc)
-        return torch.nn.functional.normalize(keys, dim=-1)
-
-    def memory_weights(self, query: torch.Tensor) -> torch.Tensor:
-        """(N, E) softmax weights over each row's top-K experts, scored by their best description,
-        with row i's own registry description left out: training's view of a paraphrase that the
-        registry does not hold (rows are the registry's descriptions in `_described` order).
-        A row whose left-out read would rank another expert first reads with its own description in:
-        a condition at expert B's key with expert A's LoRA as target teaches the decoder to average
-        A and B (benchmarks/RESULTS.md, "Twice the registry paraphrases"). This also keeps an expert's
-        only description in, so that its key is a training condition too."""
-        desc, col, _ = self._described
-        sims = query @ desc.T
-        left_out = sims.clone()
-        left_out.diagonal().fill_(-torch.inf)
-        best = self._best_per_expert(left_out)
-        misread = best.argmax(dim=1) != col
-        best[misread] = self._best_per_expert(sims[misread])
-        top = best.topk(min(self.model.config.top_k, best.shape[1]), dim=1)
-        alpha = torch.softmax(top.values / self.model.config.temperature, dim=1)
-        return torch.zeros_like(best).scatter_(1, top.indices, alpha)
+    def prototypes(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per group (E, T_g, W_g) on the generator's device: each expert's mean and second moment."""
+        mean, second = self.tokens.prototypes(self.stats)
+        return [m.to(self.device) for m in mean], [s.to(self.device) for s in second]
 
     def conditions(self, vecs: np.ndarray, hits: list[list[Hit]],
                    evidence: list[list[float] | None] | None = None) -> tuple[Any, ...]:
+        """(text, μ*, σ*, neighbours): the decoder's condition per row. icm reading memory conditions
+        on Σ α_k · key_k instead of the description; sg adds the prior mixture (μ*, σ*)."""
         w, neighbours = self.weights(hits, evidence)
         text = torch.from_numpy(vecs).to(self.device)
         if self.reads_memory:
-            text = (w @ self._memory_keys).to(self.device)
+            text = (w @ self.space.memory_keys).to(self.device)
         if self.method != "sg":
             return text, None, None, neighbours
         # rows with examples may weigh up to EXAMPLE_CANDIDATES experts; one k for every batch
         k = min(max(self.model.config.top_k, EXAMPLE_CANDIDATES), w.shape[1])
-        mu, sigma = mix(w.to(self.device), *self._prototypes, k=k)
+        mu, sigma = mix(w.to(self.device), *self.prototypes, k=k)
         return text, mu, sigma, neighbours
 
     @cached_property
@@ -287,6 +205,7 @@ class LearnedGenerator:
             out[rows, :-1], out[rows, -1] = vecs, 1.0
         return out
 
+    # ------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, descriptions: list[str], *, examples: list[list[dict[str, str]]] | None = None,
                  seed: int | None = None, num_samples: int = 1) -> list[Lora]:
@@ -314,7 +233,7 @@ class LearnedGenerator:
         if self.task_vector_dim:
             text = torch.cat([text, self.task_condition(example_sets).to(text)], dim=-1)
         noise = torch.randn(num_samples, self.model.config.latent, generator=torch.Generator().manual_seed(seed))
-        B = self._decode(text, mu, sigma, noise)
+        B = self.fused_decode(text, mu, sigma, noise)
         norms = self.safety.norms(B)
         self.safety.check_finite(B, descriptions, norms)
         B, clipped = self.safety.clip(B, norms)
@@ -356,7 +275,7 @@ class LearnedGenerator:
         return {m: b.to(dt) for m, b in self.model.layout.to_modules(groups).items()}
 
     @cached_property
-    def _decode(self) -> Decode:
+    def fused_decode(self) -> Decode:
         """`decode`, or its compiled form when `compile_decoder` was set before the first generation."""
         if not self.compile_decoder:
             return self.decode
@@ -370,76 +289,19 @@ class LearnedGenerator:
         return self.model.decoder.folded_heads()
 
     @cached_property
-    def _stats_on(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _stats_on(self) -> Stats:
         return tuple([t.to(self.device) for t in ts] for ts in self.stats)  # type: ignore[return-value]
 
     # ------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
-        state.update({k: v.contiguous() for k, v in self.safety.state_dict().items()})
-        for extra in (self.head, self.encoder):
-            if extra is not None:
-                state.update(extra.state_dict())
-        with atomic.directory(directory) as tmp:
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-            if (directory / STATE_NAME).is_file():  # keep the resumable training state
-                shutil.copy2(directory / STATE_NAME, tmp / STATE_NAME)
-        return directory
+        """Write the generator to `directory` (`persistence.py`)."""
+        return persistence.save(persistence.Checkpoint(self.config, self.model, self.safety, self.head, self.encoder),
+                                directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, registry: Registry, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> LearnedGenerator:
-        directory = Path(directory)
-        try:
-            config = json.loads((directory / "config.json").read_text())
-            tensors = load_file(str(directory / "model.safetensors"))
-        except (OSError, ValueError) as exc:
-            raise GenerationError(f"{directory} is not a loragen generator checkpoint: {exc}") from exc
-        if config.get("format") != FORMAT:
-            raise GenerationError(f"{directory}/config.json is not a {FORMAT} config")
-        check_compatible(config, registry, str(directory))
-        layout = TokenLayout(registry.spec)
-        tv = int(config.get("task_vector_dim", 0))
-        model = LoraCVAE(layout, CVAEConfig(**config["cvae"]), int(config["embedding_dim"]) + (tv + 1 if tv else 0))
-        extras = ("safety.", "description_head.", ENCODER_PREFIX)
-        model_state = {k: v for k, v in tensors.items() if not k.startswith(extras)}
-        for name, buffer in model.named_buffers():  # checkpoints from before condition centring
-            if name.startswith("text_") and name not in model_state:
-                model_state[name] = buffer
-        try:
-            model.load_state_dict(model_state)
-        except RuntimeError as exc:
-            raise GenerationError(f"{directory}: weights do not fit the registry's spec: {exc}") from exc
-        safety = Safety.from_state_dict(tensors, float(config["ood_threshold"]))
-        head = DescriptionHead.from_state_dict(tensors, config.get("description_head"))
-        encoder = DescriptionEncoder.from_state_dict(registry.encoder, tensors, config.get("description_encoder"))
-        return cls(registry, model, safety, config, device=device, dtype=dtype, head=head, encoder=encoder)
-
-
-def check_compatible(config: dict[str, Any], registry: Registry, where: str) -> None:
-    from ..adapters import LoraSpec
-
-    spec = LoraSpec.from_dict(config["spec"])
-    mine = registry.spec
-    if spec.shape_key() != mine.shape_key() or spec.rank != mine.rank:
-        raise GenerationError(f"generator {where} was trained for another base model or rank "
-                              f"(spec {spec.fingerprint()} r={spec.rank}, registry {mine.fingerprint()} r={mine.rank})")
-    if config["basis_sha256"] != registry.basis.sha256():
-        raise GenerationError(f"generator {where} was trained on another basis; retrain it on this registry")
-    if config["embedding_model"] != registry.encoder.model_id:
-        raise GenerationError(f"generator {where} uses embeddings of {config['embedding_model']}, "
-                              f"the registry {registry.encoder.model_id}")
-    if config.get("registry_fingerprint") != registry.fingerprint():
-        log.warning("generator %s was trained on a different state of the registry", where)
-
-
-def registry_descriptions(registry: Registry, tokens: RegistryTokens) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The descriptions of the experts the generator learns from: texts, unit registry-encoder
-    embeddings and owners (expert ids)."""
-    ids, owners, vecs = registry.store.embeddings(registry.dim)
-    texts = dict(registry.store.descriptions())
-    known = set(tokens.ids)
-    keep = [i for i, o in enumerate(owners.tolist()) if o in known]
-    return [texts[int(ids[i])] for i in keep], normalised(vecs[keep]), owners[keep]
+        """A generator saved by `save_pretrained`, in either config layout, for `registry`."""
+        saved = persistence.load(directory, registry)
+        return cls(registry, saved.model, saved.safety, saved.config, device=device, dtype=dtype,
+                   head=saved.head, encoder=saved.encoder)

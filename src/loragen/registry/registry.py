@@ -2,7 +2,8 @@
 
 Write order, so that a crash at any moment leaves a usable registry: blobs first (temp + rename;
 an orphan blob is harmless), then one SQLite transaction, then the derived files (FAISS index,
-`basis.safetensors`), which `open()` repairs when they lag behind SQLite.
+`basis.safetensors`), which `open()` repairs when they lag behind SQLite. Every write holds the
+registry's cross-process lock, and searches follow other processes' commits (`sharing.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..embeddings.text import TextEncoder
 from .blobs import Blobs, read_checked, sha256
 from .index import VectorIndex, normalised
 from .records import BASIS_NAME, Expert, Hit, RegistryError, best_per_expert
+from .sharing import IndexFollower, write_lock
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class Registry:
         self.index = index
         self.blobs = Blobs(path)
         self._stale_embeddings = False
+        self.lock, self._follower = write_lock(path), IndexFollower(store)  # see sharing.py
+        self.device = "cpu"
 
     # ---------------------------------------------------------------- create / open
     @classmethod
@@ -83,10 +87,10 @@ class Registry:
         return cls.open(path, encoder=encoder)
 
     @classmethod
-    def open(cls, path: str | Path, *, encoder: TextEncoder | None = None,
-             allow_encoder_change: bool = False) -> Registry:
+    def open(cls, path: str | Path, *, encoder: TextEncoder | None = None, allow_encoder_change: bool = False,
+             device: str = "cpu") -> Registry:
         """Open a registry. With `allow_encoder_change`, a different encoder is accepted and
-        `reindex()` must run before anything that embeds text."""
+        `reindex()` must run before anything that embeds text. `device`: where FAISS searches."""
         path = Path(path).resolve()
         if not (path / DB_NAME).is_file():
             raise RegistryError(f"no registry at {path} (create one with `loragen registry init {path} --base MODEL`)")
@@ -113,7 +117,7 @@ class Registry:
                 )
             stale = theirs is not None
         reg = cls(path, store, spec, basis, encoder, dim, VectorIndex(dim))
-        reg._stale_embeddings = stale
+        reg._stale_embeddings, reg.device = stale, device
         reg._load_index()
         return reg
 
@@ -136,7 +140,8 @@ class Registry:
             log.warning("rebuilding the FAISS index of %s from SQLite (%d descriptions)", self.path, len(ids))
             index = VectorIndex.build(self.dim, ids, vecs)
             index.save(self.path / INDEX_NAME)
-        self.index = index
+        self.index = index.to(self.device)
+        self.device = self.index.device  # "cpu" after a fallback, so it is logged once
 
     def close(self) -> None:
         self.store.close()
@@ -254,6 +259,13 @@ class Registry:
         if source is not None:
             self._check_spec(source, name)
         vecs = self._embed(texts)
+        with self.lock:
+            expert_id = self._insert(name, texts, vecs, checked, metrics, tags, fidelity, source)
+        return self.get(expert_id)
+
+    def _insert(self, name: str, texts: list[str], vecs: np.ndarray, checked: list[dict[str, torch.Tensor]],
+                metrics: dict[str, Any] | None, tags: list[str] | None, fidelity: float | None,
+                source: Lora | None) -> int:
         shas = [self.blobs.write(B) for B in checked]
         source_sha = None
         if source is not None:
@@ -270,14 +282,19 @@ class Registry:
             with self.store.transaction():
                 expert_id = self.store.insert_expert(row)
                 self.store.set_checkpoints(expert_id, shas)
-                ids = [self.store.insert_description(expert_id, t, v) for t, v in zip(texts, vecs)]
+                for t, v in zip(texts, vecs):
+                    self.store.insert_description(expert_id, t, v)
         except Exception as exc:
             if "UNIQUE" in str(exc):
                 raise RegistryError(f"an expert named {name!r} already exists") from exc
             raise
-        self.index.add(np.array(ids), vecs)
+        self._save_index()
+        return expert_id
+
+    def _save_index(self) -> None:
+        """With the lock held: the index as SQLite has it now (this and other processes' writes)."""
+        self._follower.sync(self.index)
         self.index.save(self.path / INDEX_NAME)
-        return self.get(expert_id)
 
     def _check_spec(self, lora: Lora, name: str) -> None:
         try:
@@ -306,14 +323,12 @@ class Registry:
 
     # ---------------------------------------------------------------- removing
     def remove(self, key: int | str | Expert) -> None:
-        e = self.get(key)
-        ids, experts, _ = self.store.embeddings(self.dim)
-        desc_ids = ids[experts == e.id].tolist()
-        with self.store.transaction():
-            self.store.delete_expert(e.id)
-        self.index.remove(desc_ids)
-        self.index.save(self.path / INDEX_NAME)
-        self._collect({*e.checkpoints, *([e.source_sha256] if e.source_sha256 else [])})
+        with self.lock:
+            e = self.get(key)
+            with self.store.transaction():
+                self.store.delete_expert(e.id)
+            self._save_index()
+            self._collect({*e.checkpoints, *([e.source_sha256] if e.source_sha256 else [])})
 
     def _collect(self, candidates: set[str]) -> None:
         """Delete blobs no expert refers to any more (after the commit, so a crash only orphans)."""
@@ -321,8 +336,7 @@ class Registry:
 
     # ---------------------------------------------------------------- search
     def search(self, texts: list[str], k: int = 5) -> list[list[Hit]]:
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = [texts] if isinstance(texts, str) else texts
         return self.search_vectors(self._embed(list(texts)), k)
 
     def search_vectors(self, vecs: np.ndarray, k: int = 5) -> list[list[Hit]]:
@@ -330,6 +344,8 @@ class Registry:
         vecs = normalised(vecs)
         if vecs.shape[1] != self.dim:
             raise RegistryError(f"query vectors have dim {vecs.shape[1]}, the registry has {self.dim}")
+        if self._follower.changed():  # another process committed: follow it before searching
+            self._follower.sync(self.index)
         n = len(self.index)
         if n == 0 or k <= 0:
             return [[] for _ in vecs]
@@ -354,6 +370,10 @@ class Registry:
     # ---------------------------------------------------------------- maintenance
     def reindex(self) -> int:
         """Re-embed every description with the current encoder; returns how many."""
+        with self.lock:
+            return self._reindex()
+
+    def _reindex(self) -> int:
         self._stale_embeddings = False
         rows = self.store.descriptions()
         vecs = self.encoder.encode([t for _, t in rows])
@@ -368,7 +388,7 @@ class Registry:
             self.store.set_meta("embedding_model", self.encoder.model_id)
             self.store.set_meta("embedding_dim", str(dim))
         self.dim = dim
-        self.index = VectorIndex.build(dim, np.array([i for i, _ in rows], dtype=np.int64), vecs)
+        self.index = VectorIndex.build(dim, np.array([i for i, _ in rows], dtype=np.int64), vecs).to(self.device)
         self.index.save(self.path / INDEX_NAME)
         return len(rows)
 
@@ -376,4 +396,5 @@ class Registry:
         """A data-driven basis of `rank` from every expert's original ΔW; all experts re-projected."""
         from .rebase import rebase
 
-        return rebase(self, rank)
+        with self.lock:
+            return rebase(self, rank)

@@ -132,6 +132,25 @@ class Store:
         vecs = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows]) if rows else None
         return ids, experts, vecs if vecs is not None else np.zeros((0, dim), dtype=np.float32)
 
+    def description_ids(self) -> np.ndarray:
+        return np.array([r[0] for r in self.conn.execute("SELECT id FROM descriptions")], dtype=np.int64)
+
+    def embeddings_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(description ids, (n, dim) float32 embeddings) of those of `ids` that exist."""
+        found: list[int] = []
+        vecs: list[np.ndarray] = []
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            q = f"SELECT id, embedding FROM descriptions WHERE id IN ({', '.join('?' for _ in chunk)})"
+            for r in self.conn.execute(q, chunk):
+                found.append(r["id"])
+                vecs.append(np.frombuffer(r["embedding"], dtype=np.float32))
+        return np.array(found, dtype=np.int64), np.stack(vecs) if vecs else np.zeros((0, 0), dtype=np.float32)
+
+    def data_version(self) -> int:
+        """Changes when another connection (in any process) commits to the database."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     def set_embedding(self, description_id: int, embedding: np.ndarray) -> None:
         blob = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
         self.conn.execute("UPDATE descriptions SET embedding = ? WHERE id = ?", (blob, description_id))

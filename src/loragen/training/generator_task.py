@@ -255,8 +255,8 @@ def train_generator_for(objective: str, registry: Registry, method: str, tasks: 
     state = Path(out_dir) / TASK_STATE_NAME if out_dir is not None else None
     record = train_on_task_loss(gen, tasks, base, config, derived=derived, state_path=state, resume=resume,
                                 progress=bool(reconstruction.get("progress", True)))
-    gen.config["objective"] = objective
-    gen.config["task_training"] = {k: v for k, v in record.items() if k != "history"}
+    gen.config.objective = objective
+    gen.config.task_training = {k: v for k, v in record.items() if k != "history"}
     if out_dir is not None:
         gen.save_pretrained(out_dir)
     return gen
