@@ -8,24 +8,24 @@ family, so it measures what the generator gains from reading *its own* task's de
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from collections.abc import Sequence
+from importlib import resources
 
-UNRELATED_TEXTS = (
-    "describe how glaciers carve valleys over thousands of years",
-    "give the opening hours of the municipal swimming pool",
-    "list the ingredients needed for a loaf of rye bread",
-    "explain how a lighthouse lens focuses its beam",
-    "recount the history of the printing press in europe",
-    "suggest a route for a three day hike in the alps",
-    "what time does the last ferry leave the harbour",
-    "compare the orbits of jupiter's four largest moons",
-)
+
+
+@functools.cache
+def unrelated_texts() -> tuple[str, ...]:
+    """The unrelated texts (package data `evaluation/data/unrelated.jsonl`), in file order."""
+    lines = resources.files(__package__).joinpath("data/unrelated.jsonl").read_text(encoding="utf-8").splitlines()
+    return tuple(json.loads(line)["text"] for line in lines if line.strip())
 
 
 def unrelated_description(key: str, seed: int = 0) -> str:
     """A fixed unrelated text per (key, seed), the same on every run."""
-    return random.Random(f"{seed}:{key}").choice(UNRELATED_TEXTS)
+    return random.Random(f"{seed}:{key}").choice(unrelated_texts())
 
 
 def mismatched_index(names: Sequence[str], families: Sequence[str | None], i: int, seed: int = 0) -> int:
