@@ -146,3 +146,13 @@ def world(tmp_path_factory, encoder):
                                        {"method": "multitask"}))
     reg.close()
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: float sums depend on the thread count, so a comparison with
+    a process that runs one thread (a Ray worker) runs one here too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

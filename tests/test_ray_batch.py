@@ -24,16 +24,8 @@ def test_the_plain_paths_never_import_ray():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Ray starts its workers with OMP_NUM_THREADS=1, and float sums depend on the thread count, so
-    the in-process side of each comparison runs torch on one thread as well."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Ray starts its workers with OMP_NUM_THREADS=1: the in-process side of each comparison matches it.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,16 +36,8 @@ def _settings(world: Path, port: int = 0) -> ApiSettings:
                        max_wait_ms=5, encoder_dtype="float32", host="127.0.0.1", port=port)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Ray starts its workers with OMP_NUM_THREADS=1, and float sums depend on the thread count, so
-    the in-process side of each comparison runs torch on one thread as well."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Ray starts its workers with OMP_NUM_THREADS=1: the in-process side of each comparison matches it.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
