@@ -247,6 +247,35 @@ def test_per_key_rate_limits_and_memory_budget(world: Path, encoder: TextEncoder
         assert metric(url, 'loragen_refused_requests_total{reason="memory_budget"}', "scraper") == 1
 
 
+def test_the_sdk_waits_out_retry_after_and_raises_rate_limit_error_past_its_retries(world: Path,
+                                                                                    encoder: TextEncoder) -> None:
+    import asyncio
+
+    from loragen.client import AsyncClient, Client, RateLimitError
+
+    app = create_app(settings(world, api_keys=[KEY, "scraper"], auth_all_routes=True, rate_limit_rps=1.0,
+                              rate_limit_burst=1), encoder=encoder)
+    with uvicorn_server(app) as url:
+        with Client(url, KEY, retries=0) as impatient, Client(url, KEY, retries=3) as patient:
+            impatient.experts.list()  # the whole burst
+            with pytest.raises(RateLimitError) as refused:
+                impatient.experts.list()
+            assert refused.value.status == 429 and refused.value.code == "rate_limited"
+            start = time.monotonic()
+            assert patient.experts.list().total >= 1  # refused once, then served after its Retry-After
+            assert time.monotonic() - start >= 0.5
+
+        async def polite() -> float:
+            async with AsyncClient(url, KEY, retries=3) as client:
+                start = time.monotonic()
+                await client.experts.list()
+                await client.experts.list()
+                return time.monotonic() - start
+
+        assert asyncio.run(polite()) >= 0.5
+        assert metric(url, 'loragen_refused_requests_total{reason="rate_limited"}', "scraper") >= 2
+
+
 def test_a_batch_runs_in_steps_and_a_client_leaving_stops_the_rest(world: Path, encoder: TextEncoder) -> None:
     """A batch is cut into generator calls of max_batch; when its client leaves during the first,
     the engine runs no other."""

@@ -9,9 +9,9 @@ from .client import AsyncClient, Client
 from .types import (AuthenticationError, BadRequestError, ChatCompletion, ChatCompletionChunk, Completion,
                     CompletionChunk, ConflictError, Expert, ExpertPage,
                     GenerationResult, ImportedExpert, LoragenAPIError, LoragenConnectionError, Neighbour,
-                    NotFoundError, SearchHit, ServerError)
+                    NotFoundError, RateLimitError, SearchHit, ServerError)
 
 __all__ = ["AdapterFiles", "AsyncClient", "AuthenticationError", "BadRequestError", "ChatCompletion",
            "ChatCompletionChunk", "Client", "Completion", "CompletionChunk",
            "ConflictError", "Expert", "ExpertPage", "GenerationResult", "ImportedExpert", "LoragenAPIError",
-           "LoragenConnectionError", "Neighbour", "NotFoundError", "SearchHit", "ServerError"]
+           "LoragenConnectionError", "Neighbour", "NotFoundError", "RateLimitError", "SearchHit", "ServerError"]

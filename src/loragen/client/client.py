@@ -11,13 +11,19 @@
 
 Connection failures (the request never reached the server) are retried by httpx's transport
 (`retries`: the first retry at once, then with a doubling backoff from 0.5 s) and then raise
-`LoragenConnectionError`; other errors raise typed `LoragenAPIError`s. A downloaded adapter is
+`LoragenConnectionError`. A 429 or 503 (the server is busy, rate-limited or still starting, and did
+not run the request) is tried again up to `retries` times, after the server's `Retry-After` when it
+sends one and otherwise after `backoff` seconds doubled each time, never waiting more than
+`max_retry_wait` at once; then it raises `RateLimitError` or `ServerError`. Other errors raise typed
+`LoragenAPIError`s at once. A downloaded adapter is
 `AdapterFiles`, the PEFT files in memory (streamed through a temp file); nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal, overload
 
@@ -27,12 +33,14 @@ from .adapter import AdapterFiles
 from .experts import AsyncExperts, Experts
 from .streaming import aiter_chunks, iter_chunks
 from .types import (Call, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, GenerationResult,
-                    LoragenConnectionError, SearchHit, raise_for)
+                    LoragenConnectionError, SearchHit, raise_for, retry_after)
 
 Messages = list[dict[str, Any]]  # OpenAI's chat messages: {"role", "content"}
 
 # What the transport retries: the request never reached the server.
 UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+# What the client tries again: the server answered that it did not run the request, for now.
+RETRIED_STATUSES = (429, 503)
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -40,15 +48,25 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Api:
-    """Request building, shared by both clients.
+    """Request building and the retry rule, shared by both clients.
 
-    `retries` is how often a connection that failed is tried again; `backoff` is accepted for
-    compatibility and unused (the transport's own backoff applies)."""
+    `retries` is how often a failed connection, or a 429/503 answer, is tried again; `backoff` is
+    the first wait after a 429/503 without `Retry-After` (doubled each time), and `max_retry_wait`
+    caps any one wait, `Retry-After` included."""
 
-    def __init__(self, base_url: str, api_key: str | None, retries: int, backoff: float) -> None:
+    def __init__(self, base_url: str, api_key: str | None, retries: int, backoff: float,
+                 max_retry_wait: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.max_retry_wait = retries, backoff, max_retry_wait
+
+    def retry_wait(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before sending `response`'s request again (attempt 0 is the first retry),
+        or None when it is not tried again."""
+        if response.status_code not in RETRIED_STATUSES or attempt >= self.retries:
+            return None
+        wait = retry_after(response)
+        return min(self.backoff * 2 ** attempt if wait is None else wait, self.max_retry_wait)
 
     def unreachable(self, exc: Exception) -> LoragenConnectionError:
         return LoragenConnectionError(f"cannot reach {self.base_url} after {self.retries} retries: {exc}")
@@ -97,8 +115,8 @@ def chat_options(model: str | None, description: str | None, lora_id: str | None
 
 class Client(_Api):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.2) -> None:
-        super().__init__(base_url, api_key, retries, backoff)
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, max_retry_wait: float = 30.0) -> None:
+        super().__init__(base_url, api_key, retries, backoff, max_retry_wait)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout,
                                   transport=httpx.HTTPTransport(retries=retries))
         self.experts = Experts(self)
@@ -113,13 +131,21 @@ class Client(_Api):
         self.close()
 
     def _send(self, call: Call, stream: bool = False) -> httpx.Response:
-        request = self._http.build_request(call.method, call.path, **call.kwargs)
-        try:
-            response = self._http.send(request, stream=stream)
-        except UNREACHABLE as exc:
-            raise self.unreachable(exc) from exc
-        if stream and not response.is_success:
-            response.read()
+        attempt = 0
+        while True:
+            request = self._http.build_request(call.method, call.path, **call.kwargs)
+            try:
+                response = self._http.send(request, stream=stream)
+            except UNREACHABLE as exc:
+                raise self.unreachable(exc) from exc
+            if stream and not response.is_success:
+                response.read()
+            wait = self.retry_wait(response, attempt)
+            if wait is None:
+                break
+            response.close()
+            time.sleep(wait)
+            attempt += 1
         raise_for(response)
         return response
 
@@ -200,8 +226,8 @@ class Client(_Api):
 
 class AsyncClient(_Api):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.2) -> None:
-        super().__init__(base_url, api_key, retries, backoff)
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, max_retry_wait: float = 30.0) -> None:
+        super().__init__(base_url, api_key, retries, backoff, max_retry_wait)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout,
                                        transport=httpx.AsyncHTTPTransport(retries=retries))
         self.experts = AsyncExperts(self)
@@ -216,13 +242,21 @@ class AsyncClient(_Api):
         await self.aclose()
 
     async def _send(self, call: Call, stream: bool = False) -> httpx.Response:
-        request = self._http.build_request(call.method, call.path, **call.kwargs)
-        try:
-            response = await self._http.send(request, stream=stream)
-        except UNREACHABLE as exc:
-            raise self.unreachable(exc) from exc
-        if stream and not response.is_success:
-            await response.aread()
+        attempt = 0
+        while True:
+            request = self._http.build_request(call.method, call.path, **call.kwargs)
+            try:
+                response = await self._http.send(request, stream=stream)
+            except UNREACHABLE as exc:
+                raise self.unreachable(exc) from exc
+            if stream and not response.is_success:
+                await response.aread()
+            wait = self.retry_wait(response, attempt)
+            if wait is None:
+                break
+            await response.aclose()
+            await asyncio.sleep(wait)
+            attempt += 1
         raise_for(response)
         return response
 

@@ -7,6 +7,8 @@ Torch-free.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,8 +55,12 @@ class ConflictError(LoragenAPIError):
     """409: e.g. an expert of that name exists."""
 
 
+class RateLimitError(LoragenAPIError):
+    """429: too many requests for this key, or the server's queue is full; tried again first."""
+
+
 class ServerError(LoragenAPIError):
-    """5xx."""
+    """5xx (a 503 is tried again first)."""
 
 
 class LoragenConnectionError(LoragenAPIError):
@@ -91,6 +97,8 @@ def raise_for(response: httpx.Response) -> None:
         kind = NotFoundError
     elif status == 409:
         kind = ConflictError
+    elif status == 429:
+        kind = RateLimitError
     elif status >= 500:
         kind = ServerError
     raise kind(status, code, message)
@@ -151,3 +159,21 @@ class Completion:
         choice = data["choices"][0]
         return cls(data["id"], choice["text"], data.get("model", ""), data.get("lora_id"),
                    choice.get("finish_reason"), data.get("usage"), data)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The response's `Retry-After` in seconds (delta-seconds or an HTTP date), or None."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
