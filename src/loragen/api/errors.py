@@ -93,7 +93,8 @@ def install(app: FastAPI) -> None:
 
     async def on_loragen(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LoragenError)
-        return error_response(*domain_status(exc), str(exc))
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, NotReadyError) else None
+        return error_response(*domain_status(exc), str(exc), headers)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
