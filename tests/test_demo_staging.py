@@ -11,15 +11,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import uvicorn_server
+import torch
+from conftest import EXPERTS, uvicorn_server
 
 from loragen.api import ApiSettings, create_app
 from loragen.demo import background
 from loragen.demo.world import DEMO_VERSION, DemoConfig, DemoWorld, build_demo_experts, finish_demo
 from loragen.embeddings import TextEncoder
 from loragen.errors import LoragenError
-from loragen.training.experts import ExpertConfig
 from loragen.training.multitask import MultitaskConfig
+from loragen.training.tasks import Instance, Task, write_tasks
 
 # The stand-in for the second stage: a real child process that waits for its gate file, then puts
 # the generators in place and marks the world built, as `finish_demo` does.
@@ -98,28 +99,40 @@ def test_a_failed_background_build_is_named_and_stops_blocking(experts_only: Pat
         assert post(url, "sg").status_code != 503  # no generator: the method's own error, not "retry later"
 
 
-TINY = DemoConfig(hidden=32, layers=1, heads=2, intermediate=64, pretrain_steps=2, pretrain_batch=4,
-                  instances_per_task=40,
-                  experts=ExpertConfig(steps=2, lr=1e-2, rows_per_task=2, checkpoints=2, checkpoint_every=1,
-                                       train_fraction=0.9),
-                  multitask=MultitaskConfig(steps=1, rows_per_task=1, train_fraction=0.9))
+TINY = DemoConfig(multitask=MultitaskConfig(steps=1, rows_per_task=1, train_fraction=0.9))
 
 
-def test_each_stage_is_written_whole(tmp_path: Path, encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
-    world = build_demo_experts(tmp_path, config=TINY, encoder=encoder)
-    assert world.has_experts() and not world.is_built()
-
+def test_each_stage_is_written_whole(world: Path, tmp_path: Path, encoder: TextEncoder,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(*args, **kwargs):  # type: ignore[no-untyped-def]
-        (kwargs["out_dir"] / "config.json").parent.mkdir(parents=True, exist_ok=True)
-        (kwargs["out_dir"] / "config.json").write_text("{}")  # half a generator on disk
+        out = Path(kwargs.get("out_dir") or args[0])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")  # half a stage on disk
         raise LoragenError("crashed mid-build")
+
+    home = tmp_path / "home"
+    with monkeypatch.context() as m:
+        m.setattr("loragen.demo.world.build_base_model", crash)
+        with pytest.raises(LoragenError, match="crashed"):
+            build_demo_experts(home, config=TINY, encoder=encoder)
+    assert not home.exists() or not list(home.iterdir())  # no world, no temp directory left
+
+    # A first stage by hand (the API world's base model and registry stand in for the demo's).
+    demo = DemoWorld(home / "demo")
+    shutil.copytree(world / "base", demo.base_model)
+    shutil.copytree(world / "registry", demo.registry)
+    words = [f"{a}{b}" for a in "abcdefgh" for b in "xyz"]
+    write_tasks(demo.tasks, [Task(name, descriptions, [Instance(w, w[::-1]) for w in words])
+                             for name, descriptions in EXPERTS.items()])
+    torch.save(torch.get_rng_state(), demo.rng_state)
+    demo.experts_manifest.write_text(json.dumps({"version": DEMO_VERSION, "seconds": 0.0, "experts": {}}))
+    assert demo.has_experts() and not demo.is_built()
+    stamp = demo.experts_manifest.stat().st_mtime
+    assert build_demo_experts(home, config=TINY, encoder=encoder).experts_manifest.stat().st_mtime == stamp
 
     monkeypatch.setattr("loragen.demo.world.train_generator", crash)
     with pytest.raises(LoragenError, match="crashed"):
-        finish_demo(world, config=TINY, encoder=encoder)
-    assert world.has_experts() and not world.is_built()  # a crash leaves nothing that looks finished
-    assert not world.generators.exists() and not world.manifest.exists()
-    assert not [p.name for p in world.root.iterdir() if p.name.endswith(".tmp")]
-    # the experts stage is kept, not rebuilt
-    stamp = world.experts_manifest.stat().st_mtime
-    assert build_demo_experts(tmp_path, config=TINY, encoder=encoder).experts_manifest.stat().st_mtime == stamp
+        finish_demo(demo, config=TINY, encoder=encoder)
+    assert demo.has_experts() and not demo.is_built()  # a crash leaves nothing that looks finished
+    assert not demo.generators.exists() and not demo.manifest.exists()
+    assert not [p.name for p in demo.root.iterdir() if p.name.endswith(".tmp")]
