@@ -66,6 +66,7 @@ class Lifecycle:
         self._workers: list[Runs] = []
         self._stopping = False
         self.world_build: BackgroundBuild | None = None
+        self._builds = ThreadPoolExecutor(1, thread_name_prefix="loragen-demo-build")  # waits on the child
         self._on_world_built: Callable[[], None] = lambda: None
 
     async def start(self, workers: list[Runs], steps: list[WarmStep],
@@ -84,6 +85,7 @@ class Lifecycle:
             self._warming.cancel()
         if self.world_build is not None:
             self.world_build.stop()
+        self._builds.shutdown(wait=False)
         for w in self._workers:
             await w.stop()
         if self.registry is not None:
@@ -115,7 +117,7 @@ class Lifecycle:
     async def _warm(self, steps: list[WarmStep]) -> None:
         loop = asyncio.get_running_loop()
         own = [WarmStep("registry", self.engine, self._open), WarmStep("encoder", self.engine, self._warm_encoder)]
-        for step in own + steps + [WarmStep("demo_world", ThreadPoolExecutor(1), self._finish_world)]:
+        for step in own + steps + [WarmStep("demo_world", self._builds, self._finish_world)]:
             if step.component not in self.readiness.state:
                 continue  # the demo world is built, or not served
             self.readiness.loading(step.component)
@@ -158,7 +160,7 @@ class Lifecycle:
         self.readiness.loading("demo_world", "training the multi-task LoRA and the icm and sg generators")
         self.world_build = BackgroundBuild(self.settings.home)
         if self._stopping:
-            return
+            self.world_build.stop()
         self.world_build.start()
         self.world_build.wait()
         self.readiness.loading("demo_world", "loading the generators")

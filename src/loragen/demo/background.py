@@ -34,6 +34,8 @@ class BackgroundBuild:
         self._stopped = False
 
     def start(self) -> None:
+        if self._stopped:  # stopped before it started
+            return
         env = {**os.environ, "LORAGEN_HOME": str(self.home)}
         self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
         with contextlib.suppress(OSError):  # threads the child starts later inherit it
@@ -43,7 +45,8 @@ class BackgroundBuild:
     def wait(self) -> None:
         """Block until the child is done; raise if it failed or was stopped."""
         if self._proc is None:
-            raise LoragenError("the demo world's background build was never started")
+            what = "stopped" if self._stopped else "never started"
+            raise LoragenError(f"the demo world's background build was {what}")
         code = self._proc.wait()
         if self._stopped:
             raise LoragenError("the demo world's background build was stopped")
