@@ -22,7 +22,11 @@ class ConflictError(LoragenError):
 
 
 class NotReadyError(LoragenError):
-    """The service is still starting; the same request can be sent again shortly."""
+    """The service is still starting; the same request can be sent again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnavailableError(LoragenError):

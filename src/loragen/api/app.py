@@ -150,6 +150,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder: TextEncoder | No
     @app.post("/v1/loras/batch", response_model=BatchOut)
     async def create_batch(body: BatchRequest, request: Request) -> BatchOut:
         check_method(body.method)  # an unknown method is the request's error, not one description's
+        service.life.check_serves(body.method)  # nor a method still training
         nbytes = guard.limits().batch(body.descriptions)
         jobs = []
         for i, description in enumerate(body.descriptions):

@@ -100,7 +100,7 @@ def install(app: FastAPI, on_refused: Callable[[str], None] = lambda reason: Non
 
     async def on_loragen(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LoragenError)
-        retry = {"Retry-After": "1"} if isinstance(exc, NotReadyError) else None
+        retry = {"Retry-After": str(exc.retry_after)} if isinstance(exc, NotReadyError) else None
         return error_response(*domain_status(exc), str(exc), retry)
 
     async def on_limit(_: Request, exc: Exception) -> JSONResponse:

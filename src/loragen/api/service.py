@@ -89,7 +89,7 @@ class Service:
         """Start serving at once; loading and warming go on in the background (see /readyz)."""
         steps = [WarmStep("generators", self.engine, self.pool.warm),
                  WarmStep("base_model", self.completions.model_pool, self.completions.warm)]
-        await self.life.start([self.batcher, self.completions], steps)
+        await self.life.start([self.batcher, self.completions], steps, on_world_built=self.pool.warm)
 
     async def stop(self) -> None:
         await self.life.stop()
@@ -111,6 +111,7 @@ class Service:
     def job(self, description: str, method: str, k: int | None, seed: int | None, num_samples: int = 1,
             examples: list[dict[str, str]] | None = None) -> Job:
         check_method(method)
+        self.life.check_serves(method)
         desc = check_descriptions([description])[0]
         ex = tuple(tuple(sorted(e.items())) for e in examples) if examples is not None else None
         if method in LEARNED_METHODS:
@@ -122,6 +123,7 @@ class Service:
         """The registry's neighbours; for a learned method, ranked and scored as that generator does."""
         if method is not None:
             check_method(method)
+            self.life.check_serves(method)
         if method not in LEARNED_METHODS:
             return self.reg.search([description], k)
         gen = self.pool.get(method, 0)

@@ -95,7 +95,8 @@ def complete(
 
 @demo_app.command("build")
 def demo_build(force: Annotated[bool, typer.Option(help="Rebuild even if built.")] = False) -> None:
-    """Build the demo world under $LORAGEN_HOME/demo (idempotent; a few minutes)."""
+    """Build the demo world under $LORAGEN_HOME/demo (idempotent; a few minutes): the experts, then
+    the multi-task LoRA and the generators (continuing a world that has its experts only)."""
     from ..demo.world import build_demo
 
     world = build_demo(Settings().home, force=force)
@@ -105,18 +106,20 @@ def demo_build(force: Annotated[bool, typer.Option(help="Rebuild even if built."
 
 @demo_app.command("run")
 def demo_run() -> None:
-    """Build the demo world if needed, then show one description -> LoRA -> completion loop."""
+    """Build the demo world's experts if needed, then show one description -> LoRA -> completion loop
+    (with sg too once the whole world is built; `loragen serve` finishes it in the background)."""
     from ..basemodel import BaseModel
     from ..generator import load_generator
     from ..registry import Registry
-    from ..demo.world import build_demo
+    from ..demo.world import build_demo_experts
 
-    world = build_demo(Settings().home)
+    world = build_demo_experts(Settings().home)
     reg = Registry.open(world.registry)
     base = BaseModel.load(world.base_model)
     description = "write the letters of the input in reverse order"
     inputs = ["abcde", "loragen", "hello"]
-    for method in ("nearest", "weighted", "sg"):
+    built = world.is_built()
+    for method in ("nearest", "weighted", "sg") if built else ("nearest", "weighted"):
         gen = load_generator(method, reg, generator_dir=world.generators / method)
         lora = gen.generate([description], seed=0)[0]
         out = world.root / "generated" / method
@@ -127,6 +130,10 @@ def demo_run() -> None:
         plain = base.complete(inputs)
         for x, y, p in zip(inputs, outs, plain):
             typer.echo(f"  {x!r:>12} -> {y!r:<12} (base model alone: {p!r})")
+    if not built:
+        typer.echo("\nThe multi-task LoRA and the icm and sg generators are not built yet: `loragen serve` builds "
+                   "them in the background and serves them when done (see /readyz); `loragen demo build` builds "
+                   "them now.")
 
 
 def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: bool) -> None:

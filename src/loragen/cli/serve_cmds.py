@@ -51,7 +51,8 @@ def serve(
     cpus_per_replica: Annotated[float, typer.Option(min=0, help="With --engine ray: CPUs each replica "
                                                     "asks for.")] = 1.0,
 ) -> None:
-    """Serve LoRA generation over HTTP; with no --registry, the demo world (built first if missing)."""
+    """Serve LoRA generation over HTTP; with no --registry, the demo world (its experts built first if
+    missing, the rest in the background)."""
     import uvicorn
 
     from ..api import ApiSettings, create_app
@@ -68,10 +69,11 @@ def serve(
                                  "max_queued_requests": max_queued_requests, "request_timeout_s": request_timeout_s}
     settings = ApiSettings(**{k: v for k, v in overrides.items() if v is not None})
     if settings.registry is None:
-        from ..demo.world import build_demo
+        from ..demo.world import build_demo_experts
 
-        world = build_demo(settings.home)  # idempotent; prints progress while it builds
-        typer.echo(f"demo world at {world.root}")
+        world = build_demo_experts(settings.home)  # idempotent; prints progress while it builds
+        typer.echo(f"demo world at {world.root}" + ("" if world.is_built() else
+                   " (its multi-task LoRA and generators train in the background; see /readyz)"))
     else:  # a bad path is one line here, not a traceback from the server's startup
         from ..registry import Registry
 

@@ -4,7 +4,9 @@
 2. The string-transformation tasks of `tasks`, written as a task file.
 3. A registry over the base model, one expert per task trained in its shared basis, registered with
    every description but the unseen paraphrase.
-The world is built in a temp directory and renamed into place, so it is complete or absent.
+4. The registry's multi-task LoRA, and the icm and sg generators.
+It is built in two stages, each written whole: 1-3 (all the retrieval methods need, so a server can
+answer while the rest trains), then 4. `BUILD.json`, written last, marks the world built.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from ..adapters import atomic, spec_from_config
 from ..basemodel import BaseModel
 from ..embeddings import TextEncoder
+from ..errors import LoragenError
 from ..generator import train_generator
 from ..generator.description_encoder import DescriptionEncoder
 from ..generator.description_head import DescriptionHead
@@ -101,10 +104,28 @@ class DemoWorld:
     def manifest(self) -> Path:
         return self.root / "BUILD.json"
 
+    @property
+    def experts_manifest(self) -> Path:
+        return self.root / "EXPERTS.json"
+
+    @property
+    def rng_state(self) -> Path:
+        return self.root / "rng_state.pt"
+
     def is_built(self) -> bool:
-        if not self.manifest.is_file():
-            return False
-        return json.loads(self.manifest.read_text()).get("version") == DEMO_VERSION
+        """Every stage is in place (`BUILD.json`, written last, is of this version)."""
+        return _version(self.manifest) == DEMO_VERSION
+
+    def has_experts(self) -> bool:
+        """The first stage is in place: base model, tasks and the registry's experts."""
+        return _version(self.experts_manifest) == DEMO_VERSION or self.is_built()
+
+
+def _version(manifest: Path) -> int | None:
+    try:
+        return json.loads(manifest.read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def build_tokenizer(directory: Path):  # type: ignore[no-untyped-def]
@@ -168,10 +189,20 @@ def build_base_model(directory: Path, config: DemoConfig) -> BaseModel:
 
 def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = False,
                encoder: TextEncoder | None = None) -> DemoWorld:
-    """Build the demo world under `home/demo` unless it is already built (idempotent)."""
+    """Build the demo world under `home/demo` unless it is already built (idempotent): its experts
+    (`build_demo_experts`), then the rest (`finish_demo`)."""
+    world = build_demo_experts(home, config=config, force=force, encoder=encoder)
+    return finish_demo(world, config=config, encoder=encoder)
+
+
+def build_demo_experts(home: Path, *, config: DemoConfig | None = None, force: bool = False,
+                       encoder: TextEncoder | None = None) -> DemoWorld:
+    """The world's first stage: the base model, the task file and the registry of experts, which
+    is all the retrieval methods need. Built in a temp directory and renamed into place, so the
+    world is absent or holds its experts; `finish_demo` adds the rest."""
     config = config or DemoConfig()
     world = DemoWorld(Path(home) / "demo")
-    if world.is_built() and not force:
+    if world.has_experts() and not force:
         return world
     started = time.perf_counter()
     with atomic.directory(world.root) as tmp:
@@ -189,25 +220,55 @@ def build_demo(home: Path, *, config: DemoConfig | None = None, force: bool = Fa
                 run.task.name, run.checkpoints, run.task.descriptions[:-1],
                 metrics=run.metrics, tags=["demo"],
             )
+        registry.close()
+        # The second stage starts from the random state the first one leaves, in this process or another.
+        torch.save(torch.get_rng_state(), staged.rng_state)
+        summary = {"version": DEMO_VERSION, "seconds": round(time.perf_counter() - started, 1),
+                   "experts": {r.task.name: r.metrics for r in runs}}
+        staged.experts_manifest.write_text(json.dumps(summary, indent=2))
+    return world
+
+
+def finish_demo(world: DemoWorld, *, config: DemoConfig | None = None,
+                encoder: TextEncoder | None = None) -> DemoWorld:
+    """The world's second stage, over its experts: the registry's multi-task LoRA, then the icm and
+    sg generators. The multi-task LoRA is written whole; the generators directory is renamed into
+    place; `BUILD.json`, which marks the world built, is written last."""
+    config = config or DemoConfig()
+    if world.is_built():
+        return world
+    if not world.has_experts():
+        raise LoragenError(f"the demo world at {world.root} has no experts yet; build it with `loragen demo build`")
+    started = time.perf_counter()
+    experts = json.loads(world.experts_manifest.read_text())
+    base = BaseModel.load(world.base_model)
+    tasks = read_tasks(world.tasks)
+    registry = Registry.open(world.registry, encoder=encoder or TextEncoder())
+    spec = registry.spec
+    torch.set_rng_state(torch.load(world.rng_state))
+    try:
         with torch.random.fork_rng():  # the generators below see the random state they always saw
             save_multitask(registry, train_multitask(registry, tasks, TaskModel("causal", base), config.multitask))
         experts_done = time.perf_counter()
-        # icm and sg read descriptions through one tuned encoder and head
-        encoder: bool | DescriptionEncoder = True
-        head: bool | DescriptionHead = True
-        for method in ("icm", "sg"):
-            gen = train_generator(registry, method, out_dir=staged.generators / method, seed=config.seed,
-                                  examples=demo_examples(tasks, config) if method == "icm" else None,
-                                  task_vectors=TaskVectors(spec, loaded=base), description_encoder=encoder,
-                                  description_head=head, **GENERATOR_OPTIONS[method])
-            encoder, head = gen.encoder or False, gen.head or False
-        summary = {
-            "version": DEMO_VERSION,
-            "seconds": round(time.perf_counter() - started, 1),
-            "generator_seconds": round(time.perf_counter() - experts_done, 1),
-            "experts": {r.task.name: r.metrics for r in runs},
-        }
-        staged.manifest.write_text(json.dumps(summary, indent=2))
+        with atomic.directory(world.generators) as generators:
+            # icm and sg read descriptions through one tuned encoder and head
+            tuned: bool | DescriptionEncoder = True
+            head: bool | DescriptionHead = True
+            for method in ("icm", "sg"):
+                gen = train_generator(registry, method, out_dir=generators / method, seed=config.seed,
+                                      examples=demo_examples(tasks, config) if method == "icm" else None,
+                                      task_vectors=TaskVectors(spec, loaded=base), description_encoder=tuned,
+                                      description_head=head, **GENERATOR_OPTIONS[method])
+                tuned, head = gen.encoder or False, gen.head or False
+    finally:
+        registry.close()
+    summary = {
+        "version": DEMO_VERSION,
+        "seconds": round(experts["seconds"] + time.perf_counter() - started, 1),
+        "generator_seconds": round(time.perf_counter() - experts_done, 1),
+        "experts": experts["experts"],
+    }
+    atomic.write_bytes(world.manifest, json.dumps(summary, indent=2).encode())
     return world
 
 
