@@ -121,16 +121,15 @@ def tiny_llama(directory):
     return directory
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, encoder):
-    """The API world: a tiny Llama, a registry of random experts over it (`EXPERTS`), a trained
-    sg generator and a multitask LoRA."""
+@pytest.fixture(scope="session")
+def api_world_template(tmp_path_factory, encoder):
+    """The API world, built once per run and never changed: tests get copies (`world`)."""
     from loragen.adapters import spec_from_config
     from loragen.generator import train_generator
     from loragen.registry import Registry
     from loragen.registry.multitask import save_multitask
 
-    root = tmp_path_factory.mktemp("api-world")
+    root = tmp_path_factory.mktemp("api-world-template")
     tiny_llama(root / "base")
     spec = spec_from_config(root / "base", targets=["q_proj", "v_proj"], rank=4, base_model=str(root / "base"))
     reg = Registry.create(root / "registry", spec, encoder=encoder)
@@ -145,6 +144,20 @@ def world(tmp_path_factory, encoder):
     save_multitask(reg, reg.basis.lora({m: torch.randn(b.shape, generator=g) for m, b in reg.basis.zeros_b().items()},
                                        {"method": "multitask"}))
     reg.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, api_world_template):
+    """The API world: a tiny Llama, a registry of random experts over it (`EXPERTS`), a trained
+    sg generator and a multitask LoRA; a module's own copy, so what its tests change stays in it
+    (the base model is shared, read-only)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("api-world")
+    for part in ("registry", "generators"):
+        shutil.copytree(api_world_template / part, root / part)
+    (root / "base").symlink_to(api_world_template / "base", target_is_directory=True)
     return root
 
 

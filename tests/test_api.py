@@ -119,7 +119,8 @@ def test_generate_matches_the_library_and_loads_in_peft(client: Client, world: P
     result = client.generate(description)
     assert result.neighbours[0].expert == "sentiment" and not result.cached
     assert abs(sum(n.weight for n in result.neighbours) - 1) < 1e-6
-    assert (result.method, result.rank, result.base_model) == ("weighted", 4, str(world / "base"))
+    assert (result.method, result.rank) == ("weighted", 4)
+    assert Path(result.base_model).resolve() == (world / "base").resolve()
     reg = Registry.open(world / "registry", encoder=encoder)
     expected = load_generator("weighted", reg).generate([description])[0]
     reg.close()
