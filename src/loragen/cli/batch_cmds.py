@@ -33,7 +33,7 @@ def batch(
     max_eval_instances: Annotated[int | None, typer.Option(
         min=1, help="Evaluate at most N instances per item.")] = None,
     engine: Annotated[str, typer.Option(help="local: this process; ray: a Ray Data actor pool "
-                                        "(pip install 'loragen[ray]').")] = "local",
+                                        "(pip install 'loragen\\[ray]').")] = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="With --engine ray: the cluster (auto, ray://HOST:10001); default: a local "
         "Ray started for this run.")] = None,

@@ -40,7 +40,7 @@ def serve(
                                                             "504 (default 30).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     engine: Annotated[str, typer.Option(help="plain: one uvicorn process; ray: a Ray Serve deployment "
-                                        "(pip install 'loragen[ray]').")] = "plain",
+                                        "(pip install 'loragen\\[ray]').")] = "plain",
     replicas: Annotated[int, typer.Option(min=1, help="With --engine ray: replicas, each loading its own "
                                           "generators and base model.")] = 1,
     ray_address: Annotated[str | None, typer.Option(
