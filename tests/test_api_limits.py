@@ -197,7 +197,7 @@ def test_past_its_deadline_a_request_gets_504_and_its_work_is_dropped(busy: tupl
     started = time.monotonic()
     r = httpx.post(f"{url}/v1/loras", json={"description": "too late to matter"}, timeout=30)
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
-    assert 5 <= time.monotonic() - started < 8
+    assert 5 <= time.monotonic() - started < 12  # the 5 s deadline, not the 30 s client timeout
     gate.set()
     assert httpx.post(f"{url}/v1/search", json={"description": "after"}, timeout=30).status_code == 200
     assert "too late to matter" not in generated_descriptions(app)
