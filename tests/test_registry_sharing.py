@@ -73,6 +73,27 @@ def test_two_writer_processes_and_a_reader(tmp_path, encoder):
         [(h.name, h.description) for h in reader.search(["beta task number 5"], k=3)[0]]
 
 
+def test_a_read_only_handle_refuses_writes_and_follows_a_writer(tmp_path, encoder):
+    from loragen.errors import ReadOnlyError
+
+    spec = spec_from_config(TINY_CONFIGS["llama"], targets=["q_proj", "v_proj"], rank=4)
+    writer = Registry.create(tmp_path / "reg", spec, encoder=encoder)
+    cps = [{m: torch.ones_like(b) for m, b in writer.basis.zeros_b().items()}]
+    writer.add_expert("first", cps, ["count the vowels in a word"])
+    reader = Registry.open(tmp_path / "reg", encoder=encoder, read_only=True)
+    before = sorted(p.name for p in (tmp_path / "reg").rglob("*"))
+    for write in (lambda: reader.add_expert("second", cps, ["reverse a word"]), lambda: reader.remove("first"),
+                  reader.reindex):
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            write()
+    with pytest.raises(Exception, match="readonly"):  # SQLite's own mode refuses too, under the lock
+        reader.store.set_meta("x", "y")
+    assert sorted(p.name for p in (tmp_path / "reg").rglob("*")) == before
+    assert [e.name for e in reader.experts()] == ["first"]
+    writer.add_expert("second", cps, ["reverse a word"])  # another handle writes; the read-only one sees it
+    assert reader.search(["reverse a word"], k=1)[0][0].name == "second"
+
+
 def test_faiss_on_cuda_without_a_gpu_build_stays_on_the_cpu_with_one_log_line(tmp_path, encoder, caplog):
     if gpu_unavailable("cuda") is None:
         pytest.skip("faiss has a GPU here: test_gpu_faiss_gives_the_cpu_neighbours covers it")

@@ -62,3 +62,6 @@ class Overloaded(LoragenError):
 class DeadlineExceeded(LoragenError):
     """The request did not finish within its deadline; its work was dropped."""
 
+
+class ReadOnlyError(LoragenError):
+    """A write to a store that was opened read-only (a registry served by Ray Serve replicas)."""

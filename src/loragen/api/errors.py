@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from ..errors import (ConflictError, DeadlineExceeded, InvalidAdapterError, LimitExceeded, LoragenError,
-                      NotFoundError, NotReadyError, OverBudget, Overloaded, UnavailableError, UnknownMethodError)
+                      NotFoundError, NotReadyError, OverBudget, Overloaded, ReadOnlyError, UnavailableError,
+                      UnknownMethodError)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ DOMAIN_STATUS: dict[type[LoragenError], tuple[int, str]] = {
     UnknownMethodError: (400, "unknown_method"),
     NotFoundError: (404, "not_found"),
     ConflictError: (409, "conflict"),
+    ReadOnlyError: (405, "read_only"),
     NotReadyError: (503, "not_ready"),
     UnavailableError: (503, "base_model_unavailable"),
     InvalidAdapterError: (400, "invalid_adapter"),

@@ -145,7 +145,8 @@ class Lifecycle:
             path, self.generator_root = world.registry, self.generator_root or world.generators
             if not world.is_built():
                 self.readiness.waiting("demo_world")
-        registry = Registry.open(path, encoder=self._encoder, device=self.settings.device)
+        registry = Registry.open(path, encoder=self._encoder, device=self.settings.device,
+                                 read_only=self.settings.registry_read_only)
         dtype = resolve_dtype(self.settings.encoder_dtype, registry.encoder.device)
         registry.encoder = registry.encoder.with_options(compute_dtype=dtype, workers=self.settings.encoder_workers)
         self.registry = registry

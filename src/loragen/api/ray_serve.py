@@ -9,9 +9,10 @@ replicas and restarts a replica whose process dies.
 Two additions, both wrappers around the unchanged app:
 - `/readyz` is 200 only while every replica of the deployment is running (and this one is ready);
   otherwise 503 with how many are, so a load balancer holds traffic back during a restart.
-- The registry is served read-only: the expert-changing routes answer 405, since each replica
-  holds its own in-memory index and a write through one would not reach the others. Add experts
-  with `loragen registry` (or a plain server), then redeploy.
+- The registry is served read-only: each replica opens it in SQLite's read-only mode
+  (`registry_read_only`), and the expert-changing routes answer 405, since a write through one
+  replica would bypass the others' micro-batchers and caches. Add experts with `loragen registry`
+  (or a plain server); replicas' searches follow the committed writes.
 
 Replicas keep no state beyond caches, so a LoRA id is known only to the replica that generated it
 (`GET /v1/loras/{id}`, completions naming a LoRA id); a request that carries its description is
@@ -122,7 +123,7 @@ class LoragenReplica:
     """The user class of the deployment; `serve.ingress()` wraps it around the app it builds."""
 
     def __init__(self, settings: ApiSettings, replicas: int) -> None:
-        self.settings, self.replicas = settings, replicas
+        self.settings, self.replicas = settings.model_copy(update={"registry_read_only": True}), replicas
         self._checked = (0.0, "not checked yet")
 
     def __serve_build_asgi_app__(self) -> ASGIApp:

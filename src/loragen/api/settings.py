@@ -22,6 +22,8 @@ class ApiSettings(Settings):
     cache_bytes: int = Field(default=256 * 2**20, ge=0, description="Bytes of generated LoRAs kept in memory.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth.")
     auth_all_routes: bool = Field(default=False, description="Require a key on every route, not only writes.")
+    registry_read_only: bool = Field(default=False, description="Open the registry read-only (SQLite mode=ro): "
+                                     "adding or removing experts answers 405; it still sees other processes' writes.")
     encoder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="Text encoder compute dtype. auto: bfloat16 where the CPU computes it "
         "natively (AVX512-BF16, AMX), else float32. bfloat16 is about twice as fast; its embeddings (and so "

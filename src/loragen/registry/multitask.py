@@ -27,7 +27,8 @@ def save_multitask(registry: Registry, lora: Lora) -> None:
         if not torch.equal(lora.A[m].to(registry.basis.A[m]), registry.basis.A[m]):
             raise LoragenError("the multi-task LoRA must be trained in the registry's basis")
     meta = {**lora.metadata, "basis_sha256": registry.basis.sha256()}
-    Lora(lora.spec, lora.A, lora.B, meta).save_pretrained(registry.path / DIRECTORY)
+    with registry.lock:
+        Lora(lora.spec, lora.A, lora.B, meta).save_pretrained(registry.path / DIRECTORY)
 
 
 def load_multitask(registry: Registry) -> Lora:

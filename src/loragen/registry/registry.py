@@ -27,7 +27,7 @@ from ..embeddings.text import TextEncoder
 from .blobs import Blobs, read_checked, sha256
 from .index import VectorIndex, normalised
 from .records import BASIS_NAME, Expert, Hit, RegistryError, best_per_expert
-from .sharing import IndexFollower, write_lock
+from .sharing import IndexFollower, ReadOnlyLock, write_lock
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,8 @@ def _now() -> str:
 class Registry:
     def __init__(self, path: Path, store: Store, spec: LoraSpec, basis: Basis, encoder: TextEncoder,
                  dim: int, index: VectorIndex) -> None:
-        self.path = path
-        self.store = store
-        self.spec = spec
-        self.basis = basis
-        self.encoder = encoder
-        self.dim = dim
-        self.index = index
+        self.path, self.store, self.spec, self.basis = path, store, spec, basis
+        self.encoder, self.dim, self.index = encoder, dim, index
         self.blobs = Blobs(path)
         self._stale_embeddings = False
         self.lock, self._follower = write_lock(path), IndexFollower(store)  # see sharing.py
@@ -88,14 +83,15 @@ class Registry:
 
     @classmethod
     def open(cls, path: str | Path, *, encoder: TextEncoder | None = None, allow_encoder_change: bool = False,
-             device: str = "cpu") -> Registry:
+             device: str = "cpu", read_only: bool = False) -> Registry:
         """Open a registry. With `allow_encoder_change`, a different encoder is accepted and
-        `reindex()` must run before anything that embeds text. `device`: where FAISS searches."""
+        `reindex()` must run before anything that embeds text. `device`: where FAISS searches.
+        `read_only`: every write raises `RegistryError`; it still sees other processes' writes."""
         path = Path(path).resolve()
         if not (path / DB_NAME).is_file():
             raise RegistryError(f"no registry at {path} (create one with `loragen registry init {path} --base MODEL`)")
         try:
-            store = Store(path / DB_NAME)
+            store = Store(path / DB_NAME, read_only=read_only)
             meta = store.meta()
             spec = LoraSpec.from_dict(json.loads(meta["spec"]))
             dim, model_id = int(meta["embedding_dim"]), meta["embedding_model"]
@@ -118,6 +114,7 @@ class Registry:
             stale = theirs is not None
         reg = cls(path, store, spec, basis, encoder, dim, VectorIndex(dim))
         reg._stale_embeddings, reg.device = stale, device
+        reg.lock = ReadOnlyLock(path) if read_only else reg.lock  # type: ignore[assignment]
         reg._load_index()
         return reg
 

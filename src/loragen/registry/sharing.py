@@ -6,6 +6,9 @@ database) from their first blob to the saved FAISS file, on top of SQLite's own 
 two writers never interleave blob writes, garbage collection and index saves, and a blob one of
 them is about to reference is never collected by the other.
 
+A registry opened read-only (`Registry.open(read_only=True)`, e.g. a Ray Serve replica) has a
+lock that refuses every write at once, and its SQLite connection is read-only too.
+
 Readers take no lock. SQLite hands each query a committed snapshot, and `PRAGMA data_version`
 tells a connection when another one has committed; the registry then brings its in-memory index
 up to date from SQLite (only the descriptions added or removed) before it searches. A search
@@ -20,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
+from ..errors import ReadOnlyError
+
 from .index import VectorIndex
 from .store import Store
 
@@ -30,6 +35,19 @@ LOCK_TIMEOUT_S = 600.0  # a writer waits this long for another before giving up
 def write_lock(path: Path) -> FileLock:
     """The registry's cross-process write lock (re-entrant within a process)."""
     return FileLock(str(path / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
+
+
+class ReadOnlyLock:
+    """The write lock of a registry opened read-only: taking it is the error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        raise ReadOnlyError(f"the registry at {self.path} is open read-only; open it for writing to change it")
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 class IndexFollower:

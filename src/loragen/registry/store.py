@@ -37,12 +37,18 @@ JSON_COLUMNS = ("targets", "metrics", "tags")
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(str(path), isolation_level=None)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only`: SQLite's own read-only mode (`mode=ro`); any write raises. The database
+        must exist, and a writer has already set its schema and WAL journal."""
+        if read_only:
+            self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        else:
+            self.conn = sqlite3.connect(str(path), isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.executescript(SCHEMA)
+        if not read_only:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.executescript(SCHEMA)
 
     def close(self) -> None:
         self.conn.close()
