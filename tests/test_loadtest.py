@@ -68,3 +68,39 @@ def test_descriptions_are_unique_and_levels_parse() -> None:
 def test_readyz_tells_the_bench_its_settings(server: str) -> None:  # noqa: F811
     body = httpx.get(f"{server}/readyz").json()
     assert body["max_batch"] == 32 and body["encoder_dtype"] == "float32" and body["encoder_workers"] == 2
+
+
+def test_a_kept_alive_connection_the_server_closed_is_reopened_once() -> None:
+    """A server that closes each connection after one answer (as uvicorn does past its keep-alive
+    timeout, say while the client waits a Retry-After): the next request goes out on a new one."""
+    import asyncio
+
+    from loragen.bench.loadtest import Connection
+
+    async def run() -> tuple[list[int], int]:
+        opened = 0
+
+        async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal opened
+            opened += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(h for h in head.decode().split("\r\n") if h.lower().startswith("content-length"))
+                         .split(":")[1])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            writer.close()  # without "connection: close": the client learns on its next request
+
+        srv = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        conn = Connection(f"http://127.0.0.1:{port}")
+        statuses = []
+        for _ in range(3):
+            statuses.append((await conn.post("/x", {"a": 1}, {}))[0])
+            await asyncio.sleep(0.05)
+        await conn.close()
+        srv.close()
+        return statuses, opened
+
+    statuses, opened = asyncio.run(run())
+    assert statuses == [200, 200, 200] and opened == 3

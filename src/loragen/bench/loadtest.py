@@ -78,9 +78,23 @@ class Connection:
         self.prefix = parts.path.rstrip("/")
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.headers: dict[str, str] = {}  # the last response's, names in lower case
+        self._answered = False  # whether the current request's status line has arrived
 
     async def post(self, path: str, body: dict[str, Any], headers: dict[str, str],
                    params: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """The response's status and body. A kept-alive connection the server has since closed (its
+        keep-alive timeout passed while this client waited, e.g. a `Retry-After`) fails before any
+        byte of an answer: the request is sent once more on a new connection, as HTTP clients do."""
+        reused = self._streams is not None
+        try:
+            return await self._post(path, body, headers, params)
+        except (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError) as exc:
+            if not reused or self._answered or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise
+            return await self._post(path, body, headers, params)
+
+    async def _post(self, path: str, body: dict[str, Any], headers: dict[str, str],
+                    params: dict[str, str] | None) -> tuple[int, bytes]:
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams
@@ -88,9 +102,11 @@ class Connection:
         target = self.prefix + path + (f"?{urlencode(params)}" if params else "")
         head = [f"POST {target} HTTP/1.1", f"host: {self.host}:{self.port}", "content-type: application/json",
                 f"content-length: {len(data)}", *(f"{k}: {v}" for k, v in headers.items())]
+        self._answered = False
         try:
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
             status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            self._answered = True
             fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
             self.headers = fields
             if fields.get("transfer-encoding", "").lower() == "chunked":
