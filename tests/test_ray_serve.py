@@ -19,7 +19,7 @@ pytest.importorskip("ray")
 from conftest import uvicorn_server  # noqa: E402
 
 from loragen.api import ApiSettings, create_app  # noqa: E402
-from loragen.api.ray_serve import RayServeOptions, deploy  # noqa: E402
+from loragen.api.ray_serve import RayServeOptions, deploy, patient_proxy_env  # noqa: E402
 from loragen.registry import Registry  # noqa: E402
 
 SEEDED = {"description": "translate english into french", "method": "sg", "seed": 3}
@@ -51,6 +51,7 @@ def on_ray(world):
     import ray
     from ray import serve
 
+    patient_proxy_env()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         url = deploy(_settings(world, _free_port()), RayServeOptions(replicas=2))

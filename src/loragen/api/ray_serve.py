@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -43,6 +44,17 @@ log = logging.getLogger(__name__)
 APP_NAME = "loragen"
 DEPLOYMENT = "LoragenReplica"
 WRITE_ROUTES = ("/v1/experts",)
+
+
+# Ray Serve fails a proxy that is not ready within 5 s and restarts it; on a busy machine its start
+# (imports, the HTTP server) takes longer, and the restarts never end. Set before Ray starts, so the
+# local cluster's controller reads them; a variable already set wins.
+PATIENT_PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def patient_proxy_env() -> None:
+    for name, value in PATIENT_PROXY_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def import_ray() -> Any:
@@ -159,6 +171,7 @@ def deploy(settings: ApiSettings, options: RayServeOptions) -> str:
     from ray import serve
 
     if not ray.is_initialized():
+        patient_proxy_env()
         ray.init(address=options.address, logging_level=logging.WARNING)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings, options), name=APP_NAME, route_prefix="/")
