@@ -44,7 +44,9 @@ def oa(url: str) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def base(world: Path) -> BaseModel:
     """The library's own model, to hold the service's texts to."""
-    return BaseModel.load(world / "base")
+    from loragen.registry import Registry
+
+    return BaseModel.load(Registry.open(world / "registry").spec.base_model)  # the path the server names it by
 
 
 @pytest.fixture(scope="module")
