@@ -284,11 +284,11 @@ def test_a_batch_runs_in_steps_and_a_client_leaving_stops_the_rest(world: Path, 
     inside, release, steps = threading.Event(), threading.Event(), []
     generate = service._generate
 
-    def observed(jobs):  # type: ignore[no-untyped-def]
+    def observed(jobs, wanted=None):  # type: ignore[no-untyped-def]
         steps.append([j.description for j in jobs])
         inside.set()
         release.wait(30)  # the first step is still running when the client leaves
-        return generate(jobs)
+        return generate(jobs, wanted)
 
     with uvicorn_server(app) as url:
         calls = metric(url, "loragen_generation_batch_size_count")

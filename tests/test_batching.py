@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-from loragen.api.batching import MicroBatcher
+from loragen.api.batching import MicroBatcher, Wanted, run_wanted
 
 
 def _batcher(calls: list[list[int]], **kwargs: float) -> MicroBatcher[int, int]:
-    async def run(jobs: list[int]) -> list[int]:
+    async def run(jobs: list[int], wanted: object) -> list[int]:
         calls.append(list(jobs))
         return [j * 10 for j in jobs]
 
@@ -81,7 +84,7 @@ def test_a_costly_group_runs_in_calls_of_at_most_max_cost() -> None:
     async def main() -> list[list[int]]:
         calls: list[list[int]] = []
 
-        async def run(jobs: list[int]) -> list[int]:
+        async def run(jobs: list[int], wanted: object) -> list[int]:
             calls.append(list(jobs))
             return [j * 10 for j in jobs]
 
@@ -101,7 +104,7 @@ def test_a_call_whose_clients_all_left_is_cancelled_before_it_runs() -> None:
         ran: list[int] = []
         gate = asyncio.Event()
 
-        async def run(jobs: list[int]) -> list[int]:
+        async def run(jobs: list[int], wanted: object) -> list[int]:
             calls.append(list(jobs))
             await gate.wait()  # the engine is busy
             ran.extend(jobs)
@@ -120,3 +123,47 @@ def test_a_call_whose_clients_all_left_is_cancelled_before_it_runs() -> None:
 
     calls, ran = asyncio.run(main())
     assert calls == [[1], [2]] and ran == [2]
+
+
+def test_an_engine_that_starts_a_call_after_its_client_left_skips_that_row() -> None:
+    """The client's cancellation is visible to the engine thread at once, before the batcher's own
+    cancellation of the call has reached the executor (a loop turn later)."""
+    gate, ran = threading.Event(), []
+
+    def engine(jobs: list[int], wanted: Wanted) -> list[int | None]:
+        gate.wait(10)  # busy with another call until the client has left
+        return run_wanted(jobs, wanted, lambda live: ran.extend(live) or live)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            loop = asyncio.get_running_loop()
+
+            async def run(jobs: list[int], wanted: Wanted) -> list[int | None]:
+                return await loop.run_in_executor(pool, engine, jobs, wanted)
+
+            batcher = MicroBatcher(run, lambda j: 0, max_batch=4, max_wait_s=0.05)
+            batcher.start()
+            left = asyncio.ensure_future(batcher.submit(1))
+            stays = asyncio.ensure_future(batcher.submit(2))
+            await asyncio.sleep(0.2)  # both are in one call, queued on the engine
+            left.cancel()
+            gate.set()  # the engine starts the call before this loop turns again
+            time.sleep(0.2)
+            assert await stays == 2
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert ran == [2]
+
+
+def test_run_wanted_keeps_the_rows_order_and_skips_an_empty_call() -> None:
+    calls: list[list[str]] = []
+
+    def upper(rows: list[str]) -> list[str]:
+        calls.append(rows)
+        return [r.upper() for r in rows]
+
+    assert run_wanted(["a", "b", "c"], lambda: [True, False, True], upper) == ["A", None, "C"]
+    assert run_wanted(["a"], lambda: [False], upper) == [None]
+    assert run_wanted(["a", "b"], None, upper) == ["A", "B"]
+    assert calls == [["a", "c"], ["a", "b"]]

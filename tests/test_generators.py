@@ -558,6 +558,46 @@ def test_trained_generators_keep_their_tuned_encoder_and_its_head(trained, regis
     assert shared.encoder is gen.encoder and shared.config.description_encoder == gen.config.description_encoder
 
 
+def test_a_loaded_generator_reads_the_registry_from_its_saved_description_vectors(trained, registry, tmp_path):
+    """Loading does not run the tuned encoder over the registry again: the checkpoint's vectors are
+    training's, bit for bit; a description the checkpoint has not seen is encoded, alone; a
+    checkpoint whose vectors are missing or unreadable still loads and encodes them."""
+    from loragen.generator import persistence
+
+    gen, out = trained
+    assert (out / persistence.VECTORS_NAME).is_file()
+    calls: list[list[str]] = []
+
+    def counted(loaded: LearnedGenerator) -> LearnedGenerator:
+        encode = loaded.encoder.encode
+        loaded.encoder.encode = lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw)
+        return loaded
+
+    loaded = counted(LearnedGenerator.from_pretrained(out, registry))
+    assert torch.equal(loaded.space.described[0], gen.space.described[0]) and calls == []
+    probe = ["put the characters in order"]
+    assert _same(loaded.generate(probe, seed=1)[0], gen.generate(probe, seed=1)[0])
+
+    calls.clear()
+    saved = persistence.load(out, registry)
+    texts, vecs = saved.known_vectors
+    partial = counted(LearnedGenerator(registry, saved.model, saved.safety, saved.config, head=saved.head,
+                                       encoder=saved.encoder, known_vectors=(texts[1:], vecs[1:])))
+    torch.testing.assert_close(partial.space.described[0], gen.space.described[0], atol=1e-6, rtol=0)
+    assert calls == [[texts[0]]]
+
+    for damage in ("missing", "garbled"):
+        copy = shutil.copytree(out, tmp_path / damage)
+        if damage == "missing":
+            (copy / persistence.VECTORS_NAME).unlink()
+        else:
+            (copy / persistence.VECTORS_NAME).write_bytes(b"not safetensors")
+        calls.clear()
+        again = counted(LearnedGenerator.from_pretrained(copy, registry))
+        torch.testing.assert_close(again.space.described[0], gen.space.described[0], atol=1e-6, rtol=0)
+        assert calls == [texts]
+
+
 def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):
     import numpy as np
 

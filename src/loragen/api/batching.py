@@ -7,6 +7,11 @@ them by what one generator call can share (method, k, seed, samples) and runs ea
 waiting. A group whose requests cost more together than `max_cost` (e.g. the characters of their
 examples) runs as several calls of at most that cost, so that one call holds the engine no longer
 than one costly request would; before each call, requests whose client went away are dropped.
+
+`run(jobs, wanted)` gets the jobs of one call and `wanted()`, which says at any moment, from any
+thread, which of them still have a client waiting: an engine thread that starts the call after a
+client has gone (its deadline passed while the call was queued) skips that row, since the
+batcher's own cancellation of the call reaches the engine only a turn of the event loop later.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Generic, TypeVar
 RECENT_BATCHES = 8
 J = TypeVar("J")
 R = TypeVar("R")
+Wanted = Callable[[], list[bool]]
 
 
 class MicroBatcher(Generic[J, R]):
-    def __init__(self, run: Callable[[list[J]], Awaitable[list[R]]], key: Callable[[J], Hashable], *,
+    def __init__(self, run: Callable[[list[J], Wanted], Awaitable[list[R | None]]], key: Callable[[J], Hashable], *,
                  max_batch: int, max_wait_s: float, cost: Callable[[J], int] = lambda job: 0,
                  max_cost: int = 0) -> None:
         self.run, self.key, self.cost, self.max_cost = run, key, cost, max_cost
@@ -99,7 +105,12 @@ class MicroBatcher(Generic[J, R]):
         live = [(j, f) for j, f in items if not f.done()]  # a client that went away cancels its future
         if not live:
             return
-        run = asyncio.ensure_future(self.run([j for j, _ in live]))
+        futures = [f for _, f in live]
+
+        def wanted() -> list[bool]:  # a cancelled future is done at once, whichever thread asks
+            return [not f.done() for f in futures]
+
+        run = asyncio.ensure_future(self.run([j for j, _ in live], wanted))
         try:
             while not run.done():
                 waiting = [f for _, f in live if not f.done()]
@@ -120,4 +131,18 @@ class MicroBatcher(Generic[J, R]):
             return
         for (_, f), r in zip(live, results):
             if not f.done():
-                f.set_result(r)
+                if r is None:  # the run dropped a row whose client was still there: a bug in `run`
+                    f.set_exception(RuntimeError("the batch call returned no result for this request"))
+                else:
+                    f.set_result(r)
+
+
+def run_wanted(jobs: list[J], wanted: Wanted | None, run: Callable[[list[J]], list[R]]) -> list[R | None]:
+    """`run` over the rows of `jobs` that `wanted` still wants (all without it), results in the
+    rows' order and None for each dropped row; `run` is not called when none is left."""
+    keep = wanted() if wanted is not None else [True] * len(jobs)
+    live = [j for j, k in zip(jobs, keep) if k]
+    if not live:
+        return [None] * len(jobs)
+    done = iter(run(live))
+    return [next(done) if k else None for k in keep]

@@ -20,7 +20,7 @@ from typing import Any
 from ..adapters import Lora
 from ..basemodel import BaseModel, BaseModelError, Completed, Prompt
 from ..errors import UnavailableError
-from .batching import MicroBatcher
+from .batching import MicroBatcher, Wanted, run_wanted
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .settings import ApiSettings
@@ -123,22 +123,26 @@ class CompletionEngine:
                 row.stream.cancelled = True
                 task.cancel()
 
-    async def _run(self, jobs: list[Completion]) -> list[Completed]:
+    async def _run(self, jobs: list[Completion], wanted: Wanted) -> list[Completed | None]:
         try:
-            texts = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._complete, jobs)
+            texts = await asyncio.get_running_loop().run_in_executor(self.model_pool, self._complete, jobs, wanted)
         except Exception as exc:
             for j in jobs:
                 if j.stream is not None:
                     j.stream.fail(exc)
             raise
         for j, done in zip(jobs, texts):
-            if j.stream is not None:
+            if j.stream is not None and done is not None:
                 j.stream.finish(done)
-        self.metrics.completion_batch(len(jobs))
+        if ran := sum(t is not None for t in texts):
+            self.metrics.completion_batch(ran)
         return texts
 
-    def _complete(self, jobs: list[Completion]) -> list[Completed]:
-        """One batched forward for `jobs` (one group: same max_tokens, greedy or one sampled job)."""
+    def _complete(self, jobs: list[Completion], wanted: Wanted) -> list[Completed | None]:
+        """Runs on the model thread; rows whose client has gone by then are skipped (None)."""
+        return run_wanted(jobs, wanted, self._complete_live)
+
+    def _complete_live(self, jobs: list[Completion]) -> list[Completed]:
         first, base = jobs[0], self.base_model()
         loras = [j.lora for j in jobs] if any(j.lora is not None for j in jobs) else None
         streams = [j.stream for j in jobs]

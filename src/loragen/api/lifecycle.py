@@ -112,7 +112,19 @@ class Lifecycle:
                             retry_after=BUILD_RETRY_AFTER_S)
 
     async def in_engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.engine, partial(fn, *args, **kwargs))
+        """`fn(*args, **kwargs)` on the engine thread. A call still queued when its caller is
+        cancelled never runs: the engine checks the caller's future as it starts the call, because
+        asyncio passes the cancellation on to the executor's queue only a loop turn later."""
+        waiting: list[asyncio.Future[T]] = []
+
+        def call() -> T:
+            if waiting and waiting[0].cancelled():
+                raise asyncio.CancelledError
+            return fn(*args, **kwargs)
+
+        future = asyncio.get_running_loop().run_in_executor(self.engine, call)
+        waiting.append(future)
+        return await future
 
     async def _warm(self, steps: list[WarmStep]) -> None:
         loop = asyncio.get_running_loop()

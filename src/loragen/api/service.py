@@ -20,7 +20,7 @@ from ..embeddings import TextEncoder
 from ..errors import NotFoundError, UnknownMethodError
 from ..generator import LEARNED_METHODS, METHODS, check_descriptions
 from ..registry import Hit, Registry
-from .batching import MicroBatcher
+from .batching import MicroBatcher, Wanted, run_wanted
 from .cache import ByteLRU, tensor_bytes
 from .completions import CompletionEngine
 from .lifecycle import Lifecycle, WarmStep
@@ -68,6 +68,8 @@ class Stored:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+Generated = tuple[list[Stored], float]  # one request's LoRAs and the generator call's seconds
+
 class Service:
     def __init__(self, settings: ApiSettings, encoder: TextEncoder | None = None) -> None:
         self.settings = settings
@@ -77,7 +79,7 @@ class Service:
         self.life = Lifecycle(settings, encoder)
         self.completions = CompletionEngine(settings, self.life, self.metrics)
         self.pool = GeneratorPool(settings, self.life, self.completions.base_model)
-        self.batcher: MicroBatcher[Job, tuple[list[Stored], float]] = MicroBatcher(
+        self.batcher: MicroBatcher[Job, Generated] = MicroBatcher(
             self._run_group, lambda j: j.group, max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000, cost=Job.cost, max_cost=settings.max_example_chars)
         self.engine = self.life.engine
@@ -145,21 +147,26 @@ class Service:
         stored, seconds = await self.batcher.submit(job)
         return stored, False, seconds
 
-    async def generate_many(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
+    async def generate_many(self, jobs: list[Job]) -> list[Generated]:
         """`jobs` (which share one group), bypassing the batcher, in generator calls of at most
         max_batch: one call holds the engine no longer than a micro-batch, and a request cancelled
         between calls (client gone, deadline past) runs no more of them."""
-        out: list[tuple[list[Stored], float]] = []
+        out: list[Generated] = []
         for start in range(0, len(jobs), self.settings.max_batch):
-            out += await self._run_group(jobs[start:start + self.settings.max_batch])
+            out += [r for r in await self._run_group(jobs[start:start + self.settings.max_batch]) if r is not None]
         return out
 
-    async def _run_group(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
-        results = await self.in_engine(self._generate, jobs)
-        self.metrics.generation_batch(len(jobs))
+    async def _run_group(self, jobs: list[Job], wanted: Wanted | None = None) -> list[Generated | None]:
+        results = await self.in_engine(self._generate, jobs, wanted)
+        if ran := sum(r is not None for r in results):
+            self.metrics.generation_batch(ran)
         return results
 
-    def _generate(self, jobs: list[Job]) -> list[tuple[list[Stored], float]]:
+    def _generate(self, jobs: list[Job], wanted: Wanted | None = None) -> list[Generated | None]:
+        """Runs on the engine thread. Rows that `wanted` says lost their client are skipped (None)."""
+        return run_wanted(jobs, wanted, self._generate_live)
+
+    def _generate_live(self, jobs: list[Job]) -> list[Generated]:
         first = jobs[0]
         gen = self.pool.get(first.method, first.k)
         examples = None

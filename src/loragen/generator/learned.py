@@ -34,7 +34,7 @@ from .example_evidence import (EXAMPLE_CANDIDATES, Evidence, applies, candidates
 from .inline_examples import with_inline_examples
 from .retrieval import Neighbour, ambiguous, check_descriptions
 from .safety import Safety
-from .space import DescriptionSpace
+from .space import DescriptionSpace, KnownVectors
 from .task_vector import Example, TaskVectors, check_examples
 from .tokens import RegistryTokens, Stats
 
@@ -65,7 +65,8 @@ def mix(weights: torch.Tensor, mean: list[torch.Tensor], second: list[torch.Tens
 class LearnedGenerator:
     """`generate(descriptions)` from a trained CVAE. `space` passes a description space already
     built (training's, with the registry's descriptions encoded); otherwise one is made from
-    `head` and `encoder`. The registry's checkpoints are read on first use only."""
+    `head`, `encoder` and the `known_vectors` a checkpoint kept. The registry's checkpoints are read
+    on first use only."""
 
     inline_examples: bool = True  # rows without examples read the pairs their description writes out
     compile_decoder: bool = False  # decode under torch.compile / CUDA graphs (`compiled_decode.py`)
@@ -73,7 +74,7 @@ class LearnedGenerator:
     def __init__(self, registry: Registry, model: LoraCVAE, safety: Safety, config: CheckpointConfig, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  head: DescriptionHead | None = None, encoder: DescriptionEncoder | None = None,
-                 space: DescriptionSpace | None = None) -> None:
+                 space: DescriptionSpace | None = None, known_vectors: KnownVectors | None = None) -> None:
         self.registry, self.safety, self.config = registry, safety, config
         self.method = model.config.method
         self.device = torch.device(device)
@@ -85,7 +86,8 @@ class LearnedGenerator:
         if space is None:
             tokens = RegistryTokens(registry, model.layout, set(config.generator.holdout))
             space = DescriptionSpace(registry, tokens, top_k=model.config.top_k,
-                                     temperature=model.config.temperature, head=head, encoder=encoder)
+                                     temperature=model.config.temperature, head=head, encoder=encoder,
+                                     known=known_vectors)
         self.space = space
         self.tokens = space.tokens
 
@@ -295,8 +297,8 @@ class LearnedGenerator:
     # ------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the generator to `directory` (`persistence.py`)."""
-        return persistence.save(persistence.Checkpoint(self.config, self.model, self.safety, self.head, self.encoder),
-                                directory)
+        return persistence.save(persistence.Checkpoint(self.config, self.model, self.safety, self.head, self.encoder,
+                                                       self.space.known_vectors()), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, registry: Registry, *, device: str | torch.device = "cpu",
@@ -304,4 +306,4 @@ class LearnedGenerator:
         """A generator saved by `save_pretrained`, in either config layout, for `registry`."""
         saved = persistence.load(directory, registry)
         return cls(registry, saved.model, saved.safety, saved.config, device=device, dtype=dtype,
-                   head=saved.head, encoder=saved.encoder)
+                   head=saved.head, encoder=saved.encoder, known_vectors=saved.known_vectors)

@@ -3,6 +3,9 @@
 `config.json` is a `CheckpointConfig` (either of its layouts). `model.safetensors` holds the CVAE's
 weights and buffers (float32), the safety ranges (`safety.`), and the description head
 (`description_head.`) and tuned encoder layers (`description_encoder.`) when there are any.
+With a tuned encoder, `description_vectors.safetensors` keeps the registry's descriptions as that
+encoder read them (unit rows, texts in its metadata), so that a load does not encode them again;
+a checkpoint without it still loads, and encodes them.
 A directory being trained also holds the resumable training state, which saving keeps.
 """
 
@@ -13,7 +16,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..adapters import atomic
@@ -26,10 +31,12 @@ from .description_encoder import DescriptionEncoder
 from .description_head import DescriptionHead
 from .errors import GenerationError
 from .safety import Safety
+from .space import KnownVectors
 
 STATE_NAME = "training_state.pt"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+VECTORS_NAME = "description_vectors.safetensors"
 EXTRA_PREFIXES = ("safety.", "description_head.", ENCODER_PREFIX)
 
 
@@ -42,6 +49,7 @@ class Checkpoint:
     safety: Safety
     head: DescriptionHead | None = None
     encoder: DescriptionEncoder | None = None
+    known_vectors: KnownVectors | None = None  # texts the tuned encoder read, and its unit rows
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.model.state_dict().items()}
@@ -58,6 +66,10 @@ def save(checkpoint: Checkpoint, directory: str | Path) -> Path:
     with atomic.directory(directory) as tmp:
         save_file(checkpoint.state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(checkpoint.config.to_json(), indent=2) + "\n")
+        if checkpoint.known_vectors is not None:
+            texts, vecs = checkpoint.known_vectors
+            save_file({"vectors": torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32))},
+                      str(tmp / VECTORS_NAME), metadata={"texts": json.dumps(texts)})
         if (directory / STATE_NAME).is_file():
             shutil.copy2(directory / STATE_NAME, tmp / STATE_NAME)
     return directory
@@ -83,9 +95,24 @@ def load(directory: str | Path, registry: Registry) -> Checkpoint:
         model.load_state_dict(model_state)
     except RuntimeError as exc:
         raise GenerationError(f"{directory}: weights do not fit the registry's spec: {exc}") from exc
+    encoder = DescriptionEncoder.from_state_dict(registry.encoder, tensors, config.description_encoder)
     return Checkpoint(config, model, Safety.from_state_dict(tensors, config.ood_threshold),
-                      DescriptionHead.from_state_dict(tensors, config.description_head),
-                      DescriptionEncoder.from_state_dict(registry.encoder, tensors, config.description_encoder))
+                      DescriptionHead.from_state_dict(tensors, config.description_head), encoder,
+                      _known_vectors(directory) if encoder is not None else None)
+
+
+def _known_vectors(directory: Path) -> KnownVectors | None:
+    """The saved description vectors, or None when there are none that can be read (they are a
+    cache: the descriptions are then encoded)."""
+    try:
+        with safe_open(str(directory / VECTORS_NAME), "np") as f:
+            texts = json.loads((f.metadata() or {})["texts"])
+            vecs = f.get_tensor("vectors")
+    except (OSError, ValueError, KeyError, SafetensorError):
+        return None
+    if not isinstance(texts, list) or vecs.ndim != 2 or len(texts) != len(vecs):
+        return None
+    return texts, vecs
 
 
 def read_method(directory: str | Path) -> str | None:

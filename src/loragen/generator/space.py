@@ -23,18 +23,23 @@ from .tokens import RegistryTokens
 Described = tuple[torch.Tensor, torch.Tensor, list[str]]
 # Registry descriptions already encoded: texts, unit rows (by the tuned encoder, if any), owners (expert ids).
 Encoded = tuple[list[str], np.ndarray, np.ndarray]
+# Texts and their unit rows by the tuned encoder, before the head.
+KnownVectors = tuple[list[str], np.ndarray]
 
 
 class DescriptionSpace:
     """Encoder, head and search of one generator. `encoded` passes the registry's descriptions
-    already encoded (as training has them), so that they are not encoded again."""
+    already encoded (as training has them), so that they are not encoded again; `known` passes
+    texts the tuned encoder has read before with their unit rows (as a checkpoint saves them), so
+    that only the registry's newer descriptions are encoded."""
 
     def __init__(self, registry: Registry, tokens: RegistryTokens, *, top_k: int, temperature: float,
                  head: DescriptionHead | None = None, encoder: DescriptionEncoder | None = None,
-                 encoded: Encoded | None = None) -> None:
+                 encoded: Encoded | None = None, known: KnownVectors | None = None) -> None:
         self.registry, self.tokens, self.head, self.encoder = registry, tokens, head, encoder
         self.top_k, self.temperature = top_k, temperature
         self._encoded = encoded
+        self._known = known
 
     def embed(self, descriptions: list[str]) -> np.ndarray:
         """Descriptions as the generator reads them: unit rows in its description space (the tuned
@@ -52,15 +57,35 @@ class DescriptionSpace:
         return {eid: i for i, eid in enumerate(self.tokens.ids)}
 
     @cached_property
+    def encoded(self) -> Encoded:
+        """The registry's descriptions of the generator's experts: texts, unit rows by the tuned
+        encoder (the registry's own when there is none), owners."""
+        if self._encoded is not None:
+            return self._encoded
+        texts, vecs, owners = self.tokens.descriptions()
+        if self.encoder is None or not texts:
+            return texts, vecs, owners
+        if self._known is None:
+            return texts, normalised(self.encoder.encode(texts)), owners
+        known = dict(zip(*self._known))
+        new = list(dict.fromkeys(t for t in texts if t not in known))
+        if new:
+            known.update(zip(new, normalised(self.encoder.encode(new))))
+        return texts, np.stack([known[t] for t in texts]), owners
+
+    def known_vectors(self) -> KnownVectors | None:
+        """What a checkpoint keeps so that loading it need not encode the registry again: the
+        tuned encoder's unit rows of the registry's descriptions (None without a tuned encoder)."""
+        if self.encoder is None:
+            return None
+        texts, vecs, _ = self.encoded
+        return texts, vecs
+
+    @cached_property
     def described(self) -> Described:
         """The registry's descriptions of the generator's experts in its space, each one's expert
         column, and their texts."""
-        if self._encoded is not None:
-            texts, vecs, owners = self._encoded
-        else:
-            texts, vecs, owners = self.tokens.descriptions()
-            if self.encoder is not None:
-                vecs = normalised(self.encoder.encode(texts))
+        texts, vecs, owners = self.encoded
         return torch.from_numpy(self.describe(vecs)), torch.tensor([self.column[o] for o in owners.tolist()]), texts
 
     def best_per_expert(self, sims: torch.Tensor) -> torch.Tensor:
