@@ -244,6 +244,7 @@ def test_train_cli_never_replaces_a_generator_by_accident(tmp_path):
     empty.mkdir(), trained.mkdir(), other.mkdir()
     (trained / "config.json").write_text('{"method": "icm"}')
     (trained / "model.safetensors").write_bytes(b"")
+    (trained / "description_vectors.safetensors").write_bytes(b"")  # a tuned encoder's, saved beside it
     (other / "registry.sqlite").write_bytes(b"")
     for out in (fresh, empty):
         _check_generator_out(out, "icm", resume=False, overwrite=False)

@@ -140,7 +140,7 @@ def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: boo
     """OUT must be new, empty, or a generator checkpoint of `method` that --resume or --overwrite names:
     a trained generator is never replaced by accident, nor files of something else mixed into it."""
     from ..generator import GenerationError
-    from ..generator.persistence import STATE_NAME, read_method
+    from ..generator.persistence import CONFIG_NAME, STATE_NAME, VECTORS_NAME, WEIGHTS_NAME, read_method
     from ..training.generator_task import TASK_STATE_NAME
 
     if not out.exists():
@@ -150,9 +150,9 @@ def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: boo
     held = {p.name for p in out.iterdir()}
     if not held:
         return
-    if not held <= {"config.json", "model.safetensors", STATE_NAME, TASK_STATE_NAME}:
+    if not held <= {CONFIG_NAME, WEIGHTS_NAME, VECTORS_NAME, STATE_NAME, TASK_STATE_NAME}:
         raise GenerationError(f"--out {out} holds files that are not a generator's; give a new or empty directory")
-    saved = read_method(out) if "config.json" in held else None
+    saved = read_method(out) if CONFIG_NAME in held else None
     if saved is not None and saved != method:
         raise GenerationError(f"--out {out} holds a generator of method {saved!r}, not {method!r}; give another directory")
     if not (resume or overwrite):
