@@ -65,7 +65,7 @@ class DescriptionSpace:
         texts, vecs, owners = self.tokens.descriptions()
         if self.encoder is None or not texts:
             return texts, vecs, owners
-        if self._known is None:
+        if self._known is None:  # one call over all texts, as training encodes them: the same rows, bit for bit
             return texts, normalised(self.encoder.encode(texts)), owners
         known = dict(zip(*self._known))
         new = list(dict.fromkeys(t for t in texts if t not in known))
