@@ -104,18 +104,25 @@ class BaseModel:
 
     def encode_pairs(self, inputs: list[str], outputs: list[str]) -> dict[str, torch.Tensor]:
         """Right-padded prompt+output+eos ids, with labels = -100 outside the output tokens."""
+        return self.pad_pairs(self.pair_ids(inputs, outputs))
+
+    def pair_ids(self, inputs: list[str], outputs: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Per pair: the prompt+output+eos ids, and their labels (-100 on the prompt)."""
         tok = self.tokenizer
-        rows, labels = [], []
+        pairs = []
         for x, y in zip(inputs, outputs):
             p = tok(self.prompt(x), add_special_tokens=False)["input_ids"]
             o = tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            rows.append(p + o)
-            labels.append([-100] * len(p) + o)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, l) in enumerate(zip(rows, labels)):
+            pairs.append((p + o, [-100] * len(p) + o))
+        return pairs
+
+    def pad_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """`pair_ids`' rows, right-padded to the longest: input_ids, attention_mask and labels."""
+        width = max(len(ids) for ids, _ in pairs)
+        ids = torch.full((len(pairs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(pairs), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for i, (r, l) in enumerate(pairs):
             ids[i, : len(r)] = torch.tensor(r)
             lab[i, : len(l)] = torch.tensor(l)
             mask[i, : len(r)] = 1

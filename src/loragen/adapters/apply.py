@@ -56,11 +56,20 @@ class Rows:
         self.index: torch.Tensor | None = None
         self.blocks: torch.Tensor | None = None
 
-    def set(self, index: torch.Tensor | Sequence[int]) -> None:
+    def set(self, index: torch.Tensor | Sequence[int], block: int | None = None) -> None:
+        """`block`: the rows come in consecutive blocks of this size, one LoRA each (adjacent blocks
+        may share a LoRA); without it, blocks are runs of one LoRA, used when all are equal."""
         self.index = torch.as_tensor(index, dtype=torch.long)
         self.blocks = None
+        if len(self.index) == 0 or bool((self.index < 0).any()):
+            return
+        if block and len(self.index) % block == 0:
+            per_block = self.index.view(-1, block)
+            if bool((per_block == per_block[:, :1]).all()):
+                self.blocks = per_block[:, 0].clone()
+            return
         groups, counts = torch.unique_consecutive(self.index, return_counts=True)
-        if bool((groups >= 0).all()) and bool((counts == counts[0]).all()):
+        if bool((counts == counts[0]).all()):
             self.blocks = groups
 
 

@@ -32,6 +32,9 @@ class ExpertConfig:
     train_fraction: float = 0.7
     # Extra row blocks per step for tasks that learn slower, by task name (e.g. {"reverse": 1}).
     oversample: dict[str, int] = field(default_factory=dict)
+    # Causal experts: forward passes per step, each over rows of similar length (less padding);
+    # the step's loss is the same mean over all its output tokens.
+    length_passes: int = 1
 
 
 @dataclass

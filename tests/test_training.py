@@ -1,0 +1,86 @@
+"""Expert training's causal loss: running a step in passes of similar length changes its cost, not its math."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loragen.adapters import Basis, LoraStack, Rows, applied, spec_from_config
+from loragen.basemodel import BaseModel
+from loragen.demo.world import build_tokenizer
+from loragen.training import causal
+from loragen.training.causal import _passes, output_loss
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id)
+    return BaseModel(LlamaForCausalLM(cfg).eval(), tok, "tiny")
+
+
+def _step(base, passes, block, task_rows, inputs, outputs):
+    spec = spec_from_config(base.model.config.to_dict(), targets=["q_proj", "v_proj", "down_proj"], rank=4)
+    basis = Basis.seeded(spec)
+    gen = torch.Generator().manual_seed(1)
+    B = {m.name: torch.nn.Parameter(0.1 * torch.randn(3, spec.num_layers, m.out_features, spec.rank, generator=gen))
+         for m in spec.modules}
+    blocked = []
+    set_rows = Rows.set
+
+    def spy(self, index, block=None):
+        set_rows(self, index, block)
+        blocked.append(self.blocks is not None)
+
+    with applied(base.model, LoraStack(spec, dict(basis.A), B)) as rows:
+        rows.set = spy.__get__(rows)
+        loss = output_loss(base, inputs, outputs, passes=passes, rows=rows, task_rows=task_rows, block=block)
+        loss.backward()
+    return loss, {m: p.grad for m, p in B.items()}, blocked
+
+
+def test_a_step_in_length_passes_has_the_one_pass_loss_and_gradient(base, monkeypatch):
+    monkeypatch.setattr(causal, "MIN_ROWS_PER_PASS", 1)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 12))) for _ in range(24)]
+    task_rows = [t for t in range(3) for _ in range(8)]  # three blocks of eight rows, one LoRA each
+    outputs = [w[::-1] if t == 0 else w + w if t == 1 else w[:1] for w, t in zip(words, task_rows)]
+    one_loss, one_grad, one_blocked = _step(base, 1, 8, task_rows, words, outputs)
+    four_loss, four_grad, four_blocked = _step(base, 4, 8, task_rows, words, outputs)
+    assert one_blocked == [True] and four_blocked == [True] * 4  # every pass keeps the bmm path
+    torch.testing.assert_close(four_loss, one_loss, atol=1e-5, rtol=1e-5)
+    for m in one_grad:
+        torch.testing.assert_close(four_grad[m], one_grad[m], atol=1e-6, rtol=1e-4)
+        assert one_grad[m].abs().sum() > 0
+
+
+def test_without_loras_the_loss_is_transformers_mean_over_output_tokens(base, monkeypatch):
+    monkeypatch.setattr(causal, "MIN_ROWS_PER_PASS", 1)
+    words = ["abc", "defghijk", "lm", "nopqrstuvw", "xy", "zzzz"]
+    outputs = [w[::-1] * (i % 3 + 1) for i, w in enumerate(words)]
+    with torch.no_grad():
+        reference = base.model(**base.encode_pairs(words, outputs)).loss
+        for passes in (1, 3):
+            torch.testing.assert_close(output_loss(base, words, outputs, passes=passes), reference)
+
+
+def test_passes_cover_every_row_once_in_equal_one_lora_blocks_of_rising_length():
+    rng = random.Random(2)
+    lengths = [rng.randint(4, 30) for _ in range(48)]
+    passes = _passes(lengths, 16, 4)
+    assert sorted(i for part, _ in passes for i in part) == list(range(48))
+    assert all(size == 4 for _, size in passes)
+    for part, size in passes:
+        assert all(len({i // 16 for i in part[k:k + size]}) == 1 for k in range(0, len(part), size))
+    longest = [max(lengths[i] for i in part) for part, _ in passes]
+    assert longest == sorted(longest)
+    padded = sum(len(part) * top for (part, _), top in zip(passes, longest))
+    assert padded < len(lengths) * max(lengths)
+    # rows in no equal blocks: single rows, sorted by length
+    assert _passes([3, 1, 2, 5, 4], 1, 2) == [([1, 2], 1), ([0, 4, 3], 1)]
