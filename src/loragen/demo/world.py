@@ -39,7 +39,7 @@ from ..training.objective import TaskModel
 from ..training.tasks import Task, read_tasks, write_tasks
 from .tasks import demo_tasks, random_word
 
-DEMO_VERSION = 17  # raised whenever the built world changes, so a cached world of another version is rebuilt
+DEMO_VERSION = 18  # raised whenever the built world changes, so a cached world of another version is rebuilt
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -76,7 +76,7 @@ class DemoConfig:
         if self.experts is None:
             self.experts = ExpertConfig(
                 steps=300, lr=1e-2, rows_per_task=16, checkpoints=5, checkpoint_every=10, train_fraction=0.9,
-                oversample={"reverse": 1, "swap_pairs": 1, "sort": 1},
+                oversample={"reverse": 1, "swap_pairs": 1, "sort": 1}, length_passes=4,
             )
 
 
