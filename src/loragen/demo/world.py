@@ -258,7 +258,7 @@ def finish_demo(world: DemoWorld, *, config: DemoConfig | None = None,
                 gen = train_generator(registry, method, out_dir=generators / method, seed=config.seed,
                                       examples=demo_examples(tasks, config) if method == "icm" else None,
                                       task_vectors=TaskVectors(spec, loaded=base), description_encoder=tuned,
-                                      description_head=head, **GENERATOR_OPTIONS[method])
+                                      description_head=head, progress=True, **GENERATOR_OPTIONS[method])
                 tuned, head = gen.encoder or False, gen.head or False
     finally:
         registry.close()
@@ -290,5 +290,6 @@ def ensure_holdout_generators(world: DemoWorld, seed: int = 0) -> None:
     for method in missing:
         gen = train_generator(registry, method, out_dir=world.generators / f"{method}-holdout",
                               holdout=HELD_OUT, seed=seed, examples=examples if method == "icm" else None,
-                              description_encoder=encoder, description_head=head, **GENERATOR_OPTIONS[method])
+                              description_encoder=encoder, description_head=head, progress=True,
+                              **GENERATOR_OPTIONS[method])
         encoder, head = gen.encoder or False, gen.head or False

@@ -65,11 +65,7 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
     mask = features["attention_mask"]
     lengths = mask.sum(1)
     additive = ((1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min)
-    with torch.no_grad():
-        bert.eval()
-        hidden = bert.embeddings(input_ids=features["input_ids"], token_type_ids=features.get("token_type_ids"))
-        for layer in bert.encoder.layer[:first]:
-            hidden = layer(hidden, additive)
+    hidden = frozen_states(bert, features, first)
     bert.requires_grad_(False)
     top.requires_grad_(True).train()
     opt = torch.optim.AdamW(top.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
@@ -90,6 +86,27 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
                 opt.step()
     return {f"encoder.layer.{first + i}.{name}": p.detach().clone().contiguous()
             for i, layer in enumerate(top) for name, p in layer.named_parameters()}
+
+
+@torch.no_grad()
+def frozen_states(bert: torch.nn.Module, features: dict[str, torch.Tensor], layers: int,
+                  batch: int = 256) -> torch.Tensor:
+    """(texts, width, hidden): the output of the first `layers` layers, in batches of texts of
+    similar length, each run at its own longest text's width (positions past a text's end are
+    left zero: the attention mask hides them from the layers above)."""
+    bert.eval()
+    ids, mask = features["input_ids"], features["attention_mask"]
+    types = features.get("token_type_ids")
+    lengths = mask.sum(1)
+    hidden = torch.zeros(*ids.shape, bert.config.hidden_size)
+    for rows in torch.argsort(lengths, stable=True).split(batch):
+        width = int(lengths[rows].max())
+        additive = (1.0 - mask[rows, None, None, :width].float()) * torch.finfo(torch.float32).min
+        h = bert.embeddings(input_ids=ids[rows, :width], token_type_ids=None if types is None else types[rows, :width])
+        for layer in bert.encoder.layer[:layers]:
+            h = layer(h, additive)
+        hidden[rows, :width] = h
+    return hidden
 
 
 def length_batches(lengths: torch.Tensor, batch: int, gen: torch.Generator, pool: int = 8) -> list[torch.Tensor]:
