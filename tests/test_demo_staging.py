@@ -4,7 +4,10 @@ a background build adds the multi-task LoRA and the learned generators; each sta
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,3 +139,20 @@ def test_each_stage_is_written_whole(world: Path, tmp_path: Path, encoder: TextE
     assert demo.has_experts() and not demo.is_built()  # a crash leaves nothing that looks finished
     assert not demo.generators.exists() and not demo.manifest.exists()
     assert not [p.name for p in demo.root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_build_started_with_sigint_ignored_still_stops_on_it_and_leaves_nothing(tmp_path: Path):
+    """A shell starts background jobs with SIGINT ignored, and their children inherit it; the build
+    a server stops with SIGINT must end anyway, removing its half-built stage."""
+    home = tmp_path / "home"
+    env = {**os.environ, "LORAGEN_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "loragen.cli", "demo", "build"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        until(lambda: home.is_dir() and any(p.name.startswith(".demo.") for p in home.iterdir()), timeout=120)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    assert list(home.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -34,6 +35,9 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars on every command are noise
+    # A command started in the background by a shell inherits SIGINT ignored; Ctrl-C, and a
+    # server stopping its background build (`demo.background`), rely on it to end a command cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _register()
     try:
         # Without standalone mode, click returns typer.Exit's code instead of exiting with it.
