@@ -624,6 +624,27 @@ def test_fine_tuning_pulls_an_experts_paraphrases_together(registry):
     assert fine_tune(registry.encoder, [texts[i] for i in firsts], owners[firsts]) is None
 
 
+def test_frozen_layers_run_per_length_batch_give_the_full_width_states(registry):
+    import copy
+
+    from loragen.generator.description_encoder import frozen_states
+
+    texts = [t for ts in TASKS.values() for t in ts] + ["a much longer description " * 6]
+    model = copy.deepcopy(registry.encoder.transformer).to("cpu", torch.float32)
+    bert = model[0].auto_model
+    features = (getattr(model, "preprocess", None) or model.tokenize)(texts)
+    mask = features["attention_mask"]
+    additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        full = bert.embeddings(input_ids=features["input_ids"], token_type_ids=features.get("token_type_ids"))
+        for layer in bert.encoder.layer[:4]:
+            full = layer(full, additive)
+    batched = frozen_states(bert, features, 4, batch=3)
+    valid = mask.bool()
+    assert batched.shape == full.shape
+    torch.testing.assert_close(batched[valid], full[valid], atol=1e-5, rtol=1e-5)
+
+
 def test_prior_weight_adds_the_decode_from_the_prior(registry):
     from loragen.generator.tokens import RegistryTokens
     from loragen.generator.training import training_set

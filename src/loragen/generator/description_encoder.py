@@ -92,8 +92,8 @@ def fine_tune(encoder: TextEncoder, texts: list[str], owners: np.ndarray, config
 def frozen_states(bert: torch.nn.Module, features: dict[str, torch.Tensor], layers: int,
                   batch: int = 256) -> torch.Tensor:
     """(texts, width, hidden): the output of the first `layers` layers, in batches of texts of
-    similar length, each run at its own longest text's width (positions past a text's end are
-    left zero: the attention mask hides them from the layers above)."""
+    similar length, each run at its own longest text's width. Positions past a text's end hold
+    whatever its batch gave them (zeros past the batch's width): the attention mask hides them."""
     bert.eval()
     ids, mask = features["input_ids"], features["attention_mask"]
     types = features.get("token_type_ids")
