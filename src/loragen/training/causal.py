@@ -64,8 +64,8 @@ def causal_loss(base: BaseModel, passes: int = 1, block: int = 1) -> LossFn:
 
 
 def train_causal_experts(base: BaseModel, basis: Basis, tasks: list[Task], config: ExpertConfig) -> list[ExpertRun]:
-    checkpoints = train_in_basis(basis, base.model, tasks, causal_loss(base, config.length_passes, config.rows_per_task), config,
-                                 desc="causal experts")
+    loss = causal_loss(base, config.length_passes, config.rows_per_task)  # a step: one block of rows per task
+    checkpoints = train_in_basis(basis, base.model, tasks, loss, config, desc="causal experts")
     runs = [ExpertRun(t, c) for t, c in zip(tasks, checkpoints)]
     tests = [t.split_instances(config.train_fraction, config.seed)[1] for t in tasks]
     scores = exact_match(base, [r.lora(basis) for r in runs], tests)
