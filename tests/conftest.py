@@ -70,6 +70,53 @@ def _loragen_home(tmp_path_factory):
         yield
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests on the demo world run last, so that its build (`_demo_build`) overlaps the others."""
+    last = [item for item in items if "demo_world" in getattr(item, "fixturenames", ())]
+    if last:
+        chosen = set(last)
+        items[:] = [item for item in items if item not in chosen] + last
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_build(request, _loragen_home, tmp_path_factory):
+    """When the run holds tests on the demo world, `loragen demo build` starts in a child process as
+    the run starts (as `loragen serve` finishes a world), at a lower priority than the tests; the
+    tests that need the world wait for it (`demo_world`). None when no test needs it or it is built."""
+    from loragen.config import Settings
+    from loragen.demo.background import BackgroundBuild
+    from loragen.demo.world import DemoWorld
+
+    home = Settings().home
+    wanted = any("demo_world" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if not wanted or DemoWorld(home / "demo").is_built():
+        yield None
+        return
+    build = BackgroundBuild(home, output=tmp_path_factory.getbasetemp() / "demo-build.log")
+    build.start()
+    try:
+        yield build
+    finally:
+        build.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_world(_demo_build):
+    """The demo world under LORAGEN_HOME, built once for the run by `loragen demo build`."""
+    from loragen.config import Settings
+    from loragen.demo.world import DemoWorld
+
+    if _demo_build is not None:
+        try:
+            _demo_build.wait()
+        except Exception as exc:
+            tail = _demo_build.output.read_text(errors="replace")[-3000:] if _demo_build.output else ""
+            raise RuntimeError(f"{exc}\n{tail}") from exc
+    world = DemoWorld(Settings().home / "demo")
+    assert world.is_built(), f"no built demo world at {world.root}"
+    return world
+
+
 @contextmanager
 def uvicorn_server(app, *, wait_ready: bool = True, timeout: float = 120) -> Iterator[str]:
     """`app` on a real uvicorn server on an ephemeral loopback port; yields its URL once /readyz is 200."""
