@@ -70,25 +70,31 @@ def _loragen_home(tmp_path_factory):
         yield
 
 
+def _needs(item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests on the demo world run last, so that its build (`_demo_build`) overlaps the others."""
-    last = [item for item in items if "demo_world" in getattr(item, "fixturenames", ())]
-    if last:
-        chosen = set(last)
-        items[:] = [item for item in items if item not in chosen] + last
+    """Tests on the demo world run last, so that its build (`_demo_build`) overlaps the others: first
+    those that need its experts only (they run while its second stage trains), then the rest."""
+    whole = [item for item in items if _needs(item, "demo_world")]
+    experts = [item for item in items if _needs(item, "demo_experts") and item not in set(whole)]
+    if whole or experts:
+        chosen = set(whole) | set(experts)
+        items[:] = [item for item in items if item not in chosen] + experts + whole
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _demo_build(request, _loragen_home, tmp_path_factory):
     """When the run holds tests on the demo world, `loragen demo build` starts in a child process as
     the run starts (as `loragen serve` finishes a world), at a lower priority than the tests; the
-    tests that need the world wait for it (`demo_world`). None when no test needs it or it is built."""
+    tests that need the world wait for it. None when no test needs it or it is built."""
     from loragen.config import Settings
     from loragen.demo.background import BackgroundBuild
     from loragen.demo.world import DemoWorld
 
     home = Settings().home
-    wanted = any("demo_world" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    wanted = any(_needs(item, "demo_world") or _needs(item, "demo_experts") for item in request.session.items)
     if not wanted or DemoWorld(home / "demo").is_built():
         yield None
         return
@@ -100,20 +106,41 @@ def _demo_build(request, _loragen_home, tmp_path_factory):
         build.stop()
 
 
+def _wait_for_demo(build, done) -> None:  # type: ignore[no-untyped-def]
+    """Until `done()`; the build's error (with the end of its output) if it ends first."""
+    while build is not None and build.running and not done():
+        time.sleep(0.5)
+    if done():
+        return
+    if build is not None:
+        try:
+            build.wait()
+        except Exception as exc:
+            tail = build.output.read_text(errors="replace")[-3000:] if build.output else ""
+            raise RuntimeError(f"{exc}\n{tail}") from exc
+    assert done(), "the demo world's build ended without it"
+
+
 @pytest.fixture(scope="session")
-def demo_world(_demo_build):
-    """The demo world under LORAGEN_HOME, built once for the run by `loragen demo build`."""
+def demo_experts(_demo_build):
+    """The demo world under LORAGEN_HOME once its first stage (base model, tasks, the registry's
+    experts) is in place; its second stage may still be training."""
     from loragen.config import Settings
     from loragen.demo.world import DemoWorld
 
-    if _demo_build is not None:
-        try:
-            _demo_build.wait()
-        except Exception as exc:
-            tail = _demo_build.output.read_text(errors="replace")[-3000:] if _demo_build.output else ""
-            raise RuntimeError(f"{exc}\n{tail}") from exc
     world = DemoWorld(Settings().home / "demo")
-    assert world.is_built(), f"no built demo world at {world.root}"
+    _wait_for_demo(_demo_build, world.has_experts)
+    return world
+
+
+@pytest.fixture(scope="session")
+def demo_world(_demo_build):
+    """The whole demo world under LORAGEN_HOME, built once for the run by `loragen demo build`."""
+    from loragen.config import Settings
+    from loragen.demo.world import DemoWorld
+
+    world = DemoWorld(Settings().home / "demo")
+    _wait_for_demo(_demo_build, world.is_built)
     return world
 
 

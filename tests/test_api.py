@@ -280,10 +280,10 @@ def test_examples_and_completions_share_the_base_model_concurrently(server: str,
 
 def test_a_compiled_decoder_is_compiled_at_warm_up_and_serves_the_same_loras(world: Path, encoder: TextEncoder) -> None:
     settings = ApiSettings(registry=world / "registry", generator=world / "generators", home=world / "home-compiled",
-                           encoder_dtype="float32", compile_decoder=True, max_batch=4, max_wait_ms=50)
+                           encoder_dtype="float32", compile_decoder=True, max_batch=2, max_wait_ms=50)
     app = create_app(settings, encoder=encoder)
     descriptions = ["english to french", "reverse the word", "arithmetic for kids"]
-    with uvicorn_server(app) as url:  # ready once warm: padded batch sizes 1, 2 and 4 compiled
+    with uvicorn_server(app) as url:  # ready once warm: padded batch sizes 1 and 2 compiled
         gen = app.state.service.pool.loaded()[("sg", 0)]
         assert gen.fused_decode.compiled is not None
 

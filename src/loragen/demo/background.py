@@ -50,6 +50,11 @@ class BackgroundBuild:
             os.setpriority(os.PRIO_PROCESS, self._proc.pid, NICENESS)
         log.info("finishing the demo world in the background (pid %d)", self._proc.pid)
 
+    @property
+    def running(self) -> bool:
+        """Started and not yet exited."""
+        return self._proc is not None and self._proc.poll() is None
+
     def wait(self) -> None:
         """Block until the child is done; raise if it failed or was stopped."""
         if self._proc is None:
