@@ -201,3 +201,32 @@ def test_blocked_rows_take_the_bmm_path_and_agree_with_gathering():
         gathered = forward(model, "llama", ids)
     torch.testing.assert_close(blocked[:5], gathered[:5], atol=1e-5, rtol=1e-5)
     assert isinstance(rows, Rows)
+
+
+@pytest.mark.parametrize("block", [4, 1, None], ids=["bmm-blocks", "bmm-rows", "gather"])
+def test_gradients_through_repeated_loras_are_the_same_from_run_to_run(block):
+    """Rows of one LoRA in several blocks (or rows): their gradients meet in that LoRA's B, and are
+    added in the same order every time (expert training repeats bit for bit)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loragen.adapters import Rows
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval().requires_grad_(False)
+    spec = spec_from_config(model.config.to_dict(), targets=["q_proj", "down_proj"], rank=16)
+    gen = torch.Generator().manual_seed(1)
+    B = {m.name: torch.nn.Parameter(0.1 * torch.randn(21, 1, m.out_features, 16, generator=gen)) for m in spec.modules}
+    ids = torch.randint(0, 64, (84, 12), generator=gen)
+    index = [t for t in torch.randint(0, 21, (21,), generator=gen).tolist() for _ in range(4)]  # LoRAs repeat
+    grads = []
+    with applied(model, LoraStack(spec, dict(Basis.seeded(spec).A), B)) as rows:
+        for _ in range(8):
+            rows.set(index, block=block) if block else rows.set(index[:-1] + [-1])
+            assert (rows.blocks is not None) == bool(block)
+            model(input_ids=ids).logits.square().mean().backward()
+            grads.append({m: p.grad.clone() for m, p in B.items()})
+            for p in B.values():
+                p.grad = None
+    for g in grads[1:]:
+        assert all(torch.equal(g[m], grads[0][m]) for m in B)

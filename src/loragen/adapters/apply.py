@@ -104,7 +104,7 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
         if a.ndim == 3 and rows.blocks is not None:  # shared A, equal blocks: one bmm
             groups = rows.blocks.to(x.device)
             xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
-            b = stack.B[name][groups, layer].to(output.dtype)  # (groups, out, r)
+            b = _rows_of(stack.B[name], layer, groups).to(output.dtype)  # (groups, out, r)
             flat = xa.reshape(len(groups), -1, xa.shape[-1]).to(output.dtype)
             # output + scaling · delta in one op: fewer full-size temporaries forward and backward
             out = output.reshape(len(groups), -1, output.shape[-1])
@@ -114,9 +114,17 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
             xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
         else:
             xa = einsum(x, a[safe, layer].to(x.dtype), "b ... i, b r i -> b ... r")
-        b = stack.B[name][safe, layer].to(x.dtype)  # (batch, out, r)
+        b = _rows_of(stack.B[name], layer, safe).to(x.dtype)  # (batch, out, r)
         delta = einsum(xa, b, "b ... r, b o r -> b ... o")
         gate = (idx >= 0).to(x.dtype).view(-1, *([1] * (delta.ndim - 1)))
         return output + scaling * gate * delta
 
     return hook
+
+
+def _rows_of(b: torch.Tensor, layer: int, index: torch.Tensor) -> torch.Tensor:
+    """(L, layers, out, r) -> (len(index), out, r): layer `layer` of the LoRAs `index` names.
+    `index_select`, not `b[index, layer]`: an index repeats (several blocks or rows of one LoRA), and
+    the backward of advanced indexing adds their gradients in a thread-dependent order on a CPU
+    (training would not repeat bit for bit), where index_select's backward adds them in order."""
+    return b.select(1, layer).index_select(0, index)

@@ -39,7 +39,7 @@ from ..training.objective import TaskModel
 from ..training.tasks import Task, read_tasks, write_tasks
 from .tasks import demo_tasks, random_word
 
-DEMO_VERSION = 18  # raised whenever the built world changes, so a cached world of another version is rebuilt
+DEMO_VERSION = 19  # raised whenever the built world changes, so a cached world of another version is rebuilt
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
