@@ -27,11 +27,9 @@ NICENESS = 10
 class BackgroundBuild:
     """`loragen demo build` for the world under `home`, in a child process started by `start`."""
 
-    def __init__(self, home: Path, command: list[str] | None = None, output: Path | None = None) -> None:
-        """`output`: a file that takes the child's output (stdout and stderr) instead of this process's."""
+    def __init__(self, home: Path, command: list[str] | None = None) -> None:
         self.home = Path(home)
         self.command = command or [sys.executable, "-m", "loragen.cli", "demo", "build"]
-        self.output = output
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped = False
 
@@ -39,21 +37,10 @@ class BackgroundBuild:
         if self._stopped:  # stopped before it started
             return
         env = {**os.environ, "LORAGEN_HOME": str(self.home)}
-        if self.output is None:
-            self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
-        else:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            with self.output.open("ab") as out:
-                self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                              stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
         with contextlib.suppress(OSError):  # threads the child starts later inherit it
             os.setpriority(os.PRIO_PROCESS, self._proc.pid, NICENESS)
         log.info("finishing the demo world in the background (pid %d)", self._proc.pid)
-
-    @property
-    def running(self) -> bool:
-        """Started and not yet exited."""
-        return self._proc is not None and self._proc.poll() is None
 
     def wait(self) -> None:
         """Block until the child is done; raise if it failed or was stopped."""
