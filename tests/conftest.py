@@ -70,6 +70,123 @@ def _loragen_home(tmp_path_factory):
         yield
 
 
+def _needs(item, fixture: str) -> bool:
+    return fixture in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the demo world run last, so that its build (`_demo_build`) overlaps the others: first
+    those that need its experts only (they run while its second stage trains), then the rest."""
+    whole = [item for item in items if _needs(item, "demo_world")]
+    experts = [item for item in items if _needs(item, "demo_experts") and item not in set(whole)]
+    if whole or experts:
+        chosen = set(whole) | set(experts)
+        items[:] = [item for item in items if item not in chosen] + experts + whole
+
+
+class _DemoBuild:
+    """`loragen demo build` in a child process on one thread, its output in a file.
+
+    The build runs beside the other tests, so the run keeps both cores busy: the child takes one
+    core, and the tests run on one thread (their subprocesses included) until the run ends. A thread
+    per core keeps the two from preempting each other's OpenMP workers. On one thread the build gives
+    the same base model, experts and multi-task LoRA, to the bit, as on two; the tuned description
+    encoder differs in its last bits, and the generators trained over it follow another path."""
+
+    def __init__(self, home, output) -> None:  # type: ignore[no-untyped-def]
+        import subprocess
+        import sys
+
+        self.output = output
+        env = {**os.environ, "LORAGEN_HOME": str(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with output.open("ab") as out:
+            self._proc = subprocess.Popen([sys.executable, "-m", "loragen.cli", "demo", "build"], env=env,
+                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def wait(self) -> None:
+        code = self._proc.wait()
+        if code != 0:
+            tail = self.output.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"`loragen demo build` failed (exit status {code}):\n{tail}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.running:
+            self._proc.send_signal(signal.SIGINT)  # as Ctrl-C: the build removes its temp files
+            self._proc.wait(timeout=60)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """This process, and the subprocesses it starts, on one thread."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_build(request, _loragen_home, tmp_path_factory):
+    """When the run holds tests on the demo world and it is not built, `loragen demo build` starts
+    in a child process as the run starts; the tests that need the world run last and wait for it.
+    None when no test needs it or it is built."""
+    from loragen.config import Settings
+    from loragen.demo.world import DemoWorld
+
+    home = Settings().home
+    wanted = any(_needs(item, "demo_world") or _needs(item, "demo_experts") for item in request.session.items)
+    if not wanted or DemoWorld(home / "demo").is_built():
+        yield None
+        return
+    build = _DemoBuild(home, tmp_path_factory.getbasetemp() / "demo-build.log")
+    try:
+        with _one_thread():
+            yield build
+    finally:
+        build.stop()
+
+
+def _wait_for_demo(build, done) -> None:  # type: ignore[no-untyped-def]
+    """Until `done()`; the build's error (with the end of its output) if it ends first."""
+    while build is not None and build.running and not done():
+        time.sleep(0.5)
+    if not done() and build is not None:
+        build.wait()
+    assert done(), "the demo world's build ended without it"
+
+
+@pytest.fixture(scope="session")
+def demo_experts(_demo_build):
+    """The demo world under LORAGEN_HOME once its first stage (base model, tasks, the registry's
+    experts) is in place; its second stage may still be training."""
+    from loragen.config import Settings
+    from loragen.demo.world import DemoWorld
+
+    world = DemoWorld(Settings().home / "demo")
+    _wait_for_demo(_demo_build, world.has_experts)
+    return world
+
+
+@pytest.fixture(scope="session")
+def demo_world(_demo_build):
+    """The whole demo world under LORAGEN_HOME, built once for the run by `loragen demo build`."""
+    from loragen.config import Settings
+    from loragen.demo.world import DemoWorld
+
+    world = DemoWorld(Settings().home / "demo")
+    _wait_for_demo(_demo_build, world.is_built)
+    return world
+
+
 @contextmanager
 def uvicorn_server(app, *, wait_ready: bool = True, timeout: float = 120) -> Iterator[str]:
     """`app` on a real uvicorn server on an ephemeral loopback port; yields its URL once /readyz is 200."""

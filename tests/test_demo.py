@@ -1,4 +1,5 @@
-"""End to end on the real demo world: build, search, generate, load with PEFT, complete."""
+"""End to end on the real demo world, built once per run (conftest's `demo_experts`, `demo_world`):
+build, search, generate, load with PEFT, complete."""
 
 from __future__ import annotations
 
@@ -15,58 +16,51 @@ from loragen.config import Settings
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def world():
-    from loragen.demo.world import build_demo
-
-    return build_demo(Settings().home)
-
-
 def cli(*args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "loragen.cli", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_build_is_idempotent_and_keeps_unseen_paraphrases_out(world):
+def test_build_is_idempotent_and_keeps_unseen_paraphrases_out(demo_world):
     from loragen.registry import Registry
     from loragen.demo.world import build_demo
     from loragen.training.tasks import read_tasks
 
-    stamp = world.manifest.stat().st_mtime
+    stamp = demo_world.manifest.stat().st_mtime
     assert build_demo(Settings().home).manifest.stat().st_mtime == stamp
-    registry = Registry.open(world.registry)
-    tasks = {t.name: t for t in read_tasks(world.tasks)}
+    registry = Registry.open(demo_world.registry)
+    tasks = {t.name: t for t in read_tasks(demo_world.tasks)}
     experts = registry.experts()
     assert len(experts) == len(tasks) >= 16
     for e in experts:
         assert tasks[e.name].descriptions[-1] not in e.descriptions
         assert len(e.checkpoints) >= 2
-    summary = json.loads(world.manifest.read_text())
+    summary = json.loads(demo_world.manifest.read_text())
     assert summary["experts"]["reverse"]["exact_match"] >= 0.8
 
 
-def test_search_lists_the_reverse_expert_first(world):
-    out = cli("registry", "search", "reverse the string", "-k", "3", "--registry", str(world.registry))
+def test_search_lists_the_reverse_expert_first(demo_experts):
+    out = cli("registry", "search", "reverse the string", "-k", "3", "--registry", str(demo_experts.registry))
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
     assert "reverse" in lines[0].split()
     assert len(lines) == 3
 
 
-def test_generate_nearest_loads_in_peft_and_reverses(world, tmp_path):
+def test_generate_nearest_loads_in_peft_and_reverses(demo_experts, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "a"
     res = cli("generate", "write the letters of the input in reverse order", "--method", "nearest",
-              "--out", str(out), "--registry", str(world.registry))
+              "--out", str(out), "--registry", str(demo_experts.registry))
     assert res.returncode == 0, res.stderr
     assert "reverse" in res.stdout and "ambiguous" not in res.stdout
     mixed = cli("generate", "write the letters of the input in reverse order", "--method", "weighted",
-                "--temperature", "100", "--out", str(tmp_path / "mixed"), "--registry", str(world.registry))
+                "--temperature", "100", "--out", str(tmp_path / "mixed"), "--registry", str(demo_experts.registry))
     assert mixed.returncode == 0 and "ambiguous: it mixes experts" in mixed.stdout.splitlines()[0], mixed.stdout
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(world.base_model)
+    assert config["base_model_name_or_path"] == str(demo_experts.base_model)
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
     model = PeftModel.from_pretrained(base, out)
     assert model.peft_config["default"].r == 16
@@ -75,11 +69,11 @@ def test_generate_nearest_loads_in_peft_and_reverses(world, tmp_path):
     assert done.stdout.strip() == "edcba"
 
 
-def test_examples_correct_a_misread_description(world, tmp_path):
+def test_examples_correct_a_misread_description(demo_world, tmp_path):
     """A terse description sg misreads as sort on the demo world; three caesar_back_1 pairs move the weight."""
     description = "alphabetical predecessor"
-    args = ["generate", description, "--method", "sg", "--generator", str(world.generators / "sg"), "--seed", "0",
-            "--registry", str(world.registry)]
+    args = ["generate", description, "--method", "sg", "--generator", str(demo_world.generators / "sg"), "--seed", "0",
+            "--registry", str(demo_world.registry)]
     plain = cli(*args, "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr
     with_examples = cli(*args, "--out", str(tmp_path / "ex"), "--example", "bcd -> abc", "--example", "hello→gdkkn",
@@ -102,33 +96,33 @@ def test_examples_correct_a_misread_description(world, tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "kdlnm", done.stdout
 
 
-def test_generated_adapter_through_peft_matches_our_merge(world, tmp_path):
+def test_generated_adapter_through_peft_matches_our_merge(demo_experts, tmp_path):
     from peft import PeftModel
 
     from loragen.basemodel import BaseModel
     from loragen.generator import load_generator
     from loragen.registry import Registry
 
-    registry = Registry.open(world.registry)
+    registry = Registry.open(demo_experts.registry)
     lora = load_generator("weighted", registry).generate(["spell the word backwards"])[0]
     lora.save_pretrained(tmp_path / "w")
-    base = BaseModel.load(world.base_model)
+    base = BaseModel.load(demo_experts.base_model)
     ids = base.tokenizer(["hello="], return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         with lora.merged(base.model):
             ours = base.model(input_ids=ids).logits
-        peft_model = PeftModel.from_pretrained(BaseModel.load(world.base_model).model, tmp_path / "w")
+        peft_model = PeftModel.from_pretrained(BaseModel.load(demo_experts.base_model).model, tmp_path / "w")
         theirs = peft_model(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_batched_completion_with_mixed_loras_equals_single_calls(world):
+def test_batched_completion_with_mixed_loras_equals_single_calls(demo_experts):
     from loragen.basemodel import BaseModel
     from loragen.registry import Registry
 
-    registry = Registry.open(world.registry)
+    registry = Registry.open(demo_experts.registry)
     by_name = {e.name: registry.lora(e) for e in registry.experts()}
-    base = BaseModel.load(world.base_model)
+    base = BaseModel.load(demo_experts.base_model)
     inputs = ["abcde", "xy", "hello", "loragen"]
     loras = [by_name["reverse"], None, by_name["caesar_1"], by_name["sort"]]
     batched = base.complete(inputs, loras=loras)
@@ -159,10 +153,10 @@ def test_batched_completion_with_mixed_loras_equals_single_calls(world):
     (["complete", "--adapter", "/nonexistent/adapter", "abc"], "no adapter directory"),
     (["generate", "reverse", "--out", "OUT", "--example", "abc"], "is not INPUT->OUTPUT"),
 ])
-def test_bad_input_is_one_line_and_non_zero(world, tmp_path, args, message):
+def test_bad_input_is_one_line_and_non_zero(demo_experts, tmp_path, args, message):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
     if "--registry" not in args and args[0] == "generate":
-        args += ["--registry", str(world.registry)]
+        args += ["--registry", str(demo_experts.registry)]
     res = cli(*args)
     assert res.returncode != 0
     errors = [ln for ln in res.stderr.splitlines() if ln.strip()]
@@ -170,10 +164,10 @@ def test_bad_input_is_one_line_and_non_zero(world, tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_train_experts_names_the_bad_line(world, tmp_path):
+def test_train_experts_names_the_bad_line(demo_experts, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"task": "a", "definition": "d", "instances": [{"input": "a", "output": "a"}]}\n{oops\n')
-    res = cli("train", "experts", "--tasks", str(tasks), "--base", str(world.base_model),
+    res = cli("train", "experts", "--tasks", str(tasks), "--base", str(demo_experts.base_model),
               "--registry", str(tmp_path / "reg"))
     assert res.returncode != 0
     assert "tasks.jsonl:2" in res.stderr and len(res.stderr.strip().splitlines()) == 1
