@@ -52,7 +52,9 @@ class Blobs:
         data = read_checked(path, sha, "blob")
         try:
             tensors = load(data)
-            # safetensors layout: u64 header length, then a JSON header holding __metadata__.
+            # The metadata comes from the checksummed bytes, not a second read of the file (which a
+            # writer's garbage collection may have removed): safetensors' `safe_open` reads files only.
+            # Layout: u64 header length, then a JSON header holding __metadata__.
             header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
         except (SafetensorError, ValueError) as exc:
             raise RegistryError(f"blob {path} is unreadable: {exc}") from exc
