@@ -115,10 +115,15 @@ class _DemoBuild:
 
     def stop(self) -> None:
         import signal
+        import subprocess
 
         if self.running:
             self._proc.send_signal(signal.SIGINT)  # as Ctrl-C: the build removes its temp files
-            self._proc.wait(timeout=60)
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 @contextmanager
