@@ -84,48 +84,6 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if item not in chosen] + experts + whole
 
 
-class _DemoBuild:
-    """`loragen demo build` in a child process on one thread, its output in a file.
-
-    The build runs beside the other tests, so the run keeps both cores busy: the child takes one
-    core, and the tests run on one thread (their subprocesses included) until the run ends. A thread
-    per core keeps the two from preempting each other's OpenMP workers. On one thread the build gives
-    the same base model, experts and multi-task LoRA, to the bit, as on two; the tuned description
-    encoder differs in its last bits, and the generators trained over it follow another path."""
-
-    def __init__(self, home, output) -> None:  # type: ignore[no-untyped-def]
-        import subprocess
-        import sys
-
-        self.output = output
-        env = {**os.environ, "LORAGEN_HOME": str(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with output.open("ab") as out:
-            self._proc = subprocess.Popen([sys.executable, "-m", "loragen.cli", "demo", "build"], env=env,
-                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-
-    @property
-    def running(self) -> bool:
-        return self._proc.poll() is None
-
-    def wait(self) -> None:
-        code = self._proc.wait()
-        if code != 0:
-            tail = self.output.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"`loragen demo build` failed (exit status {code}):\n{tail}")
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.running:
-            self._proc.send_signal(signal.SIGINT)  # as Ctrl-C: the build removes its temp files
-            try:
-                self._proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """This process, and the subprocesses it starts, on one thread."""
@@ -145,6 +103,7 @@ def _demo_build(request, _loragen_home, tmp_path_factory):
     in a child process as the run starts; the tests that need the world run last and wait for it.
     None when no test needs it or it is built."""
     from loragen.config import Settings
+    from loragen.demo.background import BackgroundBuild
     from loragen.demo.world import DemoWorld
 
     home = Settings().home
@@ -152,7 +111,13 @@ def _demo_build(request, _loragen_home, tmp_path_factory):
     if not wanted or DemoWorld(home / "demo").is_built():
         yield None
         return
-    build = _DemoBuild(home, tmp_path_factory.getbasetemp() / "demo-build.log")
+    # One thread each for the build and the tests keeps the two from preempting each other's
+    # OpenMP workers, and one thread does more work per core than two on this model. On one thread
+    # the build gives the same base model, experts and multi-task LoRA, to the bit, as on two; the
+    # tuned description encoder differs in its last bits, and the generators over it follow another path.
+    build = BackgroundBuild(home, output=tmp_path_factory.getbasetemp() / "demo-build.log",
+                            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, niceness=0)
+    build.start()
     try:
         with _one_thread():
             yield build
@@ -165,7 +130,10 @@ def _wait_for_demo(build, done) -> None:  # type: ignore[no-untyped-def]
     while build is not None and build.running and not done():
         time.sleep(0.5)
     if not done() and build is not None:
-        build.wait()
+        try:
+            build.wait()
+        except Exception as exc:
+            raise RuntimeError(f"{exc}\n{build.output.read_text(errors='replace')[-3000:]}") from exc
     assert done(), "the demo world's build ended without it"
 
 

@@ -27,20 +27,34 @@ NICENESS = 10
 class BackgroundBuild:
     """`loragen demo build` for the world under `home`, in a child process started by `start`."""
 
-    def __init__(self, home: Path, command: list[str] | None = None) -> None:
+    def __init__(self, home: Path, command: list[str] | None = None, *, output: Path | None = None,
+                 env: dict[str, str] | None = None, niceness: int = NICENESS) -> None:
+        """`output`: a file that takes the child's output (stdout and stderr) instead of this
+        process's; `env`: variables set for the child on top of this process's; `niceness`: how far
+        below this process the child runs."""
         self.home = Path(home)
         self.command = command or [sys.executable, "-m", "loragen.cli", "demo", "build"]
+        self.output, self.env, self.niceness = output, dict(env or {}), niceness
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped = False
 
     def start(self) -> None:
         if self._stopped:  # stopped before it started
             return
-        env = {**os.environ, "LORAGEN_HOME": str(self.home)}
-        self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
-        with contextlib.suppress(OSError):  # threads the child starts later inherit it
-            os.setpriority(os.PRIO_PROCESS, self._proc.pid, NICENESS)
+        env = {**os.environ, **self.env, "LORAGEN_HOME": str(self.home)}
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(self.output.open("ab")) if self.output else None
+            self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT if out else None)
+        if self.niceness:
+            with contextlib.suppress(OSError):  # threads the child starts later inherit it
+                os.setpriority(os.PRIO_PROCESS, self._proc.pid, self.niceness)
         log.info("finishing the demo world in the background (pid %d)", self._proc.pid)
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet exited."""
+        return self._proc is not None and self._proc.poll() is None
 
     def wait(self) -> None:
         """Block until the child is done; raise if it failed or was stopped."""
