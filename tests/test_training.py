@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from loragen.adapters import Basis, LoraStack, Rows, applied, spec_from_config
 from loragen.basemodel import BaseModel
 from loragen.demo.world import build_tokenizer
-from loragen.training import causal
+from loragen.training import causal, experts
 from loragen.training.causal import _passes, output_loss
 
 
@@ -84,3 +84,65 @@ def test_passes_cover_every_row_once_in_equal_one_lora_blocks_of_rising_length()
     assert padded < len(lengths) * max(lengths)
     # rows in no equal blocks: single rows, sorted by length
     assert _passes([3, 1, 2, 5, 4], 1, 2) == [([1, 2], 1), ([0, 4, 3], 1)]
+
+
+def test_an_orthonormalized_basis_carries_every_b_to_the_same_delta_w():
+    spec = spec_from_config({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "num_key_value_heads": 2}, targets=["q_proj", "down_proj"], rank=4)
+    gen = torch.Generator().manual_seed(3)
+    learned = Basis(spec, {m.name: torch.randn(spec.num_layers, spec.rank, m.in_features, generator=gen)
+                           for m in spec.modules})
+    B = {m.name: torch.randn(5, spec.num_layers, m.out_features, spec.rank, generator=gen) for m in spec.modules}
+    basis, carry = learned.orthonormalized()
+    for m, a in basis.A.items():
+        eye = torch.eye(spec.rank).expand(spec.num_layers, -1, -1)
+        torch.testing.assert_close(a @ a.transpose(1, 2), eye, atol=1e-6, rtol=0)
+        before = B[m].double() @ learned.A[m].double()  # (E, L, out, in): float64 reference
+        after = experts.carry_b(B[m], carry[m]).double() @ a.double()
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-5)
+
+
+def _a_gradient(base, frozen, task_rows):
+    spec = spec_from_config(base.model.config.to_dict(), targets=["q_proj", "v_proj"], rank=4)
+    A = {m: torch.nn.Parameter(a.clone()) for m, a in Basis.seeded(spec).A.items()}
+    gen = torch.Generator().manual_seed(1)
+    B = {m.name: 0.1 * torch.randn(2, spec.num_layers, m.out_features, spec.rank, generator=gen) for m in spec.modules}
+    words = ["abcd", "efgh", "ijkl", "mnop"]
+    with applied(base.model, LoraStack(spec, A, B, a_frozen=frozen)) as rows:
+        rows.set(task_rows, block=2)
+        output_loss(base, words, [w[::-1] for w in words], rows=rows, task_rows=task_rows, block=2).backward()
+    return {m: p.grad for m, p in A.items()}
+
+
+def test_rows_of_a_frozen_lora_send_the_shared_a_no_gradient(base):
+    both = _a_gradient(base, None, [0, 0, 1, 1])
+    frozen = _a_gradient(base, torch.tensor([True, False]), [0, 0, 1, 1])
+    alone = _a_gradient(base, torch.tensor([True, False]), [0, 0, 0, 0])  # every row frozen
+    for m in both:
+        assert not torch.allclose(frozen[m], both[m])
+        assert alone[m] is None or alone[m].abs().max() == 0
+    # each LoRA's rows give their own part of the gradient; together, all of it
+    other = _a_gradient(base, torch.tensor([False, True]), [0, 0, 1, 1])
+    for m in both:
+        torch.testing.assert_close(frozen[m] + other[m], both[m], atol=1e-6, rtol=1e-4)
+
+
+def test_experts_that_learn_the_basis_return_it_orthonormal_with_their_lora_in_it(base):
+    from loragen.training.tasks import Instance, Task
+
+    spec = spec_from_config(base.model.config.to_dict(), targets=["q_proj", "v_proj"], rank=4)
+    seeded = Basis.seeded(spec)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdef") for _ in range(4)) for _ in range(20)]
+    tasks = [Task(name=n, descriptions=[n], instances=[Instance(w, f(w)) for w in words])
+             for n, f in (("reverse", lambda w: w[::-1]), ("first", lambda w: w[:1]))]
+    config = experts.ExpertConfig(steps=3, rows_per_task=2, checkpoints=2, checkpoint_every=1, warmup=1,
+                                  basis_lr=1e-2, basis_frozen_for=("first",))
+    runs = causal.train_causal_experts(base, seeded, tasks, config)
+    learned = runs[0].basis
+    assert all(r.basis is learned for r in runs) and len(runs[0].checkpoints) == 2
+    for m, a in learned.A.items():
+        torch.testing.assert_close(a @ a.transpose(1, 2), torch.eye(spec.rank).expand_as(a @ a.transpose(1, 2)),
+                                   atol=1e-6, rtol=0)
+        assert not torch.allclose(learned.A[m].abs(), seeded.A[m].abs())
+    assert runs[1].lora().A.keys() == learned.A.keys()

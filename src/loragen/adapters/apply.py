@@ -27,6 +27,8 @@ class LoraStack:
     spec: LoraSpec
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
+    # (N,) bool, with a shared A that trains: rows of these LoRAs read A but send it no gradient
+    a_frozen: torch.Tensor | None = None
 
     @classmethod
     def from_loras(cls, loras: Sequence[Lora]) -> LoraStack:
@@ -103,7 +105,7 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
         a = stack.A[name]
         if a.ndim == 3 and rows.blocks is not None:  # shared A, equal blocks: one bmm
             groups = rows.blocks.to(x.device)
-            xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
+            xa = _shared_xa(x, a[layer], stack.a_frozen, idx)
             b = _rows_of(stack.B[name], layer, groups).to(output.dtype)  # (groups, out, r)
             flat = xa.reshape(len(groups), -1, xa.shape[-1]).to(output.dtype)
             # output + scaling · delta in one op: fewer full-size temporaries forward and backward
@@ -111,7 +113,7 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
             return torch.baddbmm(out, flat, b.transpose(1, 2), alpha=scaling).reshape(output.shape)
         safe = idx.clamp(min=0)
         if a.ndim == 3:
-            xa = einsum(x, a[layer].to(x.dtype), "b ... i, r i -> b ... r")
+            xa = _shared_xa(x, a[layer], stack.a_frozen, safe)
         else:
             xa = einsum(x, a[safe, layer].to(x.dtype), "b ... i, b r i -> b ... r")
         b = _rows_of(stack.B[name], layer, safe).to(x.dtype)  # (batch, out, r)
@@ -120,6 +122,33 @@ def _hook(stack: LoraStack, name: str, layer: int, rows: Rows):  # type: ignore[
         return output + scaling * gate * delta
 
     return hook
+
+
+def _shared_xa(x: torch.Tensor, a: torch.Tensor, frozen: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """x Aᵀ for a shared A (r, in); rows whose LoRA is `frozen` send a trained A no gradient."""
+    if frozen is None or not a.requires_grad:
+        return einsum(x, a.to(x.dtype), "b ... i, r i -> b ... r")
+    keep = (~frozen.to(x.device)[idx]).to(x.dtype)
+    return _MaskedProjection.apply(x, a.to(x.dtype), keep)
+
+
+class _MaskedProjection(torch.autograd.Function):
+    """x Aᵀ whose gradient for A counts only the rows `keep` marks (1 or 0 per batch row)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, a, keep)
+        return einsum(x, a, "b ... i, r i -> b ... r")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, a, keep = ctx.saved_tensors
+        grad_x = einsum(grad, a, "b ... r, r i -> b ... i") if ctx.needs_input_grad[0] else None
+        grad_a = None
+        if ctx.needs_input_grad[1]:
+            kept = grad * keep.view(-1, *([1] * (grad.ndim - 1)))
+            grad_a = einsum(kept, x, "b ... r, b ... i -> r i")
+        return grad_x, grad_a, None
 
 
 def _rows_of(b: torch.Tensor, layer: int, index: torch.Tensor) -> torch.Tensor:

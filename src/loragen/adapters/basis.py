@@ -51,6 +51,16 @@ class Basis:
             A[m.name] = rearrange(q, "l i r -> l r i").float().contiguous()
         return cls(spec, A)
 
+    def orthonormalized(self) -> tuple[Basis, dict[str, torch.Tensor]]:
+        """The basis of the same span with orthonormal rows, and per module the (L, r, r) matrix
+        that carries a B over to it: with Aᵀ = QR, A' = Qᵀ and B' = B Rᵀ, so B'A' = BA."""
+        A, carry = {}, {}
+        for name, a in self.A.items():
+            q, r = torch.linalg.qr(rearrange(a.double(), "l r i -> l i r"))
+            A[name] = rearrange(q, "l i r -> l r i").float().contiguous()
+            carry[name] = rearrange(r, "l r s -> l s r")
+        return Basis(self.spec, A), carry
+
     def lora(self, B: dict[str, torch.Tensor], metadata: dict | None = None) -> Lora:
         A = {k: v.to(B[k].device, B[k].dtype) for k, v in self.A.items()}
         return Lora(self.spec, A, B, dict(metadata or {}))

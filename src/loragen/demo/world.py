@@ -2,8 +2,9 @@
 
 1. A character tokenizer and a small Llama made from a transformers config, pre-trained on copying.
 2. The string-transformation tasks of `tasks`, written as a task file.
-3. A registry over the base model, one expert per task trained in its shared basis, registered with
-   every description but the unseen paraphrase.
+3. A registry over the base model, one expert per task, registered with every description but the
+   unseen paraphrase. The experts learn the registry's shared basis as they train (from every task
+   but the held-out ones), which then stays frozen.
 4. The registry's multi-task LoRA, and the icm and sg generators.
 It is built in two stages, each written whole: 1-3 (all the retrieval methods need, so a server can
 answer while the rest trains), then 4. `BUILD.json`, written last, marks the world built.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import atomic, spec_from_config
+from ..adapters import Basis, atomic, spec_from_config
 from ..basemodel import BaseModel
 from ..embeddings import TextEncoder
 from ..errors import LoragenError
@@ -33,13 +34,14 @@ from ..generator.task_vector import TaskVectors
 from ..registry import Registry
 from ..registry.multitask import save_multitask
 from ..training.causal import train_causal_experts
-from ..training.experts import ExpertConfig
+from ..training.experts import ExpertConfig, ExpertRun
 from ..training.multitask import MultitaskConfig, train_multitask
 from ..training.objective import TaskModel
+from ..training.parallel import Group, Team
 from ..training.tasks import Task, read_tasks, write_tasks
 from .tasks import demo_tasks, random_word
 
-DEMO_VERSION = 19  # raised whenever the built world changes, so a cached world of another version is rebuilt
+DEMO_VERSION = 20  # raised whenever the built world changes, so a cached world of another version is rebuilt
 SEPARATOR = "="
 VOCAB_CHARS = string.ascii_lowercase + string.digits + " =*>"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -58,11 +60,11 @@ ALPHA = 32.0
 
 @dataclass
 class DemoConfig:
-    hidden: int = 128
+    hidden: int = 96
     layers: int = 4
     heads: int = 4
-    intermediate: int = 384
-    pretrain_steps: int = 300
+    intermediate: int = 288
+    pretrain_steps: int = 150
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
     instances_per_task: int = 2000
@@ -75,8 +77,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.experts is None:
             self.experts = ExpertConfig(
-                steps=300, lr=1e-2, rows_per_task=16, checkpoints=5, checkpoint_every=10, train_fraction=0.9,
+                steps=200, lr=1e-2, rows_per_task=16, checkpoints=5, checkpoint_every=10, train_fraction=0.9,
                 oversample={"reverse": 1, "swap_pairs": 1, "sort": 1}, length_passes=4,
+                basis_lr=1e-2, basis_frozen_for=HELD_OUT, workers=2,
             )
 
 
@@ -128,8 +131,9 @@ def _version(manifest: Path) -> int | None:
         return None
 
 
-def build_tokenizer(directory: Path):  # type: ignore[no-untyped-def]
-    """A character-level fast tokenizer that `AutoTokenizer` loads, with the demo chat template."""
+def build_tokenizer(directory: Path | None):  # type: ignore[no-untyped-def]
+    """A character-level fast tokenizer that `AutoTokenizer` loads, with the demo chat template
+    (saved in `directory` if given)."""
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -148,12 +152,15 @@ def build_tokenizer(directory: Path):  # type: ignore[no-untyped-def]
         "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}" + SEPARATOR + "{% endif %}"
     )
-    tok.save_pretrained(directory)
+    if directory is not None:
+        tok.save_pretrained(directory)
     return tok
 
 
-def build_base_model(directory: Path, config: DemoConfig) -> BaseModel:
-    """Create the Llama from a config, pre-train it on copying, save it in HF format."""
+def build_base_model(directory: Path | None, config: DemoConfig, group: Group | None = None) -> BaseModel:
+    """Create the Llama from a config, pre-train it on copying, save it in HF format in `directory`
+    (if given). `group`: pre-train as one of data-parallel processes (`training.parallel`), each
+    running its share of every batch's rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(directory)
@@ -164,7 +171,7 @@ def build_base_model(directory: Path, config: DemoConfig) -> BaseModel:
         num_key_value_heads=config.heads, max_position_embeddings=64, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
-    base = BaseModel(LlamaForCausalLM(cfg), tok, str(directory))
+    base = BaseModel(LlamaForCausalLM(cfg), tok, str(directory or ""))
     model = base.model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.98), weight_decay=0.0,
                               fused=True)
@@ -173,17 +180,22 @@ def build_base_model(directory: Path, config: DemoConfig) -> BaseModel:
         optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     rng = random.Random(config.seed)
-    for _ in tqdm(range(steps), desc="pre-train base (copy)", unit="step"):
+    mine = group.share(config.pretrain_batch) if group else list(range(config.pretrain_batch))
+    for _ in tqdm(range(steps), desc="pre-train base (copy)", unit="step", disable=bool(group and group.rank)):
         words = [random_word(rng) for _ in range(config.pretrain_batch)]
-        enc = base.encode_pairs(words, words)
-        loss = model(**enc).loss
+        rows = [words[i] for i in mine]
+        enc = base.encode_pairs(rows, rows)
+        loss = model(**enc).loss * (len(mine) / len(words))
         optim.zero_grad(set_to_none=True)
         loss.backward()
+        if group:
+            group.sum_grads(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         sched.step()
     model.eval()
-    model.save_pretrained(directory)
+    if directory is not None:
+        model.save_pretrained(directory)
     return base
 
 
@@ -207,14 +219,17 @@ def build_demo_experts(home: Path, *, config: DemoConfig | None = None, force: b
     started = time.perf_counter()
     with atomic.directory(world.root) as tmp:
         staged = DemoWorld(tmp)
-        # Paths inside the world are written as their final location, not the temp one.
-        base = build_base_model(staged.base_model, config)
         tasks = demo_tasks(instances_per_task=config.instances_per_task, seed=config.seed)
         write_tasks(staged.tasks, tasks)
+        # Paths inside the world are written as their final location, not the temp one.
+        with Team(config.experts.workers, _train_first_stage, staged.base_model, str(world.base_model), config,
+                  tasks) as team:
+            encoder = encoder or TextEncoder()
+            encoder.dim  # noqa: B018  (loads the text encoder while the other processes start)
+            runs = team.run()
         spec = spec_from_config(staged.base_model, targets=TARGETS, rank=RANK, alpha=ALPHA,
                                 base_model=str(world.base_model))
-        registry = Registry.create(staged.registry, spec, encoder=encoder or TextEncoder(), seed=config.seed)
-        runs = train_causal_experts(base, registry.basis, tasks, config.experts)
+        registry = Registry.create(staged.registry, spec, encoder=encoder, basis=runs[0].basis)
         for run in runs:
             registry.add_expert(
                 run.task.name, run.checkpoints, run.task.descriptions[:-1],
@@ -227,6 +242,15 @@ def build_demo_experts(home: Path, *, config: DemoConfig | None = None, force: b
                    "experts": {r.task.name: r.metrics for r in runs}}
         staged.experts_manifest.write_text(json.dumps(summary, indent=2))
     return world
+
+
+def _train_first_stage(group: Group | None, directory: Path, base_name: str, config: DemoConfig,
+                       tasks: list[Task]) -> list[ExpertRun]:
+    """Pre-train the base (process 0 saves it in `directory`) and train the experts in its basis."""
+    base = build_base_model(directory if group is None or group.rank == 0 else None, config, group)
+    spec = spec_from_config(base.model.config.to_dict(), targets=TARGETS, rank=RANK, alpha=ALPHA,
+                            base_model=base_name)
+    return train_causal_experts(base, Basis.seeded(spec, config.seed), tasks, config.experts, group=group)
 
 
 def finish_demo(world: DemoWorld, *, config: DemoConfig | None = None,

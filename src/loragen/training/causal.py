@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +11,7 @@ from ..adapters import Basis, Rows
 from ..basemodel import BaseModel
 from .experts import ExpertConfig, ExpertRun, LossFn, train_in_basis
 from .metrics import exact_match
+from .parallel import Group, run_parallel
 from .tasks import Instance, Task
 
 # A pass over fewer rows costs more in per-pass overhead than its padding saves.
@@ -63,12 +66,29 @@ def causal_loss(base: BaseModel, passes: int = 1, block: int = 1) -> LossFn:
     return loss
 
 
-def train_causal_experts(base: BaseModel, basis: Basis, tasks: list[Task], config: ExpertConfig) -> list[ExpertRun]:
+def train_causal_experts(base: BaseModel, basis: Basis, tasks: list[Task], config: ExpertConfig,
+                         group: Group | None = None) -> list[ExpertRun]:
+    """One expert per task (`experts.train_in_basis`), with each one's exact match on its test split.
+
+    `group`: run as one of data-parallel processes (`parallel.Team`); each also scores its share of
+    the tasks, and all return every run. Without one, `config.workers` > 1 and a base model saved at
+    `base.path` start that many processes here, each loading the base from there."""
+    if group is None and config.workers > 1 and (Path(base.path) / "config.json").is_file():
+        return run_parallel(config.workers, _train_and_score, base.path, basis, tasks, config)
+    return _train_and_score(group, base, basis, tasks, config)
+
+
+def _train_and_score(group: Group | None, base: BaseModel | str, basis: Basis, tasks: list[Task],
+                     config: ExpertConfig) -> list[ExpertRun]:
+    base = BaseModel.load(base) if isinstance(base, str) else base
     loss = causal_loss(base, config.length_passes, config.rows_per_task)  # a step: one block of rows per task
-    checkpoints = train_in_basis(basis, base.model, tasks, loss, config, desc="causal experts")
-    runs = [ExpertRun(t, c) for t, c in zip(tasks, checkpoints)]
-    tests = [t.split_instances(config.train_fraction, config.seed)[1] for t in tasks]
-    scores = exact_match(base, [r.lora(basis) for r in runs], tests)
-    for run, score in zip(runs, scores):
-        run.metrics["exact_match"] = score
+    trained = train_in_basis(basis, base.model, tasks, loss, config, desc="causal experts", group=group)
+    runs = [ExpertRun(t, c, trained.basis) for t, c in zip(tasks, trained.checkpoints)]
+    mine = group.share(len(tasks)) if group else list(range(len(tasks)))
+    tests = [runs[i].task.split_instances(config.train_fraction, config.seed)[1] for i in mine]
+    scores = dict(zip(mine, exact_match(base, [runs[i].lora() for i in mine], tests)))
+    if group:
+        scores = {i: v for part in group.gather(list(scores.items())) for i, v in part}
+    for i, run in enumerate(runs):
+        run.metrics["exact_match"] = scores[i]
     return runs

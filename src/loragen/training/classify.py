@@ -45,11 +45,11 @@ def train_classifier_experts(encoder: EncoderModel, basis: Basis, tasks: list[Ta
     unlabelled = [t.name for t in tasks if not t.labels]
     if unlabelled:
         raise LoragenError(f"label-scoring tasks need 'labels'; missing for {', '.join(unlabelled[:5])}")
-    checkpoints = train_in_basis(basis, encoder.model, tasks, classify_loss(encoder, tasks), config,
-                                 desc="classifier experts")
-    runs = [ExpertRun(t, c) for t, c in zip(tasks, checkpoints)]
+    trained = train_in_basis(basis, encoder.model, tasks, classify_loss(encoder, tasks), config,
+                             desc="classifier experts")
+    runs = [ExpertRun(t, c, trained.basis) for t, c in zip(tasks, trained.checkpoints)]
     tests = [t.split_instances(config.train_fraction, config.seed)[1] for t in tasks]
-    scores = accuracy(encoder, [r.lora(basis) for r in runs], [t.labels or [] for t in tasks], tests)
+    scores = accuracy(encoder, [r.lora() for r in runs], [t.labels or [] for t in tasks], tests)
     base = accuracy(encoder, [None] * len(tasks), [t.labels or [] for t in tasks], tests)
     for run, s, b in zip(runs, scores, base):
         run.metrics.update(accuracy=s, base_accuracy=b)

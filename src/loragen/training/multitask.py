@@ -40,9 +40,9 @@ def train_multitask(registry: Registry, tasks: list[Task], base: TaskModel,
     expert = ExpertConfig(steps=config.steps, lr=config.lr, rows_per_task=config.rows_per_task, checkpoints=1,
                           checkpoint_every=1, warmup=config.warmup, seed=config.seed,
                           train_fraction=config.train_fraction)
-    checkpoints = train_in_basis(registry.basis, base.module, seen, base.loss_fn(seen), expert,
-                                 desc="multi-task LoRA", shared=True)
-    B = {m: b.clone() for m, b in checkpoints[0][-1].items()}
+    trained = train_in_basis(registry.basis, base.module, seen, base.loss_fn(seen), expert,
+                             desc="multi-task LoRA", shared=True)
+    B = {m: b.clone() for m, b in trained.checkpoints[0][-1].items()}
     if not all(torch.isfinite(b).all() for b in B.values()):
         raise LoragenError("multi-task training diverged (non-finite weights); lower --lr")
     return registry.basis.lora(B, {"method": "multitask", "tasks": [t.name for t in seen],
