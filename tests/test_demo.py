@@ -172,3 +172,25 @@ def test_train_experts_names_the_bad_line(demo_experts, tmp_path):
     assert res.returncode != 0
     assert "tasks.jsonl:2" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "reg").exists()
+
+
+def test_train_experts_learns_a_new_registrys_basis_in_two_processes(demo_experts, tmp_path):
+    from loragen.adapters import Basis
+    from loragen.registry import Registry
+    from loragen.training.tasks import Instance, Task, write_tasks
+
+    words = ["abcde", "fghij", "klmno", "pqrst", "uvwxy", "zabcd", "efghi", "jklmn"]
+    write_tasks(tmp_path / "tasks.jsonl", [Task(n, [f"{n} the word"], [Instance(w, f(w)) for w in words])
+                                           for n, f in (("backwards", lambda w: w[::-1]), ("tail", lambda w: w[1:]))])
+    args = ("train", "experts", "--tasks", str(tmp_path / "tasks.jsonl"), "--base", str(demo_experts.base_model),
+            "--registry", str(tmp_path / "reg"), "--steps", "4", "--rows-per-task", "2", "--checkpoints", "2",
+            "--rank", "4", "--targets", "q_proj,v_proj")
+    res = cli(*args, "--basis-lr", "0.01", "--workers", "2")
+    assert res.returncode == 0, res.stderr
+    reg = Registry.open(tmp_path / "reg")
+    seeded = Basis.seeded(reg.spec)
+    assert any(not torch.allclose(a.abs(), seeded.A[m].abs()) for m, a in reg.basis.A.items())
+    assert {e.name for e in reg.experts()} == {"backwards", "tail"}
+    reg.close()
+    res = cli(*args, "--basis-lr", "0.01")  # the registry exists now: its basis is fixed
+    assert res.returncode != 0 and "basis is fixed" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -146,3 +147,31 @@ def test_experts_that_learn_the_basis_return_it_orthonormal_with_their_lora_in_i
                                    atol=1e-6, rtol=0)
         assert not torch.allclose(learned.A[m].abs(), seeded.A[m].abs())
     assert runs[1].lora().A.keys() == learned.A.keys()
+
+
+def test_two_one_thread_processes_train_the_experts_one_process_trains(base, tmp_path):
+    """Every row here has as many output tokens as any other, so the two processes' row-weighted
+    losses add up to the one process's loss exactly and only the order of float sums differs."""
+    from loragen.training.tasks import Instance, Task
+
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    saved = BaseModel.load(tmp_path / "base")
+    spec = spec_from_config(saved.model.config.to_dict(), targets=["q_proj", "down_proj"], rank=4)
+    rng = random.Random(1)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(5)) for _ in range(30)]
+    tasks = [Task(name=n, descriptions=[n], instances=[Instance(w, f(w)) for w in words])
+             for n, f in (("reverse", lambda w: w[::-1]), ("rotate", lambda w: w[1:] + w[0]),
+                          ("swap", lambda w: w[1] + w[0] + w[2:]))]
+    config = experts.ExpertConfig(steps=4, rows_per_task=4, checkpoints=2, checkpoint_every=2, warmup=1,
+                                  basis_lr=1e-2, basis_frozen_for=("swap",), oversample={"reverse": 1})
+    one = causal.train_causal_experts(saved, Basis.seeded(spec), tasks, config)
+    two = causal.train_causal_experts(saved, Basis.seeded(spec), tasks, dataclasses.replace(config, workers=2))
+    for a, b in zip(one, two):
+        assert b.metrics.keys() == a.metrics.keys() == {"exact_match"}
+        for ca, cb in zip(a.checkpoints, b.checkpoints):
+            for m in ca:
+                torch.testing.assert_close(cb[m], ca[m], atol=1e-5, rtol=1e-4)
+                assert ca[m].abs().sum() > 0
+    for m, a in one[0].basis.A.items():
+        torch.testing.assert_close(two[0].basis.A[m], a, atol=1e-5, rtol=1e-4)

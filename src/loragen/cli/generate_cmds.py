@@ -109,12 +109,14 @@ def demo_run() -> None:
     """Build the demo world's experts if needed, then show one description -> LoRA -> completion loop
     (with sg too once the whole world is built; `loragen serve` finishes it in the background)."""
     from ..basemodel import BaseModel
+    from ..embeddings import TextEncoder
     from ..generator import load_generator
     from ..registry import Registry
     from ..demo.world import build_demo_experts
 
-    world = build_demo_experts(Settings().home)
-    reg = Registry.open(world.registry)
+    encoder = TextEncoder()  # one load for the build and the loop
+    world = build_demo_experts(Settings().home, encoder=encoder)
+    reg = Registry.open(world.registry, encoder=encoder)
     base = BaseModel.load(world.base_model)
     description = "write the letters of the input in reverse order"
     inputs = ["abcde", "loragen", "hello"]
@@ -283,6 +285,10 @@ def train_experts(
     rows_per_task: Annotated[int, typer.Option(min=1)] = 8,
     checkpoints: Annotated[int, typer.Option(min=1, help="Keep the last M checkpoints.")] = 5,
     seed: int = 0,
+    basis_lr: Annotated[float | None, typer.Option(min=0, help="A new registry only: its founding experts "
+                                                   "learn the shared basis too, at this learning rate.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Causal LMs: train in this many one-thread "
+                                         "processes (data-parallel).")] = 1,
 ) -> None:
     """Train one expert per task in the registry's shared basis (only B) and register them.
 
@@ -300,6 +306,8 @@ def train_experts(
     if reg is not None:
         spec, basis = reg.spec, reg.basis
         clash = [t.name for t in task_list if t.name in {e.name for e in reg.experts()}]
+        if basis_lr is not None:
+            raise LoragenError("--basis-lr learns a new registry's basis; this registry's basis is fixed")
         if clash:
             raise LoragenError(f"the registry already has experts named {', '.join(clash[:5])}")
     else:  # the registry is created only once training succeeded
@@ -308,7 +316,7 @@ def train_experts(
         basis = Basis.seeded(spec, seed)
     every = max(1, steps // (4 * checkpoints))
     config = ExpertConfig(steps=steps, lr=lr, rows_per_task=rows_per_task, checkpoints=min(checkpoints, steps),
-                          checkpoint_every=every, seed=seed)
+                          checkpoint_every=every, seed=seed, basis_lr=basis_lr, workers=workers)
     if spec.task_type == "CAUSAL_LM":
         from ..basemodel import BaseModel
         from ..training.causal import train_causal_experts
@@ -320,7 +328,7 @@ def train_experts(
 
         runs = train_classifier_experts(EncoderModel.load(base), basis, task_list, config)
     if reg is None:
-        reg = Registry.create(registry, spec, encoder=TextEncoder(), basis=basis)
+        reg = Registry.create(registry, spec, encoder=TextEncoder(), basis=runs[0].basis if runs else basis)
     for run in runs:
         reg.add_expert(run.task.name, run.checkpoints, run.task.descriptions, metrics=run.metrics)
         typer.echo(f"{run.task.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.metrics.items()))
