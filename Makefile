@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Builds the demo world if missing, shows one description -> LoRA -> completion loop, then serves.
+# Builds the demo world if missing, shows one description -> LoRA -> completion loop, then serves
+# (in the same process, so the server starts without a second import of torch and the models).
 run: install
-	$(VENV)/bin/loragen demo run
-	$(VENV)/bin/loragen serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/loragen demo run --serve --host 127.0.0.1 --port 8000
 
 test: install
 	$(PY) -m pytest -q

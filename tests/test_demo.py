@@ -194,3 +194,35 @@ def test_train_experts_learns_a_new_registrys_basis_in_two_processes(demo_expert
     reg.close()
     res = cli(*args, "--basis-lr", "0.01")  # the registry exists now: its basis is fixed
     assert res.returncode != 0 and "basis is fixed" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_demo_run_serve_shows_the_loop_then_answers_on_loopback(demo_world):
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "loragen.cli", "demo", "run", "--serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline, answer = time.monotonic() + 300, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/loras", json={"description": "reverse the letters"},
+                                    timeout=30)
+                if answer.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert answer is not None and answer.status_code == 200, answer
+        assert answer.json()["neighbours"][0]["expert"] == "reverse"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert "[weighted]" in out and "[sg]" in out and f"serving on http://127.0.0.1:{port}" in out

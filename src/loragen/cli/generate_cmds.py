@@ -105,7 +105,12 @@ def demo_build(force: Annotated[bool, typer.Option(help="Rebuild even if built."
 
 
 @demo_app.command("run")
-def demo_run() -> None:
+def demo_run(
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the demo world, as `loragen serve` does, "
+                                        "in this process (no second start-up).")] = False,
+    host: Annotated[str | None, typer.Option(help="With --serve: interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="With --serve: port (default 8000).")] = None,
+) -> None:
     """Build the demo world's experts if needed, then show one description -> LoRA -> completion loop
     (with sg too once the whole world is built; `loragen serve` finishes it in the background)."""
     from ..basemodel import BaseModel
@@ -132,10 +137,15 @@ def demo_run() -> None:
         plain = base.complete(inputs)
         for x, y, p in zip(inputs, outs, plain):
             typer.echo(f"  {x!r:>12} -> {y!r:<12} (base model alone: {p!r})")
+    reg.close()
     if not built:
         typer.echo("\nThe multi-task LoRA and the icm and sg generators are not built yet: `loragen serve` builds "
                    "them in the background and serves them when done (see /readyz); `loragen demo build` builds "
                    "them now.")
+    if serve:
+        from .serve_cmds import serve as serve_command
+
+        serve_command(host=host, port=port)
 
 
 def _check_generator_out(out: Path, method: str, *, resume: bool, overwrite: bool) -> None:
