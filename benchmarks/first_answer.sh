@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export LORAGEN_HOME="${1:-$(mktemp -d)}"
 rm -rf "${LORAGEN_HOME:?}"/demo
+if curl -s -o /dev/null --max-time 2 http://127.0.0.1:8000/healthz; then
+  echo "error: something already answers on port 8000; stop it first" >&2
+  exit 1
+fi
 log="$LORAGEN_HOME/make-run.log"
 mkdir -p "$LORAGEN_HOME"
 start=$(date +%s.%N)
