@@ -175,3 +175,22 @@ def test_two_one_thread_processes_train_the_experts_one_process_trains(base, tmp
                 assert ca[m].abs().sum() > 0
     for m, a in one[0].basis.A.items():
         torch.testing.assert_close(two[0].basis.A[m], a, atol=1e-5, rtol=1e-4)
+
+
+def _fails_in_process_1(group):
+    import torch.distributed as dist
+
+    if group.rank == 1:
+        raise ValueError("process 1 fails")
+    dist.barrier()
+
+
+def test_a_failing_training_process_stops_the_others_with_its_exit_code():
+    import time
+
+    from loragen.training.parallel import run_parallel
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        run_parallel(2, _fails_in_process_1)
+    assert time.monotonic() - started < 60

@@ -50,8 +50,8 @@ class ExpertConfig:
     # holds out, so the basis knows nothing of them.
     basis_frozen_for: tuple[str, ...] = ()
     # One-thread processes to train in (`training.parallel`), each over its share of every step's
-    # row blocks. Each process's loss is the mean over its own rows, weighted by its share of them,
-    # so the result differs in its last bits from one process's.
+    # row blocks. Each process's loss is the mean over its own rows' tokens weighted by its share of
+    # the rows: the one-process loss when rows are of equal length, a close variant otherwise.
     workers: int = 1
 
 

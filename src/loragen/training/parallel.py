@@ -25,8 +25,8 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A process that waits this long for the others in one collective gives up (one died).
-TIMEOUT = timedelta(seconds=300)
+# A process that waits this long for the others (to start, or in one collective) gives up: one died.
+TIMEOUT = timedelta(seconds=120)
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,17 @@ class Team:
     def run(self) -> Any:
         if self.workers <= 1:
             return self.job(None, *self.args)
-        with _joined(0, self.workers, self._store), _one_thread():
-            return self.job(Group(0, self.workers), *self.args)
+        try:
+            with _joined(0, self.workers, self._store), _one_thread():
+                return self.job(Group(0, self.workers), *self.args)
+        except (RuntimeError, dist.DistError) as exc:
+            for p in self._others:
+                p.join(timeout=5)
+            failed = [p.exitcode for p in self._others if p.exitcode not in (0, None)]
+            if failed:
+                raise RuntimeError(f"a data-parallel training process exited with {failed[0]} (its error is "
+                                   f"above); this one stopped with: {exc}") from exc
+            raise
 
     def __exit__(self, kind: type[BaseException] | None, *rest: Any) -> None:
         for p in self._others:
