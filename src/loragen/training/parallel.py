@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -130,7 +131,16 @@ def _worker(rank: int, size: int, store: str, job: Callable[..., Any], args: tup
 
 @contextmanager
 def _joined(rank: int, size: int, store: Path) -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size, timeout=TIMEOUT)
+    # Every process is on this machine: gloo talks over loopback rather than whatever address the
+    # hostname resolves to (in containers, often one no process listens on).
+    loopback = "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists()
+    if loopback:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size, timeout=TIMEOUT)
+    finally:
+        if loopback:
+            del os.environ["GLOO_SOCKET_IFNAME"]
     try:
         yield
     finally:
