@@ -227,9 +227,8 @@ def build_demo_experts(home: Path, *, config: DemoConfig | None = None, force: b
             encoder = encoder or TextEncoder()
             encoder.dim  # noqa: B018  (loads the text encoder while the other processes start)
             runs = team.run()
-        spec = spec_from_config(staged.base_model, targets=TARGETS, rank=RANK, alpha=ALPHA,
-                                base_model=str(world.base_model))
-        registry = Registry.create(staged.registry, spec, encoder=encoder, basis=runs[0].basis)
+        basis = runs[0].basis  # every run's; its spec is the base model's, named by its final path
+        registry = Registry.create(staged.registry, basis.spec, encoder=encoder, basis=basis)
         for run in runs:
             registry.add_expert(
                 run.task.name, run.checkpoints, run.task.descriptions[:-1],

@@ -103,22 +103,26 @@ class Team:
             with _joined(0, self.workers, self._store), _one_thread():
                 return self.job(Group(0, self.workers), *self.args)
         except (RuntimeError, dist.DistError) as exc:
-            for p in self._others:
-                p.join(timeout=5)
-            failed = [p.exitcode for p in self._others if p.exitcode not in (0, None)]
+            failed = self._join(wait=5)
             if failed:
                 raise RuntimeError(f"a data-parallel training process exited with {failed[0]} (its error is "
                                    f"above); this one stopped with: {exc}") from exc
             raise
 
-    def __exit__(self, kind: type[BaseException] | None, *rest: Any) -> None:
+    def _join(self, wait: float, kill: bool = False) -> list[int]:
+        """Wait up to `wait` s for each other process (then kill it, with `kill`); the exit codes of
+        those that failed."""
         for p in self._others:
-            p.join(timeout=TIMEOUT.total_seconds() if kind is None else 5)
-            if p.is_alive():
+            p.join(timeout=wait)
+            if kill and p.is_alive():
                 p.kill()
+                p.join()
+        return [p.exitcode for p in self._others if p.exitcode not in (0, None)]
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: Any) -> None:
+        failed = self._join(wait=TIMEOUT.total_seconds() if kind is None else 5, kill=True)
         if self._tmp is not None:
             self._tmp.cleanup()
-        failed = [p.exitcode for p in self._others if p.exitcode != 0]
         if failed and kind is None:
             raise RuntimeError(f"a data-parallel training process exited with {failed[0]}")
 
